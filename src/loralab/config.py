@@ -1,0 +1,119 @@
+"""``LoraConfig``: what to adapt and how, validated when built so bad input fails before a model is touched."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .inits import get_scheme
+
+
+def _frozen_map(m: Mapping | None) -> Mapping:
+    return MappingProxyType(dict(m or {}))
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters (frozen). Field names follow the paper; PEFT's names are given where they differ.
+
+    Attributes:
+        rank: r, the adapter's rank (PEFT ``r``).
+        alpha: α; the update is scaled by s = α/r, or α/√r with ``rslora`` (PEFT ``lora_alpha``).
+        init: init scheme name, a key of :func:`loralab.init_schemes` (PEFT ``init_lora_weights``).
+        targets: module-name suffixes (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``), or one regex
+            string matched against the whole module name (PEFT ``target_modules``).
+        dropout: dropout on the LoRA branch's input (PEFT ``lora_dropout``).
+        rslora: scale by α/√r (Kalajdzievski 2023) instead of α/r.
+        init_kwargs: options of the init scheme, e.g. ``{"std": 0.02}`` for ``gaussian``.
+        rank_pattern: per-module rank overrides, ``{suffix-or-regex: rank}`` (as PEFT's).
+        alpha_pattern: per-module α overrides, ``{suffix-or-regex: alpha}`` (as PEFT's).
+        init_pattern: per-module init scheme overrides, ``{suffix-or-regex: scheme}``; e.g. ``{"embed_tokens":
+            "reversed"}`` since an embedding sees one-hot inputs.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    init: str = "standard"
+    targets: tuple[str, ...] | str = ("q_proj", "v_proj")
+    dropout: float = 0.0
+    rslora: bool = False
+    init_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    init_pattern: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        if not isinstance(self.targets, str):
+            set_(self, "targets", tuple(self.targets))
+        for name in ("init_kwargs", "rank_pattern", "alpha_pattern", "init_pattern"):
+            set_(self, name, _frozen_map(getattr(self, name)))
+        if not self.targets:
+            raise ValueError("LoraConfig.targets is empty: name the modules to adapt, e.g. targets=['q_proj', "
+                             "'v_proj'] (module-name suffixes) or a regex string such as r'.*\\.(q|v)_proj'")
+        if isinstance(self.targets, str):
+            _compile(self.targets, "targets")
+        for where, rank in [("rank", self.rank), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"LoraConfig.{where} must be a positive integer, got {rank!r}; try 8 or 16")
+        for where, alpha in [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+                raise ValueError(f"LoraConfig.{where} must be a positive number, got {alpha!r}; α = 2·rank is common")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for key in (*self.rank_pattern, *self.alpha_pattern, *self.init_pattern):
+            _compile(key, "a pattern key")
+        for where, init in [("init", self.init), *((f"init_pattern[{k!r}]", v) for k, v in self.init_pattern.items())]:
+            self._check_scheme(where, init)
+
+    def _check_scheme(self, where: str, init: str) -> None:
+        try:
+            scheme = get_scheme(init)
+        except ValueError as e:
+            raise ValueError(f"LoraConfig.{where}: {e}") from None
+        ranks = {self.rank, *self.rank_pattern.values()}
+        odd = sorted(r for r in ranks if r % 2)
+        if scheme.even_rank and odd:
+            raise ValueError(f"LoraConfig.{where}={init!r} pairs the rank's directions, so it needs an even rank; "
+                             f"got rank {odd[0]}: use {odd[0] + 1} or {max(odd[0] - 1, 2)}")
+        if init == self.init:
+            params = inspect.signature(scheme.fn).parameters
+            opts = sorted(set(params) - {"w", "rank", "scale", "g"})
+            extra = sorted(set(self.init_kwargs) - set(opts))
+            if extra:
+                raise ValueError(f"LoraConfig.init_kwargs {extra} are not options of {init!r}; its options: "
+                                 f"{opts or 'none'}")
+
+    @property
+    def scale(self) -> float:
+        """s for the default rank and α."""
+        return self.alpha / (self.rank**0.5 if self.rslora else self.rank)
+
+    def matches(self, name: str) -> bool:
+        """Whether module ``name`` is a target (PEFT's rule: exact name, ``.suffix``, or full regex match)."""
+        if isinstance(self.targets, str):
+            return re.fullmatch(self.targets, name) is not None
+        return any(name == t or name.endswith("." + t) for t in self.targets)
+
+    def for_module(self, name: str) -> tuple[int, float, str]:
+        """``(rank, alpha, init)`` for module ``name`` after the patterns."""
+        return (_lookup(self.rank_pattern, name, self.rank), float(_lookup(self.alpha_pattern, name, self.alpha)),
+                _lookup(self.init_pattern, name, self.init))
+
+
+def _compile(pattern: str, what: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"LoraConfig: {what} {pattern!r} is not a valid regex ({e})") from None
+
+
+def _lookup(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """PEFT's pattern rule: a key matches a module whose name ends with it at a ``.`` boundary (regex allowed)."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", name):
+            return value
+    return default

@@ -1,0 +1,221 @@
+"""LoRA layers: one base class holds the maths, each layer type says how its weight is a matrix.
+
+``h = base(x) + s · B A dropout(x)`` with ``A: (r, d_in)``, ``B: (d_out, r)`` and ``s = α/r`` (``α/√r`` with rsLoRA).
+:class:`LoraLayer` writes ΔW, merge, unmerge and the forward once. A layer type gives three small methods:
+``to_matrix``/``from_matrix`` (its weight seen as ``(d_out, d_in)`` and back) and ``apply_weight`` (its op with a
+given weight and no bias). The generic LoRA forward is ``apply_weight(x, ΔW)``, exact for every type by linearity;
+types override ``lora_delta`` with a factored form that never builds ΔW (and the tests check the two agree).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .inits import Factors
+
+
+class LoraStateError(RuntimeError):
+    """An illegal state transition (merge twice, unmerge when not merged, ...)."""
+
+
+class LoraLayer(nn.Module):
+    """A frozen module plus a trainable low-rank update (the base of every LoRA layer type).
+
+    Args:
+        base: the module to adapt; kept as ``base_layer`` and never copied.
+        rank: r.
+        alpha: α; the update is scaled by ``α/r`` or, with ``rslora``, ``α/√r`` (Kalajdzievski 2023).
+        dropout: dropout probability on the LoRA branch's input (no op when 0).
+        dtype: dtype of A and B.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, *, rslora: bool = False, dropout: float = 0.0,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.base_layer = base
+        self.rank, self.alpha, self.rslora = rank, float(alpha), rslora
+        self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
+        d_out, d_in = self.to_matrix(base.weight).shape
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.zeros(rank, d_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Initial factors, kept only when the init moved weight out of the base (pissa/olora): they define the
+        # pretrained model (base + s·B0·A0) and the portable export.
+        self.register_buffer("lora_A0", None, persistent=False)
+        self.register_buffer("lora_B0", None, persistent=False)
+        self.merged = False
+        self.disabled = False
+
+    # -- what a layer type says ------------------------------------------------------------------------------------
+    def to_matrix(self, weight: Tensor) -> Tensor:
+        """The base weight viewed as a ``(d_out, d_in)`` matrix."""
+        return weight
+
+    def from_matrix(self, m: Tensor) -> Tensor:
+        """A ``(d_out, d_in)`` matrix back in the base weight's layout."""
+        return m
+
+    def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The base op with ``weight`` (in the base layout) and no bias."""
+        raise NotImplementedError
+
+    def lora_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """``s · (B A)`` applied to ``x``; generic and exact, types override it with a factored form."""
+        return self.apply_weight(x, self.from_matrix(self.scale * (b @ a)).to(x.dtype))
+
+    # -- written once ------------------------------------------------------------------------------------------------
+    @property
+    def d_out(self) -> int:
+        return self.lora_B.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.lora_A.shape[1]
+
+    def delta_weight(self) -> Tensor:
+        """ΔW = s·B·A in the base weight's layout (float32 or the adapter dtype)."""
+        return self.from_matrix(self.scale * (self.lora_B @ self.lora_A))
+
+    @torch.no_grad()
+    def set_factors(self, factors: Factors) -> None:
+        """Load initial factors; if they carry a new base weight, write it and remember ``A0, B0``."""
+        self.lora_A.copy_(factors.a)
+        self.lora_B.copy_(factors.b)
+        if factors.base is not None:
+            w = self.base_layer.weight
+            w.copy_(self.from_matrix(factors.base).to(w.dtype))
+            self.lora_A0 = self.lora_A.detach().clone()
+            self.lora_B0 = self.lora_B.detach().clone()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weight (``W ← W + s·B·A``)."""
+        if self.merged:
+            raise LoraStateError("LoRA layer is already merged; call unmerge() before merging again")
+        w = self.base_layer.weight
+        w.add_(self.delta_weight().to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take ΔW back out of the base weight (exact up to the weight dtype's rounding)."""
+        if not self.merged:
+            raise LoraStateError("LoRA layer is not merged; there is nothing to unmerge")
+        w = self.base_layer.weight
+        w.sub_(self.delta_weight().to(w.dtype))
+        self.merged = False
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return out
+        if self.disabled:  # the pretrained model: base plus whatever the init moved out of it
+            if self.lora_A0 is None:
+                return out
+            return out + self.lora_delta(x, self.lora_A0, self.lora_B0).to(out.dtype)
+        return out + self.lora_delta(self.dropout(x), self.lora_A, self.lora_B).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, merged={self.merged}"
+
+
+class Linear(LoraLayer):
+    """LoRA on ``nn.Linear`` (weight ``(out, in)``)."""
+
+    def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight)
+
+    def lora_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return F.linear(F.linear(x.to(a.dtype), a), b) * self.scale  # (..., r) -> (..., out)
+
+
+class GPT2Conv1D(Linear):
+    """LoRA on transformers' GPT-2 ``Conv1D`` (weight stored transposed, ``(in, out)``; PEFT ``fan_in_fan_out``)."""
+
+    def to_matrix(self, weight: Tensor) -> Tensor:
+        return weight.T
+
+    def from_matrix(self, m: Tensor) -> Tensor:
+        return m.T
+
+    def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        return x @ weight
+
+
+class Embedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: the weight ``(num, dim)`` is the matrix ``(dim, num)`` acting on one-hot inputs.
+
+    Inputs are one-hot, so dropout does not apply; ``reversed`` (A = 0) is the usual choice here (PEFT's default).
+    """
+
+    def __init__(self, base: nn.Embedding, rank: int, alpha: float, **kwargs):
+        if base.max_norm is not None:
+            raise ValueError("LoRA on an nn.Embedding with max_norm is not supported (the renormalisation is not "
+                             "linear); adapt a model whose embedding has max_norm=None or leave it out of targets")
+        kwargs["dropout"] = 0.0
+        super().__init__(base, rank, alpha, **kwargs)
+
+    def to_matrix(self, weight: Tensor) -> Tensor:
+        return weight.T
+
+    def from_matrix(self, m: Tensor) -> Tensor:
+        return m.T
+
+    def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.embedding(x, weight, self.base_layer.padding_idx)
+
+    def lora_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return F.embedding(x, a.T, self.base_layer.padding_idx) @ b.T * self.scale  # (..., r) @ (r, dim)
+
+
+class Conv(LoraLayer):
+    """LoRA on ``nn.Conv1d/2d/3d``: weight ``(C_out, C_in/groups, *k)`` as the matrix ``(C_out, C_in/groups·∏k)``.
+
+    Exact for any stride, padding, padding_mode, dilation and groups: the generic path convolves with ΔW through the
+    base's own ``_conv_forward``. With groups = 1 the factored path runs A as an r-channel conv with the base's
+    geometry and B as a 1×1 channel mix, which is the same map.
+    """
+
+    def to_matrix(self, weight: Tensor) -> Tensor:
+        return weight.reshape(weight.shape[0], -1)
+
+    def from_matrix(self, m: Tensor) -> Tensor:
+        return m.reshape(self.base_layer.weight.shape)
+
+    def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self.base_layer._conv_forward(x, weight, None)
+
+    def lora_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        if self.base_layer.groups != 1:
+            return super().lora_delta(x, a, b)
+        kernel = a.reshape(a.shape[0], *self.base_layer.weight.shape[1:])  # (r, C_in, *k)
+        h = self.base_layer._conv_forward(x.to(a.dtype), kernel, None)  # (N, r, *spatial)
+        return F.linear(h.movedim(1, -1), b).movedim(-1, 1) * self.scale  # (N, C_out, *spatial)
+
+
+def _is_gpt2_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def layer_type_for(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA layer class that adapts ``module``, or None if its type is not supported."""
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return None  # nn.MultiheadAttention reads out_proj.weight directly; a wrapper would be silently ignored
+    if isinstance(module, nn.Linear):
+        return Linear
+    if isinstance(module, nn.Embedding):
+        return Embedding
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return Conv
+    if _is_gpt2_conv1d(module):
+        return GPT2Conv1D
+    return None
+
+
+SUPPORTED_TYPES = "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers' GPT-2 Conv1D"
