@@ -81,8 +81,9 @@ def plan(model: nn.Module, config: LoraConfig, seed: int = 0) -> list[_Planned]:
     return planned
 
 
-def commit(model: nn.Module, planned: list[_Planned]) -> nn.Module:
+def commit(model: nn.Module, planned: list[_Planned], config: LoraConfig, seed: int) -> nn.Module:
     """Insert planned layers, write their factors, and freeze everything but the adapters."""
+    model.lora_config, model.lora_seed = config, seed
     for p in model.parameters():
         p.requires_grad_(False)
     for item in planned:
@@ -106,7 +107,7 @@ def inject(model: nn.Module, config: LoraConfig, seed: int = 0) -> nn.Module:
         ``model`` itself, now with only the LoRA factors trainable.
     """
     planned = plan(model, config, seed)
-    commit(model, planned)
+    commit(model, planned, config, seed)
     used = {config.for_module(p.name)[2] for p in planned}
     broken = sorted(n for n in used if not get_scheme(n).preserves_output)
     if broken:
@@ -159,6 +160,8 @@ def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
             layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base_layer)
+    for attr in ("lora_config", "lora_seed"):
+        model.__dict__.pop(attr, None)
     return model
 
 

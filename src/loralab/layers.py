@@ -66,7 +66,8 @@ class LoraLayer(nn.Module):
 
     def lora_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         """``s · (B A)`` applied to ``x``; generic and exact, types override it with a factored form."""
-        return self.apply_weight(x, self.from_matrix(self.scale * (b @ a)).to(x.dtype))
+        x = x.to(a.dtype) if x.is_floating_point() else x
+        return self.apply_weight(x, self.from_matrix(self.scale * (b @ a)))
 
     # -- written once ------------------------------------------------------------------------------------------------
     @property

@@ -1,0 +1,205 @@
+"""Adapters on disk: PEFT round trips both ways with equal logits, portable pissa/olora, and bad directories."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from core_helpers import perturb, tiny_gpt2, tiny_llama
+from loralab import AdapterError, LoraConfig, inject, load_adapter, lora_layers, merge, save_adapter
+
+peft = pytest.importorskip("peft")
+X = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(X).logits
+
+
+def adapted(factory=tiny_llama, targets=LLAMA_TARGETS, **kw):
+    base = factory()
+    model = inject(copy.deepcopy(base), LoraConfig(rank=4, alpha=8, targets=targets, **kw), seed=7)
+    perturb(model, std=0.1)
+    return base, model
+
+
+@pytest.mark.parametrize("factory, targets", [(tiny_llama, LLAMA_TARGETS), (tiny_gpt2, ["c_attn", "c_fc", "wte"])])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_loralab_to_peft_and_back(tmp_path, factory, targets, rslora):
+    base, model = adapted(factory, targets, rslora=rslora)
+    want = logits(model)
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["use_rslora"] == rslora
+    assert cfg["fan_in_fan_out"] == (factory is tiny_gpt2)
+    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert torch.allclose(logits(in_peft), want, atol=1e-5)
+    back = load_adapter(copy.deepcopy(base), tmp_path)
+    assert torch.allclose(logits(back), want, atol=1e-6)
+    assert back.lora_config.rslora == rslora
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_peft_to_loralab(tmp_path, init):
+    base = tiny_llama()
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=LLAMA_TARGETS, init_lora_weights=init,
+                             rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 4})
+    pm = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    pm.eval()
+    pm.save_pretrained(tmp_path)
+    ours = load_adapter(copy.deepcopy(base), tmp_path)
+    assert torch.allclose(logits(ours), logits(pm), atol=1e-5)
+    assert lora_layers(ours)["model.layers.0.mlp.down_proj"].rank == 2
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("portable", [False, True])
+def test_base_modifying_schemes(tmp_path, init, portable):
+    """Non-portable: PEFT recomputes the residual on load. Portable (rank 2r): loads on the unmodified base."""
+    base, model = adapted(targets=["q_proj", "v_proj", "down_proj"], init=init)
+    want = logits(model)
+    save_adapter(model, tmp_path, portable=portable)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == ((8, 16.0, True) if portable else (4, 8, init))
+    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert torch.allclose(logits(in_peft), want, atol=1e-4)
+    back = load_adapter(copy.deepcopy(base), tmp_path)
+    assert torch.allclose(logits(back), want, atol=1e-4)
+    if portable:  # a plain adapter: merging it into the untouched base gives the fine-tuned model
+        merge(back)
+        assert torch.allclose(logits(back), want, atol=1e-4)
+
+
+def test_portable_rslora_scales_alpha_by_sqrt2(tmp_path):
+    base, model = adapted(targets=["q_proj"], init="pissa", rslora=True)
+    save_adapter(model, tmp_path, portable=True)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == pytest.approx(8 * 2**0.5)
+    assert torch.allclose(logits(load_adapter(copy.deepcopy(base), tmp_path)), logits(model), atol=1e-4)
+
+
+def test_non_linear_pissa_must_be_portable(tmp_path):
+    base, model = adapted(targets=["q_proj", "embed_tokens"], init="pissa")
+    with pytest.raises(AdapterError, match="not Linear.*portable=True"):
+        save_adapter(model, tmp_path)
+    save_adapter(model, tmp_path, portable=True)
+    assert torch.allclose(logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()),
+                          logits(model), atol=1e-4)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, **kw)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def test_conv_round_trip_with_peft(tmp_path):
+    model = inject(ConvNet(), LoraConfig(rank=4, targets=["conv", "head"]))
+    perturb(model)
+    x = torch.randn(2, 3, 6, 6)
+    save_adapter(model, tmp_path)
+    in_peft = peft.PeftModel.from_pretrained(ConvNet(), tmp_path).eval()
+    assert torch.allclose(in_peft(x), model(x), atol=1e-5)
+    assert torch.allclose(load_adapter(ConvNet(), tmp_path)(x), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(dilation=2), dict(groups=1, padding_mode="reflect")])
+def test_conv_peft_cannot_represent_raises(tmp_path, kw):
+    model = inject(ConvNet(**kw), LoraConfig(rank=4, targets=["conv"]))
+    with pytest.raises(AdapterError, match="PEFT's LoRA conv cannot represent"):
+        save_adapter(model, tmp_path)
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_load_into_an_adapted_model_replaces_weights(tmp_path):
+    base, model = adapted()
+    save_adapter(model, tmp_path)
+    other = inject(copy.deepcopy(base), LoraConfig(rank=4, alpha=8, targets=LLAMA_TARGETS), seed=1)
+    load_adapter(other, tmp_path)
+    assert torch.allclose(logits(other), logits(model), atol=1e-6)
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m).__name__ for m in model.modules()]
+
+
+def corrupt(path, how):
+    if how == "missing-dir":
+        return path / "nope"
+    if how == "no-config":
+        (path / "adapter_config.json").unlink()
+    if how == "bad-json":
+        (path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    if how == "truncated":
+        data = (path / "adapter_model.safetensors").read_bytes()
+        (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    if how == "no-weights":
+        (path / "adapter_model.safetensors").unlink()
+    if how in ("dora", "not-lora"):
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg.update({"use_dora": True} if how == "dora" else {"peft_type": "IA3"})
+        (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("how, match", [
+    ("missing-dir", "does not exist"), ("no-config", "adapter_config.json is missing"),
+    ("bad-json", "not valid JSON"), ("truncated", "corrupt or truncated"),
+    ("no-weights", "adapter_model.safetensors is missing"), ("dora", "use_dora=True.*Load it with PEFT"),
+    ("not-lora", "peft_type is 'IA3'"),
+])
+def test_bad_adapter_dirs_raise_and_change_nothing(tmp_path, how, match):
+    base, model = adapted()
+    save_adapter(model, tmp_path)
+    target = copy.deepcopy(base)
+    before = state(target)
+    with pytest.raises(AdapterError, match=match):
+        load_adapter(target, corrupt(tmp_path, how))
+    after = state(target)
+    assert after[1] == before[1] and all(torch.equal(after[0][k], before[0][k]) for k in before[0])
+
+
+def test_adapter_from_another_model_raises_and_changes_nothing(tmp_path):
+    _, model = adapted(factory=lambda: tiny_llama(vocab=80))
+    save_adapter(model, tmp_path)
+    target = tiny_llama()
+    before = state(target)
+    with pytest.raises(AdapterError, match=r"shapes for 'model.embed_tokens' are A\(4, 80\).*needs A\(4, 64\)"):
+        load_adapter(target, tmp_path)
+    assert state(target)[1] == before[1]
+    # an adapted model whose layers do not match is left with its own weights
+    _, other = adapted(targets=["q_proj"])
+    mine = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(AdapterError, match="no weights for module|different model"):
+        load_adapter(other, tmp_path)
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in mine.items())
+
+
+def test_save_needs_an_unmerged_adapter(tmp_path):
+    with pytest.raises(AdapterError, match="inject"):
+        save_adapter(tiny_llama(), tmp_path)
+    _, model = adapted()
+    merge(model)
+    with pytest.raises(AdapterError, match="unmerge"):
+        save_adapter(model, tmp_path)

@@ -1,0 +1,138 @@
+"""Every layer type × every scheme: identity at init, factored ≡ generic forward, merged ≡ unmerged, gradients."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from core_helpers import LAYER_CASES, make_case, perturb
+from loralab import IdentityWarning, LoraConfig, LoraLayer, LoraStateError, init_schemes, inject, lora_layers, merge, unmerge
+
+SCHEMES = sorted(init_schemes())
+CASES = sorted(LAYER_CASES)
+RANK = 4
+
+
+def adapted(case, init="standard", seed=0, **kw):
+    """The case's model with LoRA injected, its untouched copy, and an input; checks the identity warning."""
+    model, x = make_case(case)
+    original = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inject(model, LoraConfig(rank=RANK, alpha=8, init=init, targets=["0"], **kw), seed=seed)
+    warned = any(issubclass(w.category, IdentityWarning) for w in caught)
+    assert warned == (not init_schemes()[init].preserves_output)
+    return model, original, x
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("init", SCHEMES)
+def test_output_at_init(case, init):
+    model, original, x = adapted(case, init)
+    diff = (model(x) - original(x)).abs().max().item()
+    scale = original(x).abs().max().item()
+    if init_schemes()[init].preserves_output:
+        assert diff <= 1e-5 * max(scale, 1.0), f"{init} changed the output of {case} by {diff}"
+    else:
+        assert diff > 1e-3
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_factored_forward_equals_generic_delta_forward(case):
+    model, _, x = adapted(case)
+    perturb(model)
+    layer = lora_layers(model)["0"]
+    fast = layer.lora_delta(x, layer.lora_A, layer.lora_B)
+    generic = LoraLayer.lora_delta(layer, x, layer.lora_A, layer.lora_B)  # apply_weight(x, ΔW)
+    assert torch.allclose(fast, generic, atol=1e-5)
+    assert fast.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_merged_equals_unmerged_and_unmerge_restores(case):
+    model, _, x = adapted(case)
+    perturb(model)
+    layer = lora_layers(model)["0"]
+    w0 = layer.base_layer.weight.detach().clone()
+    y = model(x)
+    merge(model)
+    assert not torch.allclose(layer.base_layer.weight, w0)
+    assert torch.allclose(model(x), y, atol=1e-5)
+    with pytest.raises(LoraStateError, match="already merged"):
+        merge(model)
+    unmerge(model)
+    assert torch.allclose(layer.base_layer.weight, w0, atol=1e-6)
+    assert torch.allclose(model(x), y, atol=1e-5)
+    with pytest.raises(LoraStateError, match="not merged"):
+        unmerge(model)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_step0_gradients_standard_vs_reversed(case):
+    """B = 0 ⇒ ∇A = 0 under standard; A = 0 ⇒ ∇B = 0 under reversed (REFERENCE.md, Hayou et al.)."""
+    for init, zero, nonzero in [("standard", "lora_A", "lora_B"), ("reversed", "lora_B", "lora_A")]:
+        model, _, x = adapted(case, init)
+        model(x).float().pow(2).sum().backward()
+        layer = lora_layers(model)["0"]
+        assert torch.count_nonzero(getattr(layer, zero).grad) == 0
+        assert getattr(layer, nonzero).grad.abs().sum() > 0
+        assert layer.base_layer.weight.grad is None
+
+
+def test_dropout_only_in_training():
+    model, original, x = adapted("linear", dropout=0.5)
+    perturb(model)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.equal(model(x), model(x))
+
+
+def test_embedding_ignores_dropout_and_rejects_max_norm():
+    model, _, x = adapted("embedding", dropout=0.5)
+    assert isinstance(lora_layers(model)["0"].dropout, nn.Identity)
+    m = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0))
+    with pytest.raises(ValueError, match="max_norm"):
+        inject(m, LoraConfig(rank=2, targets=["0"]))
+    assert isinstance(m[0], nn.Embedding)
+
+
+def test_half_precision_base_keeps_float32_adapter():
+    model = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
+    inject(model, LoraConfig(rank=2, targets=["0"]))
+    layer = lora_layers(model)["0"]
+    assert layer.lora_A.dtype == torch.float32
+    perturb(model)
+    assert model(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_rslora_scale():
+    model, _, _ = adapted("linear", rslora=True)
+    assert lora_layers(model)["0"].scale == pytest.approx(8 / RANK**0.5)
+    model, _, _ = adapted("linear")
+    assert lora_layers(model)["0"].scale == pytest.approx(8 / RANK)
+
+
+@settings(max_examples=30, deadline=None)
+@given(d_in=st.integers(2, 24), d_out=st.integers(2, 24), batch=st.integers(1, 3), data=st.data())
+def test_property_linear_identity_and_merge(d_in, d_out, batch, data):
+    init = data.draw(st.sampled_from([s for s in SCHEMES if init_schemes()[s].preserves_output]))
+    even = init_schemes()[init].even_rank
+    if even and min(d_in, d_out) < 2:
+        return
+    rank = data.draw(st.integers(2 if even else 1, min(d_in, d_out)).map(lambda r: r - r % 2 if even else r))
+    torch.manual_seed(d_in * 31 + d_out)
+    model = nn.Sequential(nn.Linear(d_in, d_out))
+    original = copy.deepcopy(model)
+    x = torch.randn(batch, d_in)
+    inject(model, LoraConfig(rank=rank, alpha=2 * rank, init=init, targets=["0"]))
+    assert torch.allclose(model(x), original(x), atol=1e-5)
+    perturb(model)
+    y = model(x)
+    merge(model)
+    assert torch.allclose(model(x), y, atol=1e-4)
