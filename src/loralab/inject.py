@@ -53,11 +53,21 @@ def _targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]
     return found
 
 
-def plan(model: nn.Module, config: LoraConfig, seed: int = 0) -> list[_Planned]:
-    """Build (but do not insert) a LoRA layer with initial factors for every target; the model is not changed."""
+@dataclass
+class _Target:
+    name: str
+    module: nn.Module
+    cls: type[LoraLayer]
+    rank: int
+    alpha: float
+    init: str
+
+
+def validate(model: nn.Module, config: LoraConfig) -> list[_Target]:
+    """Check every target (match, type, dtype, rank) without touching weights; works on a ``meta``-device model."""
     if lora_layers(model):
         raise LoraStateError("model already has LoRA layers; call unload(model) before injecting again")
-    planned = []
+    targets = []
     for name, module in _targets(model, config):
         cls = layer_type_for(module)
         if cls is None:
@@ -66,18 +76,27 @@ def plan(model: nn.Module, config: LoraConfig, seed: int = 0) -> list[_Planned]:
         if not module.weight.is_floating_point():
             raise TypeError(f"target {name!r} has a {module.weight.dtype} weight; load the model in a float dtype")
         rank, alpha, init = config.for_module(name)
-        layer = cls(module, rank, alpha, rslora=config.rslora, dropout=config.dropout,
-                    dtype=_adapter_dtype(module.weight))
-        if rank > min(layer.d_in, layer.d_out):
-            raise ValueError(f"rank {rank} exceeds min(d_in, d_out) = {min(layer.d_in, layer.d_out)} of {name!r} "
-                             f"(d_out={layer.d_out}, d_in={layer.d_in}): B·A cannot have a higher rank, so the extra "
+        d_out, d_in = cls.to_matrix(module.weight).shape
+        if rank > min(d_in, d_out):
+            raise ValueError(f"rank {rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} of {name!r} "
+                             f"(d_out={d_out}, d_in={d_in}): B·A cannot have a higher rank, so the extra "
                              f"directions are wasted (and pissa/olora cannot be computed); lower rank or set "
-                             f"rank_pattern={{{name.rsplit('.', 1)[-1]!r}: {min(layer.d_in, layer.d_out)}}}")
-        g = torch.Generator().manual_seed(module_seed(seed, name))
-        w = layer.to_matrix(module.weight.detach()).to(device="cpu", dtype=torch.float32)
-        kwargs = config.init_kwargs if init == config.init else {}
-        factors = get_scheme(init)(w, rank, scale=layer.scale, g=g, **kwargs)
-        planned.append(_Planned(name, layer, factors))
+                             f"rank_pattern={{{name.rsplit('.', 1)[-1]!r}: {min(d_in, d_out)}}}")
+        targets.append(_Target(name, module, cls, rank, alpha, init))
+    return targets
+
+
+def plan(model: nn.Module, config: LoraConfig, seed: int = 0) -> list[_Planned]:
+    """Build (but do not insert) a LoRA layer with initial factors for every target; the model is not changed."""
+    planned = []
+    for t in validate(model, config):
+        layer = t.cls(t.module, t.rank, t.alpha, rslora=config.rslora, dropout=config.dropout,
+                      dtype=_adapter_dtype(t.module.weight))
+        g = torch.Generator().manual_seed(module_seed(seed, t.name))
+        w = layer.to_matrix(t.module.weight.detach()).to(device="cpu", dtype=torch.float32)
+        kwargs = config.init_kwargs if t.init == config.init else {}
+        factors = get_scheme(t.init)(w, t.rank, scale=layer.scale, g=g, **kwargs)
+        planned.append(_Planned(t.name, layer, factors))
     return planned
 
 

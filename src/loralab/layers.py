@@ -52,7 +52,8 @@ class LoraLayer(nn.Module):
         self.disabled = False
 
     # -- what a layer type says ------------------------------------------------------------------------------------
-    def to_matrix(self, weight: Tensor) -> Tensor:
+    @staticmethod
+    def to_matrix(weight: Tensor) -> Tensor:
         """The base weight viewed as a ``(d_out, d_in)`` matrix."""
         return weight
 
@@ -138,7 +139,8 @@ class Linear(LoraLayer):
 class GPT2Conv1D(Linear):
     """LoRA on transformers' GPT-2 ``Conv1D`` (weight stored transposed, ``(in, out)``; PEFT ``fan_in_fan_out``)."""
 
-    def to_matrix(self, weight: Tensor) -> Tensor:
+    @staticmethod
+    def to_matrix(weight: Tensor) -> Tensor:
         return weight.T
 
     def from_matrix(self, m: Tensor) -> Tensor:
@@ -161,7 +163,8 @@ class Embedding(LoraLayer):
         kwargs["dropout"] = 0.0
         super().__init__(base, rank, alpha, **kwargs)
 
-    def to_matrix(self, weight: Tensor) -> Tensor:
+    @staticmethod
+    def to_matrix(weight: Tensor) -> Tensor:
         return weight.T
 
     def from_matrix(self, m: Tensor) -> Tensor:
@@ -182,7 +185,8 @@ class Conv(LoraLayer):
     geometry and B as a 1×1 channel mix, which is the same map.
     """
 
-    def to_matrix(self, weight: Tensor) -> Tensor:
+    @staticmethod
+    def to_matrix(weight: Tensor) -> Tensor:
         return weight.reshape(weight.shape[0], -1)
 
     def from_matrix(self, m: Tensor) -> Tensor:
