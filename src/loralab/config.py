@@ -5,14 +5,40 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Mapping
 
 from .inits import get_scheme
 
 
+class FrozenMap(Mapping):
+    """A read-only, hashable, picklable mapping (configs cross process boundaries; MappingProxyType cannot)."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self, data: Mapping | None = None):
+        object.__setattr__(self, "_d", dict(data or {}))
+
+    def __getitem__(self, key):
+        return self._d[key]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((k, repr(v)) for k, v in self._d.items())))
+
+    def __reduce__(self):
+        return FrozenMap, (self._d,)
+
+    def __repr__(self) -> str:
+        return repr(self._d)
+
+
 def _frozen_map(m: Mapping | None) -> Mapping:
-    return MappingProxyType(dict(m or {}))
+    return FrozenMap(m)
 
 
 @dataclass(frozen=True)
