@@ -1,0 +1,159 @@
+"""Tests of the run store: atomic strict-JSON writes, crash-tolerant metrics, resumable runs, sweep manifests."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from loralab.lab import store as store_mod
+from loralab.lab.store import (ManifestMismatchError, RunResult, RunStore, SweepStore, atomic_write_json, read_json,
+                               to_strict_json)
+
+
+def _strict_load(path):
+    """Parse as strict JSON: NaN/Infinity tokens are an error."""
+    def refuse(token):
+        raise ValueError(f"non-strict JSON token {token}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_atomic_write_round_trip_and_nan_to_null(tmp_path):
+    path = tmp_path / "sub" / "x.json"
+    atomic_write_json(path, {"a": float("nan"), "b": [1.5, float("inf"), -float("inf")], "c": (1, "s"), "d": None})
+    assert _strict_load(path) == {"a": None, "b": [1.5, None, None], "c": [1, "s"], "d": None}
+    assert read_json(path) == _strict_load(path)
+    assert list(path.parent.iterdir()) == [path]  # no temp file left behind
+
+
+def test_atomic_write_keeps_old_file_when_replace_fails(tmp_path, monkeypatch):
+    path = tmp_path / "x.json"
+    atomic_write_json(path, {"v": 1})
+
+    def boom(src, dst):
+        raise OSError("disk vanished")
+    monkeypatch.setattr(store_mod.os, "replace", boom)
+    with pytest.raises(OSError, match="disk vanished"):
+        atomic_write_json(path, {"v": 2, "big": list(range(1000))})
+    assert read_json(path) == {"v": 1}
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_atomic_write_fails_cleanly_on_unserializable(tmp_path):
+    path = tmp_path / "x.json"
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"v": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_fails_cleanly_when_the_write_dies(tmp_path, monkeypatch):
+    path = tmp_path / "x.json"
+    atomic_write_json(path, [1, 2])
+
+    def dying_fsync(fd):
+        raise KeyboardInterrupt  # e.g. the job is killed mid-write
+    monkeypatch.setattr(store_mod.os, "fsync", dying_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_json(path, [3, 4])
+    assert read_json(path) == [1, 2]
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_to_strict_json_converts_scalar_objects():
+    np = pytest.importorskip("numpy")
+    assert to_strict_json({"x": np.float32(np.nan), "y": np.int64(3)}) == {"x": None, "y": 3}
+
+
+def test_run_result_validates_status_and_serializes_nan_as_null():
+    with pytest.raises(ValueError, match="status"):
+        RunResult("r", "crashed")
+    res = RunResult("r", "diverged", {"train.lr": 1e-2}, final_eval_loss=float("nan"), best_eval_loss=2.5)
+    d = res.to_json()
+    assert d["final_eval_loss"] is None and d["best_eval_loss"] == 2.5 and d["axes"] == {"train.lr": 1e-2}
+    assert RunResult.from_json(json.loads(json.dumps(d, allow_nan=False))) == RunResult(
+        "r", "diverged", {"train.lr": 1e-2}, final_eval_loss=None, best_eval_loss=2.5)
+
+
+def test_metrics_skip_truncated_last_line_and_appends_stay_readable(tmp_path):
+    run = RunStore(tmp_path / "r")
+    run.append_metric({"kind": "eval", "step": 0, "eval_loss": 2.0})
+    run.append_metric({"kind": "train", "step": 1, "loss": math.inf})
+    with open(run.root / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "eval", "step": 2, "eval_lo')  # a crash mid-line
+    assert [m["step"] for m in run.metrics()] == [0, 1]
+    assert run.metrics()[1]["loss"] is None
+    run.append_metric({"kind": "eval", "step": 3, "eval_loss": 1.5})  # starts on a fresh line
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert [m["step"] for m in run.metrics()] == [0, 1, 3]
+
+
+def test_missing_files_read_as_none(tmp_path):
+    run = RunStore(tmp_path / "nothing")
+    assert (run.result(), run.config(), run.diagnostics(), run.metrics(), run.is_finished()) == (
+        None, None, None, [], False)
+
+
+def test_result_is_written_once_and_marks_the_run_finished(tmp_path):
+    run = RunStore(tmp_path / "r")
+    run.write_config("r", {"lora.init": "standard"}, {"lora": {"rank": 8}})
+    assert not run.is_finished()
+    run.write_result(RunResult("r", "ok", final_eval_loss=2.2))
+    assert run.is_finished() and run.result()["final_eval_loss"] == 2.2
+    with pytest.raises(FileExistsError):
+        run.write_result(RunResult("r", "failed"))
+    assert run.result()["status"] == "ok"
+
+
+def test_reset_removes_an_unfinished_run_and_refuses_a_finished_one(tmp_path):
+    run = RunStore(tmp_path / "r")
+    run.write_config("r", {}, {})
+    run.write_diagnostics({"identity_max_abs": 0.0, "layers": {}})
+    run.append_metric({"kind": "eval", "step": 0, "eval_loss": 2.0})
+    (run.root / ".result.json.abc.tmp").write_text("{")  # a temp file left by a killed writer
+    run.reset()
+    assert list(run.root.iterdir()) == []
+    run.write_result(RunResult("r", "ok"))
+    with pytest.raises(RuntimeError, match="finished"):
+        run.reset()
+    assert run.is_finished()
+
+
+def test_manifest_kept_when_identical_and_refused_when_the_runs_differ(tmp_path):
+    sweep = SweepStore(tmp_path)
+    grid = {"lora.init": ("standard", "reversed"), "train.lr": (1e-3,)}
+    sweep.write_manifest("s", grid, ["a", "b"], {"train": {"epochs": 1}})
+    created = sweep.manifest()["created"]
+    (tmp_path / "sweep.json").write_text((tmp_path / "sweep.json").read_text().replace(created, "KEEP"))
+    sweep.write_manifest("s", grid, ["a", "b"], {"train": {"epochs": 1}})
+    assert sweep.manifest()["created"] == "KEEP" and sweep.manifest()["grid"]["lora.init"] == ["standard", "reversed"]
+    with pytest.raises(ManifestMismatchError, match="new out_dir"):
+        sweep.write_manifest("s", grid, ["a", "c"], {})
+    assert sweep.manifest()["run_ids"] == ["a", "b"]
+
+
+def test_run_ids_must_be_plain_names(tmp_path):
+    for bad in ("", "..", "a/b", "../escape"):
+        with pytest.raises(ValueError):
+            SweepStore(tmp_path).run(bad)
+
+
+def test_records_cover_every_run_in_manifest_order(tmp_path):
+    sweep = SweepStore(tmp_path)
+    ids = ["ok1", "div", "fail", "crashed", "never"]
+    axes = [{"train.lr": float(i)} for i in range(len(ids))]
+    sweep.write_manifest("s", {"train.lr": [a["train.lr"] for a in axes]}, ids, {}, run_axes=axes)
+    sweep.run("ok1").write_result(RunResult("ok1", "ok", axes[0], final_eval_loss=2.0))
+    sweep.run("div").write_result(RunResult("div", "diverged", axes[1], final_eval_loss=float("nan")))
+    sweep.run("fail").write_result(RunResult("fail", "failed", axes[2], error="boom"))
+    sweep.run("crashed").write_config("crashed", {"train.lr": 3.0}, {})
+    sweep.run("crashed").append_metric({"kind": "eval", "step": 0, "eval_loss": 2.5})
+    os.makedirs(tmp_path / "runs" / "stray")  # a directory the manifest does not list comes last
+    recs = sweep.records()
+    assert [r.run_id for r in recs] == ids + ["stray"]
+    assert [r.status for r in recs] == ["ok", "diverged", "failed", "unfinished", "pending", "pending"]
+    assert [r.axes for r in recs[:5]] == axes
+    assert recs[1].get("final_eval_loss") is None and recs[2].get("error") == "boom"
+    assert recs[3].eval_curve() == [(0, 2.5)] and recs[4].metrics == ()
+    assert sweep.finished_ids() == ["ok1", "div", "fail"]
