@@ -1,0 +1,88 @@
+"""``loralab inits | check | sweep | report``: parse arguments and call the lab; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _inits(args) -> int:
+    from loralab import init_schemes
+
+    print(f"{'name':<22}{'preserves output':>17}{'moves base':>11}{'even rank':>10}  summary")
+    for name, s in init_schemes().items():
+        print(f"{name:<22}{str(s.preserves_output):>17}{str(s.modifies_base):>11}{str(s.even_rank):>10}  {s.summary}")
+    return 0
+
+
+def _check(args) -> int:
+    from loralab.config import LoraConfig
+
+    from .lab.check import format_identity_table, identity_table
+    from .lab.config import ModelConfig
+
+    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=args.targets.split(","))
+    print(format_identity_table(identity_table(ModelConfig(name=args.model), lora)))
+    return 0
+
+
+def _sweep(args) -> int:
+    from .lab.config import load_sweep
+    from .lab.sweep import dry_run, make_executor, run_sweep
+
+    sweep = load_sweep(args.config, args.set)
+    if args.dry_run:
+        return dry_run(sweep)
+    executor = make_executor(args.executor or sweep.executor, progress=not args.no_progress, address=args.address)
+    run_sweep(sweep, executor)
+    return 0
+
+
+def _report(args) -> int:
+    from .lab.report import write_report
+
+    for kind, path in write_report(args.run_dir, out=args.out).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loralab", description="LoRA with the adapter's initialization as the variable.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("inits", help="list the init schemes and their properties").set_defaults(fn=_inits)
+    c = sub.add_parser("check", help="identity check of every scheme on a model: max |Δ logits| at init")
+    c.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (offline default) or a model directory")
+    c.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated module suffixes")
+    c.add_argument("--rank", type=int, default=8)
+    c.add_argument("--alpha", type=float, default=16.0)
+    c.set_defaults(fn=_check)
+    s = sub.add_parser("sweep", help="run a grid of training runs (resumable)")
+    s.add_argument("config", help="a TOML file, e.g. configs/quick.toml")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field (train.lr=1e-3) or a grid axis (grid.train.lr=[1e-4,1e-3])")
+    s.add_argument("--dry-run", action="store_true", help="print the grid and validate everything; train nothing")
+    s.add_argument("--executor", choices=["local", "ray"], default=None, help="default: the config's executor")
+    s.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(fn=_sweep)
+    r = sub.add_parser("report", help="tables and plots from a sweep's store")
+    r.add_argument("run_dir", help="the sweep's out_dir")
+    r.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR/report)")
+    r.set_defaults(fn=_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are stored; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: the message names the problem and fix
+        print(f"loralab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The identity check of every init scheme on a real model: max |Δ logits| between adapted and pretrained."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+
+from loralab import check_identity, init_schemes, inject
+from loralab.config import LoraConfig
+
+from .config import ModelConfig
+
+PROBE_TEXT = "User: What is low-rank adaptation?\nAssistant: A small trainable update to a frozen weight."
+
+def identity_table(model_cfg: ModelConfig, lora: LoraConfig, *, seed: int = 0) -> list[dict]:
+    """One row per registered scheme: its promises and the measured max |Δ logits| at init on ``model_cfg``."""
+    from .models import load_model
+
+    model, tokenizer = load_model(model_cfg, "cpu")
+    model.requires_grad_(False)
+    ids = tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
+    ref_scale = model(input_ids=ids).logits.abs().max().item()
+    rows = []
+    for name, scheme in init_schemes().items():
+        row = {"init": name, "preserves_output": scheme.preserves_output, "modifies_base": scheme.modifies_base,
+               "max_abs_logits": None, "relative": None, "note": ""}
+        try:
+            cfg = dataclasses.replace(lora, init=name, init_kwargs={} if name != lora.init else lora.init_kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                adapted = inject(copy.deepcopy(model), cfg, seed=seed)
+            delta = check_identity(adapted, input_ids=ids)
+            row.update(max_abs_logits=delta, relative=delta / ref_scale)
+        except ValueError as e:  # e.g. an odd rank for the orthogonal family
+            row["note"] = str(e).splitlines()[0]
+        rows.append(row)
+    return rows
+
+def format_identity_table(rows: list[dict]) -> str:
+    lines = [f"{'init':<22}{'preserves':>10}{'moves base':>11}{'max |Δ logits|':>16}{'relative':>11}  verdict"]
+    for r in rows:
+        if r["max_abs_logits"] is None:
+            lines.append(f"{r['init']:<22}{'':>10}{'':>11}{'-':>16}{'-':>11}  skipped: {r['note']}")
+            continue
+        ok = (r["relative"] < 1e-4) == r["preserves_output"]
+        verdict = "ok" if ok else "BROKEN PROMISE"
+        lines.append(f"{r['init']:<22}{str(r['preserves_output']):>10}{str(r['modifies_base']):>11}"
+                     f"{r['max_abs_logits']:>16.3g}{r['relative']:>11.2e}  {verdict}")
+    return "\n".join(lines)
+
+__all__ = ["identity_table", "format_identity_table"]

@@ -1,0 +1,106 @@
+"""Shared fixtures: a tiny offline causal LM, a small chat dataset, and the ``slow``/``gpu`` marker policy.
+
+``slow`` tests run only with ``--runslow`` or ``-m slow`` (plain ``pytest`` stays at seconds); ``gpu`` tests
+skip without CUDA.
+The whole session uses a temporary ``$LORALAB_CACHE``, so no test writes to the user's cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+TOPICS = ["the weather", "a good book", "dinner plans", "the weekend", "music", "a new job", "learning Python",
+          "a trip to the sea", "coffee", "the garden"]
+REPLIES = ["That sounds great!", "Tell me more.", "I am not sure about that.", "Me too, honestly.",
+           "Why do you think so?", "Ha, that is funny.", "Let us talk about it later."]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (real SmolLM2, ~1 min)")
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = config.getoption("--runslow") or "slow" in (config.getoption("markexpr") or "")   # -m slow asks too
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow (or -m slow)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    old = os.environ.get("LORALAB_CACHE")
+    os.environ["LORALAB_CACHE"] = str(tmp_path_factory.mktemp("loralab-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LORALAB_CACHE", None)
+    else:
+        os.environ["LORALAB_CACHE"] = old
+
+
+def _tiny_tokenizer():
+    """A byte-level tokenizer with no merges: 256 byte tokens, ``<|endoftext|>`` (EOS) and ``<pad>``; no training,
+    so it is the same on every machine, and it encodes any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A directory with a seeded tiny LlamaForCausalLM (hidden 32, 2 layers, 4 heads / 2 KV heads, tied embeddings
+    like SmolLM2's) and its tokenizer, both written by ``save_pretrained``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-lm")
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():   # HF initialises from the global RNG; seed it without disturbing other tests
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _conversations(n: int = 36, seed: int = 0) -> list[list[dict]]:
+    """``n`` short deterministic conversations; every sixth starts with a system message."""
+    rng = random.Random(seed)
+    convs = []
+    for i in range(n):
+        topic = rng.choice(TOPICS)
+        msgs = [{"role": "system", "content": "You are a friendly chat partner."}] if i % 6 == 0 else []
+        for turn in range(rng.randint(1, 3)):
+            msgs.append({"role": "user", "content": f"Conversation {i}, turn {turn}: what about {topic}?"})
+            msgs.append({"role": "assistant", "content": rng.choice(REPLIES)})
+        convs.append(msgs)
+    return convs
+
+
+def _write_jsonl(path, convs) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for msgs in convs:
+            f.write(json.dumps({"messages": msgs}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory):
+    """A .jsonl file of 36 short deterministic conversations, one ``{"messages": [...]}`` per line."""
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    _write_jsonl(path, _conversations())
+    return path
