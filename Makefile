@@ -13,4 +13,4 @@ quick: install
 	$(PY) -m loralab report runs/quick --out docs/quick
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --runslow

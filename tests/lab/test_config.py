@@ -357,7 +357,7 @@ _CHANGES = {
              "init_pattern": {"q_proj": "reversed"}},
     "train": {"lr": 1e-4, "epochs": 2.0, "max_steps": 5, "batch_size": 8, "grad_accum": 2, "warmup_ratio": 0.0,
               "weight_decay": 0.0, "grad_clip": 0.0, "eval_every": 5, "seed": 1, "device": "cpu",
-              "diverge_factor": 2.0},
+              "diverge_factor": 2.5},
 }
 _BASE = RunConfig(lora=LoraConfig(init="gaussian"))   # so both init and init_kwargs can change alone
 

@@ -91,7 +91,7 @@ class TrainConfig:
     eval_every: int = 10         # optimizer steps
     seed: int = 0                # adapter init, dropout and batch order
     device: str = "auto"         # auto | cpu | cuda | mps
-    diverge_factor: float = 3.0  # loss > factor * initial loss (or NaN/inf) -> status diverged
+    diverge_factor: float = 2.0  # loss > factor * initial loss (or NaN/inf) -> diverged; ln(vocab) caps a blow-up
 
     def __post_init__(self):
         _require(self.lr > 0 and math.isfinite(self.lr), f"TrainConfig.lr must be a positive number; got "
@@ -108,7 +108,7 @@ class TrainConfig:
         for name, value in [("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip)]:
             _require(value >= 0, f"TrainConfig.{name} must be >= 0 (0 = off); got {value!r}")
         _require(self.diverge_factor > 1, f"TrainConfig.diverge_factor must be > 1 (a loss above factor x the "
-                                          f"initial loss is divergence); got {self.diverge_factor!r}; try 3.0")
+                                          f"initial loss is divergence); got {self.diverge_factor!r}; try 2.0")
         _require(self.device in DEVICES, f"TrainConfig.device must be one of {', '.join(DEVICES)}; got {self.device!r}")
 
 
