@@ -31,9 +31,10 @@ def _sweep(args) -> int:
     from .lab.sweep import dry_run, make_executor, run_sweep
 
     sweep = load_sweep(args.config, args.set)
+    # Made before the dry run, so that an executor this install cannot run fails the dry run, not the real one.
+    executor = make_executor(args.executor or sweep.executor, progress=not args.no_progress, address=args.address)
     if args.dry_run:
         return dry_run(sweep)
-    executor = make_executor(args.executor or sweep.executor, progress=not args.no_progress, address=args.address)
     run_sweep(sweep, executor)
     return 0
 
