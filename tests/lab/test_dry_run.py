@@ -1,0 +1,213 @@
+"""``loralab sweep CFG --dry-run``: bad input fails in seconds, before any weight is loaded, with exit code 2 and a
+message that names the problem (no traceback); a valid dry run lists every run id and trains nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loralab.cli import main
+from loralab.lab import data as data_mod
+from loralab.lab import models as models_mod
+from loralab.lab import train as train_mod
+from loralab.lab.config import load_sweep
+from loralab.lab.store import RunResult, SweepStore
+from loralab.lab.sweep import plan_jobs
+
+FAST_S = 10.0   # a dry run reads configs, not weights; a hub lookup with retries would take ~25 s
+
+
+def toml_text(table: dict) -> str:
+    """A TOML document for a dict of scalars, lists and (one level of) tables; JSON literals are valid TOML here."""
+    top = [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    tables = [f"\n[{k}]\n" + "\n".join(f"{json.dumps(kk)} = {json.dumps(vv)}" for kk, vv in v.items())
+              for k, v in table.items() if isinstance(v, dict)]
+    return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
+
+
+@pytest.fixture
+def valid(tiny_lm_dir, chat_jsonl, tmp_path) -> dict:
+    """A valid 2 × 2 sweep of the tiny model, as the dict its TOML file holds."""
+    return {"name": "dry", "out_dir": str(tmp_path / "out"),
+            "model": {"name": str(tiny_lm_dir)},
+            "data": {"source": str(chat_jsonl), "seq_len": 32, "max_train_chunks": 8},
+            "lora": {"rank": 4, "targets": ["q_proj", "v_proj"]},
+            "train": {"max_steps": 2, "device": "cpu"},
+            "grid": {"lora.init": ["standard", "reversed"], "train.lr": [1e-4, 1e-3]}}
+
+
+def write(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "sweep.toml"
+    path.write_text(toml_text(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Make loading weights or data, or training, an error: a dry run must do none of them."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a dry run loaded weights or data, or trained")
+
+    monkeypatch.setattr(models_mod, "load_model", forbidden)
+    monkeypatch.setattr(data_mod, "load_data", forbidden)
+    monkeypatch.setattr(train_mod, "train_run", forbidden)
+
+
+def dry(capsys, path: Path) -> tuple[int, str, str, float]:
+    t0 = time.perf_counter()
+    rc = main(["sweep", str(path), "--dry-run"])
+    elapsed = time.perf_counter() - t0
+    out, err = capsys.readouterr()
+    return rc, out, err, elapsed
+
+
+def results_under(root: Path) -> list[Path]:
+    return list(root.rglob("result.json")) + list(root.rglob("metrics.jsonl"))
+
+
+def with_(cfg: dict, **changes) -> dict:
+    """``cfg`` with dotted keys set, e.g. ``with_(cfg, **{"train.lr": 0})``."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        *tables, last = key.split(".")
+        node = cfg
+        for t in tables:
+            node = node.setdefault(t, {})
+        node[last] = value
+    return cfg
+
+
+# ---- a valid dry run -----------------------------------------------------------------------------------------------
+
+def test_valid_dry_run_lists_every_run_and_trains_nothing(valid, tmp_path, capsys, nothing_loads):
+    path = write(tmp_path, valid)
+    rc, out, err, elapsed = dry(capsys, path)
+    assert rc == 0, err
+    ids = [job.run_id for job in plan_jobs(load_sweep(path))]
+    assert len(ids) == 4
+    listed = [line.split()[1] for line in out.splitlines() if line.startswith("  todo ")]
+    assert listed == ids
+    assert "ok: 4 runs to train, 0 already finished" in out
+    assert "4 modules match" in out   # 2 layers × (q_proj, v_proj), checked on the meta-device skeleton
+    assert results_under(tmp_path) == []
+    assert not (tmp_path / "out" / "sweep.json").exists()   # nothing written to the store either
+    assert elapsed < FAST_S
+
+
+def test_dry_run_marks_finished_runs(valid, tmp_path, capsys, nothing_loads):
+    path = write(tmp_path, valid)
+    sweep = load_sweep(path)
+    jobs = plan_jobs(sweep)
+    store = SweepStore(sweep.out_dir)
+    store.write_manifest(sweep.name, sweep.grid, [j.run_id for j in jobs], {})
+    store.run(jobs[1].run_id).write_result(RunResult(run_id=jobs[1].run_id, status="diverged", axes=jobs[1].axes))
+    rc, out, _, _ = dry(capsys, path)
+    assert rc == 0
+    marks = {line.split()[1]: line.split()[0] for line in out.splitlines() if line.startswith("  ")
+             and line.split()[0] in ("todo", "done")}
+    assert marks == {j.run_id: "done" if i == 1 else "todo" for i, j in enumerate(jobs)}
+    assert "ok: 3 runs to train, 1 already finished" in out
+
+
+# ---- bad input: exit code 2, a message naming the problem, in seconds ------------------------------------------------
+
+BAD = {
+    "unknown key": ({"train.lrr": 1e-3}, ["'train.lrr'", "did you mean 'lr'"]),
+    "zero lr": ({"train.lr": 0.0, "grid": {"lora.init": ["standard", "reversed"]}}, ["lr", "positive"]),
+    "negative lr": ({"train.lr": -1e-3, "grid": {"lora.init": ["standard", "reversed"]}}, ["lr", "positive"]),
+    "zero lr in the grid": ({"grid": {"train.lr": [1e-3, 0.0]}}, ["lr", "positive"]),
+    "unknown init": ({"grid": {"lora.init": ["standard", "kaiming-he"]}}, ["'kaiming-he'", "valid schemes",
+                                                                            "reversed"]),
+    "odd rank, orthogonal init": ({"lora.rank": 3, "grid": {"lora.init": ["standard", "orthogonal-qr-match"]}},
+                                  ["orthogonal-qr-match", "even rank", "rank 3"]),
+    "rank too big": ({"lora.rank": 64, "lora.targets": ["q_proj"]}, ["rank 64", "q_proj", "32"]),
+    "unknown executor": ({"executor": "slurm"}, ["executor", "'slurm'", "local"]),
+}
+
+
+@pytest.mark.parametrize("change,fragments", BAD.values(), ids=BAD.keys())
+def test_bad_input_fails_fast_naming_the_problem(valid, tmp_path, capsys, nothing_loads, change, fragments):
+    path = write(tmp_path, with_(valid, **change))
+    rc, out, err, elapsed = dry(capsys, path)
+    assert rc == 2, out + err
+    assert err.startswith("loralab sweep: error: ") and err.count("\n") == 1   # one line, no traceback
+    for fragment in fragments:
+        assert fragment in err
+    assert elapsed < FAST_S
+    assert results_under(tmp_path) == []
+
+
+def test_missing_model_directory(valid, tmp_path, capsys, nothing_loads):
+    missing = tmp_path / "models" / "no-such-model"
+    rc, _, err, elapsed = dry(capsys, write(tmp_path, with_(valid, **{"model.name": str(missing)})))
+    assert rc == 2
+    assert str(missing) in err and "model.name" in err
+    assert elapsed < FAST_S
+
+
+def test_model_directory_without_a_model(valid, tmp_path, capsys, nothing_loads):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    rc, _, err, _ = dry(capsys, write(tmp_path, with_(valid, **{"model.name": str(empty)})))
+    assert rc == 2
+    assert str(empty) in err and "config.json" in err
+
+
+def test_missing_dataset_file(valid, tmp_path, capsys, nothing_loads):
+    missing = tmp_path / "data" / "nope.jsonl"
+    rc, out, err, elapsed = dry(capsys, write(tmp_path, with_(valid, **{"data.source": str(missing)})))
+    assert rc == 2
+    assert str(missing) in err and "no such file" in err
+    assert elapsed < FAST_S
+
+
+def test_missing_config_file(tmp_path, capsys):
+    rc, _, err, _ = dry(capsys, tmp_path / "nope.toml")
+    assert rc == 2 and "nope.toml" in err
+
+
+@pytest.mark.parametrize("where", ["flag", "config"])
+def test_unavailable_executor_fails_the_dry_run(valid, tmp_path, capsys, nothing_loads, where):
+    """``ray`` is a known name but not installed as an executor yet: the dry run must say so, not answer "ok" and
+    leave the real run to fail."""
+    path = write(tmp_path, with_(valid, executor="ray") if where == "config" else valid)
+    rc, out, err, _ = dry(capsys, path) if where == "config" else \
+        (main(["sweep", str(path), "--dry-run", "--executor", "ray"]), *capsys.readouterr(), 0.0)
+    assert rc == 2, out
+    assert "ray executor is not available" in err and "--executor local" in err
+    assert "ok:" not in out
+
+
+def test_executor_flags(valid, tmp_path, capsys, nothing_loads):
+    path = write(tmp_path, valid)
+    assert main(["sweep", str(path), "--executor", "ray"]) == 2   # not available: said, not a crash mid-sweep
+    assert "ray" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--dry-run", "--executor", "local"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(path), "--dry-run", "--executor", "slurm"])
+    assert e.value.code == 2 and "invalid choice: 'slurm'" in capsys.readouterr().err
+    assert results_under(tmp_path) == []
+
+
+# ---- through the real entry point --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change,fragment", [({"train.lrr": 1e-3}, "train.lrr"),
+                                             ({"lora.rank": 64, "lora.targets": ["q_proj"]}, "rank 64")],
+                         ids=["config error", "model check error"])
+def test_subprocess_exit_code_and_no_traceback(valid, tmp_path, change, fragment):
+    path = write(tmp_path, with_(valid, **change))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "loralab", "sweep", str(path), "--dry-run"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert fragment in proc.stderr
+    assert results_under(tmp_path) == []

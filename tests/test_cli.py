@@ -1,0 +1,112 @@
+"""``loralab inits`` and ``loralab check``: the tables agree with the registry and with measurements on a model.
+
+Rows are parsed, not matched as text, and checked against :func:`loralab.init_schemes`, so a new scheme is covered
+without editing this file.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from loralab import init_schemes
+from loralab.cli import main
+
+NINE = {"standard", "gaussian", "reversed", "orthogonal-qr-match", "orthogonal-qr-const", "orthogonal-eye",
+        "random-both", "pissa", "olora"}
+
+
+def rows(text: str) -> dict[str, list[str]]:
+    """Table lines after the header, keyed by their first column (a scheme name)."""
+    lines = text.strip().splitlines()
+    return {line.split()[0]: line.split() for line in lines[1:]}
+
+
+def parse_bool(s: str) -> bool:
+    assert s in ("True", "False"), s
+    return s == "True"
+
+
+# ---- loralab inits -------------------------------------------------------------------------------------------------
+
+def test_inits_lists_every_scheme_with_its_properties(capsys):
+    assert main(["inits"]) == 0
+    out = capsys.readouterr().out
+    table = rows(out)
+    schemes = init_schemes()
+    assert set(table) == set(schemes) >= NINE
+    assert len(out.strip().splitlines()) == len(schemes) + 1   # one header, one row per scheme, nothing else
+    for name, s in schemes.items():
+        preserves, moves, even = (parse_bool(v) for v in table[name][1:4])
+        assert (preserves, moves, even) == (s.preserves_output, s.modifies_base, s.even_rank), name
+        assert s.summary.split()[0] == table[name][4], name   # the summary follows
+    assert not parse_bool(table["random-both"][1])
+    assert {n for n in table if parse_bool(table[n][2])} >= {"pissa", "olora"}
+
+
+def test_inits_through_the_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "loralab", "inits"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert set(rows(proc.stdout)) == set(init_schemes())
+
+
+@pytest.fixture
+def one_thread():
+    """The model is tiny: extra intra-op threads only add overhead, and on a shared CPU they spin against other jobs."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---- loralab check --------------------------------------------------------------------------------------------------
+
+def check_rows(capsys, tiny_lm_dir, rank: int) -> tuple[dict[str, list[str]], str]:
+    assert main(["check", "--model", str(tiny_lm_dir), "--targets", "q_proj,v_proj", "--rank", str(rank)]) == 0
+    out = capsys.readouterr().out
+    return rows(out), out
+
+
+def test_check_measures_every_scheme(capsys, tiny_lm_dir, one_thread):
+    table, out = check_rows(capsys, tiny_lm_dir, rank=4)
+    schemes = init_schemes()
+    assert set(table) == set(schemes) >= NINE
+    assert "BROKEN PROMISE" not in out
+    for name, s in schemes.items():
+        init, preserves, moves, delta, relative, verdict = table[name]
+        assert (parse_bool(preserves), parse_bool(moves)) == (s.preserves_output, s.modifies_base), name
+        assert verdict == "ok", name
+        if s.preserves_output:
+            assert float(relative) < 1e-4, name
+        else:
+            assert float(relative) > 1e-4, name
+    assert float(table["standard"][3]) == 0.0   # B = 0: exactly the base model, not merely close
+    assert float(table["reversed"][3]) == 0.0   # A = 0
+    assert float(table["random-both"][3]) > 1e-3
+
+
+def test_check_skips_even_rank_schemes_at_an_odd_rank(capsys, tiny_lm_dir, one_thread):
+    table, out = check_rows(capsys, tiny_lm_dir, rank=3)
+    schemes = init_schemes()
+    assert set(table) == set(schemes)
+    assert "BROKEN PROMISE" not in out
+    for name, s in schemes.items():
+        line = " ".join(table[name])
+        if s.even_rank:
+            assert "skipped:" in line and "even rank" in line, line
+        else:
+            assert table[name][-1] == "ok", line
+
+
+def test_check_names_a_rank_no_target_can_hold(capsys, tiny_lm_dir, one_thread):
+    """Rank 64 on a 32-wide q_proj: no scheme is measured, and each row says why instead of showing a number."""
+    assert main(["check", "--model", str(tiny_lm_dir), "--targets", "q_proj", "--rank", "64"]) == 0
+    table = rows(capsys.readouterr().out)
+    assert set(table) == set(init_schemes())
+    for name, cells in table.items():
+        line = " ".join(cells)
+        assert "skipped: rank 64 exceeds" in line and "q_proj" in line, line
