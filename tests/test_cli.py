@@ -103,10 +103,25 @@ def test_check_skips_even_rank_schemes_at_an_odd_rank(capsys, tiny_lm_dir, one_t
 
 
 def test_check_names_a_rank_no_target_can_hold(capsys, tiny_lm_dir, one_thread):
-    """Rank 64 on a 32-wide q_proj: no scheme is measured, and each row says why instead of showing a number."""
-    assert main(["check", "--model", str(tiny_lm_dir), "--targets", "q_proj", "--rank", "64"]) == 0
-    table = rows(capsys.readouterr().out)
+    """Rank 64 on a 32-wide q_proj: no scheme is measured, each row says why, and the command fails (exit 2)."""
+    assert main(["check", "--model", str(tiny_lm_dir), "--targets", "q_proj", "--rank", "64"]) == 2
+    captured = capsys.readouterr()
+    assert "no scheme could be checked" in captured.err
+    table = rows(captured.out)
     assert set(table) == set(init_schemes())
     for name, cells in table.items():
         line = " ".join(cells)
         assert "skipped: rank 64 exceeds" in line and "q_proj" in line, line
+
+
+def test_check_fails_on_a_broken_promise(capsys, tiny_lm_dir, one_thread, monkeypatch):
+    """A scheme whose init changes the output while promising not to makes ``check`` exit 1 and say so."""
+    import dataclasses
+
+    from loralab import inits
+
+    broken = dataclasses.replace(inits.get_scheme("standard"), preserves_output=False)
+    monkeypatch.setitem(inits._REGISTRY, "standard", broken)
+    assert main(["check", "--model", str(tiny_lm_dir), "--targets", "q_proj,v_proj", "--rank", "4"]) == 1
+    table = rows(capsys.readouterr().out)
+    assert " ".join(table["standard"]).endswith("BROKEN PROMISE")

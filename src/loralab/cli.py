@@ -22,8 +22,11 @@ def _check(args) -> int:
     from .lab.config import ModelConfig
 
     lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=args.targets.split(","))
-    print(format_identity_table(identity_table(ModelConfig(name=args.model), lora)))
-    return 0
+    rows = identity_table(ModelConfig(name=args.model), lora)
+    print(format_identity_table(rows))
+    if all(r["ok"] is None for r in rows):
+        raise ValueError("no scheme could be checked (see the 'skipped' reasons above); fix --targets/--rank")
+    return 0 if all(r["ok"] is not False for r in rows) else 1
 
 
 def _sweep(args) -> int:

@@ -12,6 +12,7 @@ from loralab.config import LoraConfig
 from .config import ModelConfig
 
 PROBE_TEXT = "User: What is low-rank adaptation?\nAssistant: A small trainable update to a frozen weight."
+IDENTITY_TOL = 1e-4   # max |Δ logits| relative to max |logits|: float32 noise is ~1e-6, a real change far above
 
 def identity_table(model_cfg: ModelConfig, lora: LoraConfig, *, seed: int = 0) -> list[dict]:
     """One row per registered scheme: its promises and the measured max |Δ logits| at init on ``model_cfg``."""
@@ -24,14 +25,15 @@ def identity_table(model_cfg: ModelConfig, lora: LoraConfig, *, seed: int = 0) -
     rows = []
     for name, scheme in init_schemes().items():
         row = {"init": name, "preserves_output": scheme.preserves_output, "modifies_base": scheme.modifies_base,
-               "max_abs_logits": None, "relative": None, "note": ""}
+               "max_abs_logits": None, "relative": None, "ok": None, "note": ""}
         try:
             cfg = dataclasses.replace(lora, init=name, init_kwargs={} if name != lora.init else lora.init_kwargs)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 adapted = inject(copy.deepcopy(model), cfg, seed=seed)
             delta = check_identity(adapted, input_ids=ids)
-            row.update(max_abs_logits=delta, relative=delta / ref_scale)
+            row.update(max_abs_logits=delta, relative=delta / ref_scale,
+                       ok=(delta / ref_scale < IDENTITY_TOL) == scheme.preserves_output)
         except ValueError as e:  # e.g. an odd rank for the orthogonal family
             row["note"] = str(e).splitlines()[0]
         rows.append(row)
@@ -43,8 +45,7 @@ def format_identity_table(rows: list[dict]) -> str:
         if r["max_abs_logits"] is None:
             lines.append(f"{r['init']:<22}{'':>10}{'':>11}{'-':>16}{'-':>11}  skipped: {r['note']}")
             continue
-        ok = (r["relative"] < 1e-4) == r["preserves_output"]
-        verdict = "ok" if ok else "BROKEN PROMISE"
+        verdict = "ok" if r["ok"] else "BROKEN PROMISE"
         lines.append(f"{r['init']:<22}{str(r['preserves_output']):>10}{str(r['modifies_base']):>11}"
                      f"{r['max_abs_logits']:>16.3g}{r['relative']:>11.2e}  {verdict}")
     return "\n".join(lines)

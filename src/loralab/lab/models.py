@@ -23,6 +23,7 @@ import re
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -152,8 +153,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize ``gguf`` into a safetensors HF directory at ``target``, atomically (tmp dir + rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _quiet_loading():
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = loaded.config
     del config.quantization_config   # save_pretrained refuses a model that says it is quantized
     with torch.random.fork_rng(devices=[]):   # from_config draws random weights from the global RNG
@@ -201,12 +203,27 @@ def _hub_id(name: str) -> str:
     return name
 
 
+@contextmanager
+def _quiet_loading():
+    """transformers' per-load "Loading weights" bar would repeat once per run in sweep logs."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(path: str, dtype: torch.dtype, name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:   # local_files_only: never reach for the hub (see the module docstring)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:   # incomplete cache, unknown architecture, missing tokenizer files
         raise ModelError(f"model.name={name!r}: cannot load {path} as a causal LM with a tokenizer: {e}") from e
     return model, tokenizer

@@ -116,7 +116,7 @@ def train_run(run: RunConfig, store: RunStore, *, base_model: nn.Module, data: P
     opt = torch.optim.AdamW(lora_param_groups(model, cfg.lr, weight_decay=cfg.weight_decay),
                             fused=device.type == "cuda")
     total = total_steps(cfg, len(data.train))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, round(cfg.warmup_ratio * total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, math.ceil(cfg.warmup_ratio * total)))
     st = _State(best=initial, last=initial)
     _loop(model, opt, sched, data, cfg, total, st, store, identity, initial, amp, start, progress)
     if st.status == "diverged" and st.last_eval_step != st.step:
