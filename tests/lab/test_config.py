@@ -209,7 +209,7 @@ def test_sweep_needs_name_and_out_dir_and_a_known_executor():
 def test_unknown_top_level_key_lists_tables_and_grid():
     with pytest.raises(ConfigError, match="did you mean 'train'") as e:
         parse_sweep(sweep_dict(trian={"lr": 1e-3}))
-    assert "name, out_dir, executor, model, data, lora, train, grid" in str(e.value)
+    assert "name, out_dir, executor, pack, resources, model, data, lora, train, grid" in str(e.value)
 
 
 def test_parse_does_not_mutate_its_input():
@@ -257,7 +257,7 @@ def test_grid_override_adds_or_replaces_an_axis_in_place():
 @pytest.mark.parametrize("override, fragment", [
     ("train.lr", "is not key=value"),
     ("=3", "is not key=value"),
-    ("trian.lr=1", "valid keys of the top level: name, out_dir, executor, model, data, lora, train"),
+    ("trian.lr=1", "valid keys of the top level: name, out_dir, executor, pack, resources, model, data, lora, train"),
     ("train.lrr=1", "valid keys of [train]: lr, epochs"),
     ("lora={rank=4}", "whole table"),
     ("train.lr.x=1", "not a table"),
@@ -274,7 +274,7 @@ def test_bad_override(override, fragment):
 
 
 def test_not_key_value_override_lists_valid_keys():
-    with pytest.raises(ConfigError, match=r"valid keys: name, out_dir, executor, model\.<field>"):
+    with pytest.raises(ConfigError, match=r"valid keys: name, out_dir, executor, pack, resources\.<field>, model\.<field>"):
         parse_sweep(sweep_dict(), ["oops"])
 
 
@@ -436,3 +436,14 @@ def test_config_errors_in_a_file_name_the_file(tmp_path):
     path.write_text('name = "x"\nout_dir = "y"\n[lora]\nrank = 7\ninit = "orthogonal-eye"\n')
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: lora: .*even rank"):
         load_sweep(path)
+
+
+def test_pack_and_resources_are_sweep_settings():
+    sweep = parse_sweep(sweep_dict(pack=3, resources={"gpus": 0.5}), ["resources.max_retries=4"])
+    assert (sweep.pack, sweep.resources.gpus, sweep.resources.max_retries, sweep.resources.cpus) == (3, 0.5, 4, 1.0)
+    with pytest.raises(ConfigError, match="SweepConfig.pack must be >= 0"):
+        parse_sweep(sweep_dict(pack=-1))
+    with pytest.raises(ConfigError, match="resources.gpus must be >= 0"):
+        parse_sweep(sweep_dict(resources={"gpus": -1}))
+    with pytest.raises(ConfigError, match="did you mean 'gpus'"):
+        parse_sweep(sweep_dict(resources={"gpu": 1}))

@@ -123,6 +123,20 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class ResourcesConfig:
+    """What each run (or pack of runs) asks a distributed executor for; the local executor ignores it."""
+
+    cpus: float = 1.0            # CPU cores per task
+    gpus: float = 0.0            # GPUs per task; a fraction shares one GPU between tasks
+    max_retries: int = 2         # a task whose worker dies is retried this often, then recorded as failed
+
+    def __post_init__(self):
+        _require(self.cpus > 0, f"resources.cpus must be > 0; got {self.cpus!r}; try 1")
+        _require(self.gpus >= 0, f"resources.gpus must be >= 0; got {self.gpus!r}; try 0 (CPU) or 1")
+        _require(self.max_retries >= 0, f"resources.max_retries must be >= 0; got {self.max_retries!r}; try 2")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """A grid of runs: ``base`` with each combination of the ``grid`` axes' values (see :func:`expand`)."""
 
@@ -131,15 +145,18 @@ class SweepConfig:
     base: RunConfig = field(default_factory=RunConfig)
     grid: Mapping[str, tuple] = field(default_factory=dict)   # "lora.init" -> values; first axis outermost
     executor: str = "local"      # local | ray
+    pack: int = 0                # runs trained together in one process on one shared base; 0 = auto, 1 = off
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def __post_init__(self):
         _require(bool(self.name), "SweepConfig.name is empty: set name = \"...\" at the top of the file")
         _require(bool(self.out_dir), "SweepConfig.out_dir is empty: set out_dir = \"runs/<name>\"")
         _require(self.executor in EXECUTORS, f"SweepConfig.executor must be one of {EXECUTORS}; got {self.executor!r}")
+        _require(self.pack >= 0, f"SweepConfig.pack must be >= 0 (0 = auto, 1 = one run at a time); got {self.pack}")
         object.__setattr__(self, "grid", FrozenMap({k: tuple(v) for k, v in self.grid.items()}))
 
 
-_TOP = {"name": str, "out_dir": str, "executor": str}          # top-level TOML keys besides the tables and [grid]
+_TOP = {"name": str, "out_dir": str, "executor": str, "pack": int, "resources": ResourcesConfig}          # top-level TOML keys besides the tables and [grid]
 _TOP_KEYS = {**_TOP, **fields_of(RunConfig)}                    # what a non-grid override may name
 
 
@@ -194,7 +211,8 @@ def _parse_override(item: str) -> tuple[str, Any]:
     """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``: the value as TOML, else as a bare string."""
     key, eq, text = item.partition("=")
     key, text = key.strip(), text.strip()
-    valid = ", ".join([*_TOP, *(f"{k}.<field>" for k in fields_of(RunConfig)), "grid.<section>.<field>"])
+    valid = ", ".join([*(f"{k}.<field>" if dataclasses.is_dataclass(t) else k for k, t in _TOP_KEYS.items()),
+                       "grid.<section>.<field>"])
     if not eq or not key:
         raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-3, lora.init=reversed, "
                           f"grid.train.lr=[1e-4,1e-3]); valid keys: {valid}")
