@@ -35,7 +35,8 @@ def _sweep(args) -> int:
 
     sweep = load_sweep(args.config, args.set)
     # Made before the dry run, so that an executor this install cannot run fails the dry run, not the real one.
-    executor = make_executor(args.executor or sweep.executor, progress=not args.no_progress, address=args.address)
+    executor = make_executor(args.executor or sweep.executor, progress=not args.no_progress, address=args.address,
+                             resources=sweep.resources, pack=sweep.pack)
     if args.dry_run:
         return dry_run(sweep)
     run_sweep(sweep, executor)

@@ -127,13 +127,18 @@ def inject(model: nn.Module, config: LoraConfig, seed: int = 0) -> nn.Module:
     """
     planned = plan(model, config, seed)
     commit(model, planned, config, seed)
+    warn_identity(planned, config, stacklevel=3)
+    return model
+
+
+def warn_identity(planned: list[_Planned], config: LoraConfig, stacklevel: int = 2) -> None:
+    """Warn (:class:`IdentityWarning`) when an init used by ``planned`` changes the model's output at step 0."""
     used = {config.for_module(p.name)[2] for p in planned}
     broken = sorted(n for n in used if not get_scheme(n).preserves_output)
     if broken:
         warnings.warn(f"init {', '.join(broken)} does not preserve the model's output: the adapted model differs "
                       f"from the pretrained one before training (check_identity shows by how much)",
-                      IdentityWarning, stacklevel=2)
-    return model
+                      IdentityWarning, stacklevel=stacklevel + 1)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:

@@ -86,6 +86,7 @@ class RunResult:
         wall_time_s, tokens_per_s: wall-clock time of the run and training throughput.
         error: first line of the exception for a failed run; traceback: its full traceback.
         versions: ``{"loralab", "torch", "transformers", "python"}``; device: where it ran.
+        pack_size: how many runs trained together on one base (``tokens_per_s`` is this run's share).
     """
 
     run_id: str
@@ -102,6 +103,7 @@ class RunResult:
     traceback: str | None = None
     versions: Mapping[str, str] = field(default_factory=dict)
     device: str = ""
+    pack_size: int = 1
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -1,4 +1,4 @@
-"""Run a grid of runs, resumably, behind a small executor interface.
+"""Run a grid of runs, resumably, behind a small executor interface; locally, runs can share a base in packs.
 
 Resume rule: a run is finished iff its ``result.json`` exists. Rerunning the same command skips finished runs, resets
 and redoes unfinished ones (killed or crashed mid-run), and runs the rest. A run that raises is recorded as
@@ -58,47 +58,115 @@ class _Assets:
         return self.model, self.data
 
 
-def run_job(job: Job, store: RunStore, assets: _Assets, progress: bool = True) -> RunResult:
-    """Train one job and record its result (``failed`` with the traceback if it raised)."""
-    from .train import train_run, versions
+def _failed(job: Job, e: BaseException) -> RunResult:
+    from .train import versions
 
-    store.reset()
-    store.write_config(job.run_id, job.axes, to_dict(job.run))
+    return RunResult(run_id=job.run_id, status="failed", axes=job.axes, error=f"{type(e).__name__}: {e}".splitlines()[0],
+                     traceback=traceback.format_exc(), versions=versions())
+
+
+def run_pack(jobs: Sequence[Job], stores: Sequence[RunStore], assets: _Assets, progress: bool = True,
+             on_result: Callable[[RunResult], None] = lambda r: None) -> list[RunResult]:
+    """Train ``jobs`` together (one pack, see :mod:`.pack`) and write each result the moment its run ends.
+
+    A pack that raises records every run not yet finished as ``failed`` with the traceback; the sweep goes on.
+    """
+    from . import train
+
+    results: dict[int, RunResult] = {}
+
+    def done(k: int, result: RunResult) -> None:
+        stores[k].write_result(result)
+        results[k] = result
+        on_result(result)
+
+    for job, store in zip(jobs, stores):
+        store.reset()
+        store.write_config(job.run_id, job.axes, to_dict(job.run))
     try:
-        model, data = assets.get(job.run)
-        result = train_run(job.run, store, base_model=model, data=data, run_id=job.run_id, axes=job.axes,
-                           progress=progress)
+        model, data = assets.get(jobs[0].run)
+        if len(jobs) == 1:   # the solo path, kept as its own call so a single run is easy to trace and hook
+            done(0, train.train_run(jobs[0].run, stores[0], base_model=model, data=data, run_id=jobs[0].run_id,
+                                    axes=jobs[0].axes, progress=progress))
+        else:
+            train.train_pack([j.run for j in jobs], stores, base_model=model, data=data,
+                             run_ids=[j.run_id for j in jobs], axes=[j.axes for j in jobs], progress=progress,
+                             on_done=done)
     except Exception as e:  # noqa: BLE001 - any failure is a result, and the sweep goes on
         if isinstance(e, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
-        result = RunResult(run_id=job.run_id, status="failed", axes=job.axes,
-                           error=f"{type(e).__name__}: {e}".splitlines()[0], traceback=traceback.format_exc(),
-                           versions=versions())
-    store.write_result(result)
-    return result
+        for k, job in enumerate(jobs):
+            if k not in results:
+                done(k, _failed(job, e))
+    return [results[k] for k in range(len(jobs))]
+
+
+def run_job(job: Job, store: RunStore, assets: _Assets, progress: bool = True) -> RunResult:
+    """Train one job and record its result (``failed`` with the traceback if it raised)."""
+    return run_pack([job], [store], assets, progress)[0]
+
+
+def plan_packs(jobs: Sequence[Job], pack: int, device: str = "auto") -> list[list[Job]]:
+    """Split ``jobs`` into packs: runs that may share a base (equal :func:`.pack.pack_key`), in grid order,
+    at most ``pack`` per pack (0 = auto: as many as :data:`AUTO_PACK_TOKENS` tokens per micro-batch allow on CUDA,
+    one run at a time elsewhere)."""
+    from .pack import pack_key
+    from .train import pick_device
+
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(pack_key(job.run), []).append(job)
+    packs = []
+    for group in groups.values():
+        size = pack
+        if size == 0:
+            cfg = group[0].run
+            on_cuda = pick_device(cfg.train.device if device == "auto" else device).type == "cuda"
+            size = max(1, AUTO_PACK_TOKENS // (cfg.train.batch_size * cfg.data.seq_len)) if on_cuda else 1
+        packs += [group[i:i + size] for i in range(0, len(group), size)]
+    return packs
+
+
+AUTO_PACK_TOKENS = 32768   # tokens per packed micro-batch on CUDA: fills a large GPU with a small model
+
+
+def summarize(r: RunResult) -> str:
+    """One line on a finished run, for sweep logs."""
+    loss = "n/a" if r.final_eval_loss is None else f"{r.final_eval_loss:.4f}"
+    return (f"{r.status}: eval loss {loss}, {r.steps} steps, {r.tokens_per_s:.0f} tok/s"
+            + (f" (pack of {r.pack_size})" if r.pack_size > 1 else "") + (f" ({r.error})" if r.error else ""))
 
 
 class LocalExecutor:
-    """One run after another in this process."""
+    """The runs in this process: one after another, or ``pack`` at a time on one shared base (0 = auto)."""
 
-    def __init__(self, progress: bool = True, log: Callable[[str], None] = print):
-        self.progress, self.log = progress, log
+    def __init__(self, progress: bool = True, log: Callable[[str], None] = print, pack: int = 0):
+        self.progress, self.log, self.pack = progress, log, pack
 
     def run(self, jobs: Sequence[Job], store: SweepStore) -> None:
-        assets = _Assets()
-        for i, job in enumerate(jobs, 1):
-            self.log(f"[{i}/{len(jobs)}] {job.run_id}")
-            r = run_job(job, store.run(job.run_id), assets, self.progress)
-            loss = "n/a" if r.final_eval_loss is None else f"{r.final_eval_loss:.4f}"
-            self.log(f"    {r.status}: eval loss {loss}, {r.steps} steps, {r.tokens_per_s:.0f} tok/s"
-                     + (f" ({r.error})" if r.error else ""))
+        assets, done = _Assets(), 0
+        for group in plan_packs(jobs, self.pack):
+            names = ", ".join(j.run_id for j in group)
+            self.log(f"[{done + 1}{f'-{done + len(group)}' if len(group) > 1 else ''}/{len(jobs)}] {names}")
+            named = len(group) > 1   # a pack's runs end in any order: name each
+            run_pack(group, [store.run(j.run_id) for j in group], assets, self.progress,
+                     lambda r: self.log(f"    {r.run_id + ' ' if named else ''}{summarize(r)}"))
+            done += len(group)
 
 
 def make_executor(name: str, **kwargs) -> Executor:
     if name == "local":
-        return LocalExecutor(**{k: v for k, v in kwargs.items() if k in ("progress", "log")})
+        return LocalExecutor(**{k: v for k, v in kwargs.items() if k in ("progress", "log", "pack")})
     if name == "ray":
-        raise ValueError("the ray executor is not available yet; use --executor local")
+        try:
+            import ray  # noqa: F401 - checked here, so a missing Ray fails the dry run, not the real one
+        except ImportError as e:
+            raise ValueError("the ray executor needs Ray, which is not installed: pip install 'loralab[ray]' "
+                             "(or pip install 'ray>=2.9'), or use --executor local") from e
+        from .ray_executor import RayExecutor
+
+        # Not `progress`: bars drawn on Ray workers only reach their log files.
+        return RayExecutor(**{k: v for k, v in kwargs.items() if k in ("address", "resources", "log")})
     raise ValueError(f"unknown executor {name!r}; valid: local, ray")
 
 
@@ -138,5 +206,8 @@ def dry_run(sweep: SweepConfig, log: Callable[[str], None] = print) -> int:
             log(f"  lora {lora.init} r={lora.rank}: {n} modules match targets={lora.targets!r}")
     for data_cfg in dict.fromkeys(j.run.data for j in jobs):
         log(f"data: {check_data(data_cfg)}")
+    packs = plan_packs([j for j in jobs if j.run_id not in done], sweep.pack)
+    log(f"packing (pack={sweep.pack}{' = auto' if sweep.pack == 0 else ''}): locally, the runs to train go in "
+        f"{len(packs)} pack(s) of sizes {[len(p) for p in packs]}")
     log(f"ok: {len(jobs) - len(done)} runs to train, {len(done)} already finished")
     return 0

@@ -1,28 +1,32 @@
-"""One run: inject LoRA into a copy of the base, a visible training loop, evals, divergence detection, diagnostics.
+"""Training: one run, or a pack of runs sharing one frozen base (:mod:`.pack`); a visible loop, evals, divergence.
 
-The loop is written out (nanoGPT style): AdamW over the LoRA factors, linear schedule with warmup (HF's formula),
-gradient accumulation and clipping, bf16 autocast on CUDA. A run that blows up (NaN/inf loss, or a loss above
-``diverge_factor`` × the initial eval loss) stops early with status ``diverged``; it is recorded, never dropped.
-Step-0 diagnostics come from the first micro-batch's backward, so they cost nothing extra.
+The loop is written out (nanoGPT style): AdamW over the LoRA factors (one parameter group per run: its own lr,
+schedule and weight decay), linear schedule with warmup (HF's formula), gradient accumulation, per-run clipping,
+bf16 autocast on CUDA, and the fused chunked loss of :mod:`.loss` where the model allows it. A solo run is a pack of
+one. A run that blows up (NaN/inf loss, or a loss above ``diverge_factor`` × its initial eval loss) leaves the pack
+with status ``diverged`` after a last eval; it is recorded, never dropped, and the others go on. Step-0 diagnostics
+come from the first micro-batch's backward, so they cost nothing extra.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import loralab
-from loralab import check_identity, inject, lora_layers, lora_param_groups
+from loralab.layers import LoraLayer
 
 from .config import RunConfig, TrainConfig
 from .data import PackedData, iterate_batches
+from .loss import fused_loss_ok, sequence_losses
+from .pack import Pack
 from .store import RunResult, RunStore
 
 
@@ -44,12 +48,6 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a packed batch ``ids (B, T)`` (labels = inputs, shifted here)."""
-    logits = model(input_ids=ids).logits  # (B, T, V)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """HF's linear schedule: 0 → 1 over ``warmup`` steps, then linearly to 0 at ``total``."""
     if step < warmup:
@@ -65,73 +63,59 @@ def total_steps(cfg: TrainConfig, n_train: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, chunks: torch.Tensor, batch_size: int, device: torch.device, amp) -> float:
+def evaluate(model: nn.Module, chunks: torch.Tensor, batch_size: int, runs: int, amp, fused: bool) -> list[float]:
+    """Mean eval loss of each of the ``runs`` active runs of a packed model (each sees every chunk)."""
     was_training = model.training
     model.eval()
-    losses = []
+    device = next(model.parameters()).device
+    sums = torch.zeros(runs, dtype=torch.float64)
     for i in range(0, len(chunks), batch_size):
+        ids = chunks[i:i + batch_size].to(device)
         with amp():
-            losses.append(lm_loss(model, chunks[i:i + batch_size].to(device)).item() * len(chunks[i:i + batch_size]))
+            losses = sequence_losses(model, ids.repeat(runs, 1), fused=fused)   # run-major (runs·b,)
+        sums += losses.view(runs, -1).sum(1).double().cpu()
     model.train(was_training)
-    return sum(losses) / len(chunks)
+    return (sums / len(chunks)).tolist()
 
 
-def _diagnostics(model: nn.Module, identity: float, grad_scale: float) -> dict:
-    layers = {}
-    for name, layer in lora_layers(model).items():
+def _diagnostics(layers: dict[str, LoraLayer], identity: float, grad_scale: float) -> dict:
+    out = {}
+    for name, layer in layers.items():
         a, b = layer.lora_A, layer.lora_B
-        layers[name] = {"grad_norm_a": a.grad.norm().item() * grad_scale if a.grad is not None else 0.0,
-                        "grad_norm_b": b.grad.norm().item() * grad_scale if b.grad is not None else 0.0,
-                        "var_a": a.var().item(), "var_b": b.var().item()}
-    return {"identity_max_abs": identity, "layers": layers}
+        out[name] = {"grad_norm_a": a.grad.norm().item() * grad_scale if a.grad is not None else 0.0,
+                     "grad_norm_b": b.grad.norm().item() * grad_scale if b.grad is not None else 0.0,
+                     "var_a": a.var().item(), "var_b": b.var().item()}
+    return {"identity_max_abs": identity, "layers": out}
 
 
 @dataclass
-class _State:
+class _Run:
+    """One run's config, store and progress inside a pack."""
+
+    cfg: RunConfig
+    store: RunStore
+    run_id: str
+    axes: dict
+    batches: Iterator[torch.Tensor]
+    warmup: int
     step: int = 0
     tokens: int = 0
     train_time: float = 0.0
-    status: str = "ok"
+    status: str = "running"
+    initial: float = math.nan
     best: float = math.inf
     last: float = math.nan
     last_eval_step: int = 0
+    identity: float = 0.0
+    done_at: float = 0.0
+    losses: list = field(default_factory=list)
 
 
 def _blown(loss: float, ref: float, factor: float) -> bool:
     return not math.isfinite(loss) or loss > factor * ref
 
 
-def train_run(run: RunConfig, store: RunStore, *, base_model: nn.Module, data: PackedData, run_id: str,
-              axes: dict, progress: bool = True) -> RunResult:
-    """Train one LoRA run on a deep copy of ``base_model`` and record everything in ``store``."""
-    cfg, start = run.train, time.perf_counter()
-    device = next(base_model.parameters()).device
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else _no_amp
-    torch.manual_seed(cfg.seed)  # dropout masks
-    model = inject(copy.deepcopy(base_model), run.lora, seed=cfg.seed)
-    model.train()
-    identity = check_identity(model, data.eval[:2].to(device))
-    initial = evaluate(model, data.eval, cfg.batch_size, device, amp)
-    store.append_metric({"kind": "eval", "step": 0, "eval_loss": initial, "elapsed_s": time.perf_counter() - start})
-    opt = torch.optim.AdamW(lora_param_groups(model, cfg.lr, weight_decay=cfg.weight_decay),
-                            fused=device.type == "cuda")
-    total = total_steps(cfg, len(data.train))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, math.ceil(cfg.warmup_ratio * total)))
-    st = _State(best=initial, last=initial)
-    _loop(model, opt, sched, data, cfg, total, st, store, identity, initial, amp, start, progress)
-    if st.status == "diverged" and st.last_eval_step != st.step:
-        st.last = evaluate(model, data.eval, cfg.batch_size, device, amp)
-        store.append_metric({"kind": "eval", "step": st.step, "eval_loss": st.last,
-                             "elapsed_s": time.perf_counter() - start})
-    return RunResult(run_id=run_id, status=st.status, axes=axes, final_eval_loss=st.last,
-                     best_eval_loss=st.best, initial_eval_loss=initial, steps=st.step, tokens=st.tokens,
-                     wall_time_s=time.perf_counter() - start, tokens_per_s=st.tokens / max(st.train_time, 1e-9),
-                     versions=versions(), device=str(device))
-
-
 def _no_amp():
-    import contextlib
-
     return contextlib.nullcontext()
 
 
@@ -142,45 +126,132 @@ def _micro_batches(data: PackedData, cfg: TrainConfig):
         epoch += 1
 
 
-def _loop(model, opt, sched, data, cfg, total, st, store, identity, initial, amp, start, progress):
+def train_run(run: RunConfig, store: RunStore, *, base_model: nn.Module, data: PackedData, run_id: str,
+              axes: dict, progress: bool = True) -> RunResult:
+    """Train one LoRA run on a copy of ``base_model`` and record everything in ``store`` (a pack of one)."""
+    return train_pack([run], [store], base_model=base_model, data=data, run_ids=[run_id], axes=[axes],
+                      progress=progress)[0]
+
+
+def train_pack(runs: Sequence[RunConfig], stores: Sequence[RunStore], *, base_model: nn.Module, data: PackedData,
+               run_ids: Sequence[str], axes: Sequence[dict], progress: bool = True,
+               on_done: Callable[[int, RunResult], None] | None = None) -> list[RunResult]:
+    """Train ``runs`` together on one copy of ``base_model`` (they must share a :func:`.pack.pack_key`).
+
+    Metrics and diagnostics go to each run's store as it trains; ``on_done(k, result)`` is called the moment run
+    ``k`` ends (the sweep writes its result then, so a crash later in the pack loses nothing finished).
+    """
+    start, first = time.perf_counter(), runs[0].train
+    device = next(base_model.parameters()).device
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else _no_amp
+    torch.manual_seed(first.seed)  # dropout masks
+    pack = Pack(base_model, list(runs))
+    pack.model.train()
+    total = total_steps(first, len(data.train))
+    rs = [_Run(cfg, st, rid, ax, _micro_batches(data, cfg.train), math.ceil(cfg.train.warmup_ratio * total))
+          for cfg, st, rid, ax in zip(runs, stores, run_ids, axes)]
+    everyone = list(range(len(rs)))
+    pack.set_active([])
+    fused = fused_loss_ok(pack.model, data.eval[:1].to(device))
+    for r, ident in zip(rs, pack.identity(data.eval[:2].to(device), everyone)):
+        r.identity = ident
+    pack.set_active(everyone)
+    for r, loss in zip(rs, evaluate(pack.model, data.eval, first.batch_size, len(rs), amp, fused)):
+        r.initial = r.best = r.last = loss
+        r.store.append_metric({"kind": "eval", "step": 0, "eval_loss": loss, "elapsed_s": time.perf_counter() - start})
+    groups = [{"params": pack.run_params(k), "lr": r.cfg.train.lr, "weight_decay": r.cfg.train.weight_decay}
+              for k, r in enumerate(rs)]
+    opt = torch.optim.AdamW(groups, fused=device.type == "cuda")
+    _loop(pack, opt, rs, data, total, amp, fused, start, progress, on_done or (lambda k, res: None))
+    return [_result(r, start, device, len(rs)) for r in rs]
+
+
+def _result(r: _Run, start: float, device, pack_size: int) -> RunResult:
+    return RunResult(run_id=r.run_id, status=r.status, axes=r.axes, final_eval_loss=r.last, best_eval_loss=r.best,
+                     initial_eval_loss=r.initial, steps=r.step, tokens=r.tokens, wall_time_s=r.done_at - start,
+                     tokens_per_s=r.tokens / max(r.train_time, 1e-9), versions=versions(), device=str(device),
+                     pack_size=pack_size)
+
+
+def _accumulate(pack: Pack, rs: list[_Run], active: list[int], first_step: bool, amp, fused: bool) -> list[float]:
+    """Forward/backward of one optimizer step's micro-batches for the ``active`` runs; their mean train losses."""
+    cfg = rs[active[0]].cfg.train
+    device = next(pack.model.parameters()).device
+    sums = torch.zeros(len(active), dtype=torch.float64)
+    for micro in range(cfg.grad_accum):
+        ids = torch.cat([next(rs[k].batches) for k in active]).to(device)        # run-major (K·b, T)
+        with amp():
+            losses = sequence_losses(pack.model, ids, fused=fused).view(len(active), -1).mean(1)   # (K,)
+        (losses.sum() / cfg.grad_accum).backward()    # run k's factors get the gradient of run k's loss only
+        sums += losses.detach().double().cpu() / cfg.grad_accum
+        for k in active:
+            rs[k].tokens += ids.numel() // len(active)
+        if first_step and micro == 0:
+            for k in active:
+                rs[k].store.write_diagnostics(_diagnostics(pack.run_layers(k), rs[k].identity, cfg.grad_accum))
+    return sums.tolist()
+
+
+def _step(pack: Pack, opt, rs: list[_Run], active: list[int], step: int, total: int) -> dict[int, float]:
+    """Per-run clipping and learning rate, then one AdamW step for every active run; returns the lrs used."""
+    lrs = {}
+    for k in active:
+        cfg = rs[k].cfg.train
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(pack.run_params(k), cfg.grad_clip)
+        lrs[k] = opt.param_groups[k]["lr"] = cfg.lr * lr_factor(step, total, rs[k].warmup)
+    opt.step()   # inactive runs have no grads, so AdamW leaves them alone
+    opt.zero_grad(set_to_none=True)
+    return lrs
+
+
+def _eval(pack: Pack, rs: list[_Run], which: list[int], data: PackedData, amp, fused: bool, start: float) -> None:
+    pack.set_active(which)
+    losses = evaluate(pack.model, data.eval, rs[which[0]].cfg.train.batch_size, len(which), amp, fused)
+    for k, loss in zip(which, losses):
+        r = rs[k]
+        r.last, r.last_eval_step, r.best = loss, r.step, min(r.best, loss)
+        r.store.append_metric({"kind": "eval", "step": r.step, "eval_loss": loss,
+                               "elapsed_s": time.perf_counter() - start})
+        if r.status == "running" and _blown(loss, r.initial, r.cfg.train.diverge_factor):
+            r.status = "diverged"
+
+
+def _loop(pack, opt, rs, data, total, amp, fused, start, progress, on_done) -> None:
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
-    params = [p for g in opt.param_groups for p in g["params"]]
-    batches = _micro_batches(data, cfg)
-    bar = tqdm(total=total, disable=not progress, leave=False, desc="train", unit="step")
-    while st.step < total:
-        t0, loss_sum = time.perf_counter(), 0.0
-        for micro in range(cfg.grad_accum):
-            ids = next(batches).to(device)
-            with amp():
-                loss = lm_loss(model, ids)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
-            st.tokens += ids.numel()
-            if st.step == 0 and micro == 0:
-                store.write_diagnostics(_diagnostics(model, identity, cfg.grad_accum))
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        st.step += 1
-        st.train_time += time.perf_counter() - t0
-        store.append_metric({"kind": "train", "step": st.step, "loss": loss_sum, "lr": lr, "tokens": st.tokens,
-                             "elapsed_s": time.perf_counter() - start})
+    eval_every = rs[0].cfg.train.eval_every
+    bar = tqdm(total=total, disable=not progress, leave=False, unit="step",
+               desc="train" if len(rs) == 1 else f"train x{len(rs)}")
+    step, pack_time = 0, 0.0
+    while active := [k for k, r in enumerate(rs) if r.status == "running"]:
+        pack.set_active(active)
+        t0 = time.perf_counter()
+        losses = _accumulate(pack, rs, active, step == 0, amp, fused)
+        lrs = _step(pack, opt, rs, active, step, total)
+        step, dt = step + 1, time.perf_counter() - t0
+        pack_time += dt
+        for k, loss in zip(active, losses):
+            r = rs[k]
+            r.step, r.train_time = step, r.train_time + dt
+            r.store.append_metric({"kind": "train", "step": step, "loss": loss, "lr": lrs[k], "tokens": r.tokens,
+                                   "elapsed_s": time.perf_counter() - start})
+            if _blown(loss, r.initial, r.cfg.train.diverge_factor):
+                r.status = "diverged"
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{st.tokens / st.train_time:.0f}")
-        if _blown(loss_sum, initial, cfg.diverge_factor):
-            st.status = "diverged"
-            break
-        if st.step % cfg.eval_every == 0 or st.step == total:
-            st.last, st.last_eval_step = evaluate(model, data.eval, cfg.batch_size, device, amp), st.step
-            st.best = min(st.best, st.last)
-            store.append_metric({"kind": "eval", "step": st.step, "eval_loss": st.last,
-                                 "elapsed_s": time.perf_counter() - start})
-            if _blown(st.last, initial, cfg.diverge_factor):
-                st.status = "diverged"
-                break
+        bar.set_postfix(loss=f"{losses[0]:.3f}" if len(rs) == 1 else f"{min(losses):.3f}..{max(losses):.3f}",
+                        tok_s=f"{sum(r.tokens for r in rs) / pack_time:.0f}")
+        running = [k for k in active if rs[k].status == "running"]
+        if running and (step % eval_every == 0 or step == total):
+            _eval(pack, rs, running, data, amp, fused, start)
+        stale = [k for k in active if rs[k].status == "diverged" and rs[k].last_eval_step != step]
+        if stale:   # a diverged run's final loss is measured, not carried over from its last eval
+            _eval(pack, rs, stale, data, amp, fused, start)
+        for k in active:
+            r = rs[k]
+            if r.status == "running" and step == total:
+                r.status = "ok"
+            if r.status != "running":
+                r.done_at = time.perf_counter()
+                on_done(k, _result(r, start, next(pack.model.parameters()).device, len(rs)))
     bar.close()
