@@ -173,22 +173,41 @@ def test_missing_config_file(tmp_path, capsys):
     assert rc == 2 and "nope.toml" in err
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Make ``import ray`` fail as it does where Ray is not installed."""
+    monkeypatch.setitem(sys.modules, "ray", None)
+
+
 @pytest.mark.parametrize("where", ["flag", "config"])
-def test_unavailable_executor_fails_the_dry_run(valid, tmp_path, capsys, nothing_loads, where):
-    """``ray`` is a known name but not installed as an executor yet: the dry run must say so, not answer "ok" and
-    leave the real run to fail."""
+def test_ray_executor_without_ray_fails_the_dry_run(valid, tmp_path, capsys, nothing_loads, no_ray, where):
+    """Without Ray, ``--executor ray`` (or ``executor = "ray"``) must fail the dry run naming the install, not
+    answer "ok" and leave the real run to fail."""
     path = write(tmp_path, with_(valid, executor="ray") if where == "config" else valid)
     rc, out, err, _ = dry(capsys, path) if where == "config" else \
         (main(["sweep", str(path), "--dry-run", "--executor", "ray"]), *capsys.readouterr(), 0.0)
     assert rc == 2, out
-    assert "ray executor is not available" in err and "--executor local" in err
+    assert "pip install 'loralab[ray]'" in err and "--executor local" in err
     assert "ok:" not in out
 
 
-def test_executor_flags(valid, tmp_path, capsys, nothing_loads):
+@pytest.mark.parametrize("where", ["flag", "config"])
+def test_dry_run_accepts_the_ray_executor_when_ray_is_installed(valid, tmp_path, capsys, nothing_loads, where):
+    ray = pytest.importorskip("ray")
+    was_running = ray.is_initialized()
+    path = write(tmp_path, with_(valid, executor="ray") if where == "config" else valid)
+    rc = main(["sweep", str(path), "--dry-run", *(["--executor", "ray"] if where == "flag" else [])])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "ok: 4 runs to train" in out
+    assert ray.is_initialized() == was_running   # a dry run starts no Ray
+    assert results_under(tmp_path) == []
+
+
+def test_executor_flags(valid, tmp_path, capsys, nothing_loads, no_ray):
     path = write(tmp_path, valid)
-    assert main(["sweep", str(path), "--executor", "ray"]) == 2   # not available: said, not a crash mid-sweep
-    assert "ray" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--executor", "ray"]) == 2   # Ray missing: said, not a crash mid-sweep
+    assert "pip install 'loralab[ray]'" in capsys.readouterr().err
     assert main(["sweep", str(path), "--dry-run", "--executor", "local"]) == 0
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
