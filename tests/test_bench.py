@@ -1,0 +1,73 @@
+"""The benchmark scripts run on CPU (the GPU path is the same code with another device) and report what they claim:
+every variant trains (its LoRA factors move), throughputs are consistent with the timed steps, packed and solo
+sweeps agree."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import bench_step  # noqa: E402
+import bench_sweep  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_bench_step_times_every_variant_side_by_side(tiny_lm_dir, tmp_path, capsys, one_thread):
+    out = tmp_path / "step.json"
+    assert bench_step.main(["--model", str(tiny_lm_dir), "--batch", "2", "--seq", "16", "--rank", "4",
+                            "--steps", "4", "--rounds", "2", "--warmup", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"base", "peft", "loralab"}
+    for r in rows.values():
+        assert r["steps_timed"] == 4
+        assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["median_step_s"])
+    assert data["env"]["peft"] and data["env"]["torch"] == torch.__version__
+    table = capsys.readouterr().out
+    assert "| loralab |" in table and "× PEFT eager" in table
+
+
+def test_variants_train_the_same_adapters(tiny_lm_dir, one_thread):
+    """loralab and PEFT variants update LoRA factors (and only those); base has none to update."""
+    args = bench_step.parse(["--model", str(tiny_lm_dir), "--rank", "4", "--dropout", "0"])
+    base = bench_step.build_model(args.model, torch.device("cpu"), torch.float32).requires_grad_(False)
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    for name in ("peft", "loralab"):
+        model, loss = bench_step.VARIANTS[name](base, args, False)
+        v = bench_step.Variant(name, model, loss, torch.device("cpu"))
+        trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all("lora" in n for n in trainable)
+        v.step(ids)
+        v.step(ids)
+        moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
+        assert moved, name
+    model, _ = bench_step.VARIANTS["base"](base, args, False)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_bench_sweep_runs_both_modes(tiny_lm_dir, chat_jsonl, tmp_path, capsys, one_thread):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'name = "b"\nout_dir = "{tmp_path / "unused"}"\n[model]\nname = "{tiny_lm_dir}"\n'
+                   f'[data]\nsource = "{chat_jsonl}"\nseq_len = 32\nmax_train_chunks = 16\nmax_eval_chunks = 4\n'
+                   '[lora]\nrank = 4\ntargets = ["q_proj", "v_proj"]\n[train]\nmax_steps = 3\nbatch_size = 2\n'
+                   'device = "cpu"\n[grid]\n"lora.init" = ["standard", "reversed"]\n"train.lr" = [1e-3, 2e-3]\n')
+    out = tmp_path / "sweep.json"
+    assert bench_sweep.main([str(cfg), "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["row"]
+    assert row["runs"] == 4 and row["pack"] == 4 and row["same_status"]
+    assert row["speedup"] == pytest.approx(row["one_by_one_s"] / row["packed_s"])
+    assert row["max_final_loss_gap"] < 1e-3   # dropout 0: packed and solo runs train the same function
+    assert not (tmp_path / "unused").exists()   # both modes write to temporary stores only
