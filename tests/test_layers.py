@@ -93,6 +93,33 @@ def test_dropout_only_in_training():
     assert not torch.equal(model(x), model(x))
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_dropout_drops_a_fraction_p_and_stays_unbiased(p):
+    from loralab.layers import Dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(400, 1001, requires_grad=True)   # numel not a multiple of 4: the last word is cut
+    y = Dropout(p).train()(x)
+    kept = y != 0
+    n = x.numel()
+    assert abs(1 - kept.float().mean().item() - p) < 4 * (p * (1 - p) / n) ** 0.5   # 4 sigma
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)), rtol=1e-4)   # inverted: E[y] = x
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)                                          # gradient through kept entries
+    assert torch.equal(Dropout(p).eval()(x), x)
+
+
+def test_dropout_masks_are_independent_of_position():
+    """No pattern from the 16-bit packing: neighbouring entries (same 64-bit word) are dropped independently."""
+    from loralab.layers import Dropout
+
+    torch.manual_seed(1)
+    kept = (Dropout(0.5).train()(torch.ones(200_000)) != 0).float().view(-1, 4)
+    pair = (kept[:, 0] * kept[:, 1]).mean().item()   # P(both kept) = 1/4 if independent
+    assert abs(pair - 0.25) < 0.01
+    assert all(abs(kept[:, i].mean().item() - 0.5) < 0.01 for i in range(4))
+
+
 def test_embedding_ignores_dropout_and_rejects_max_norm():
     model, _, x = adapted("embedding", dropout=0.5)
     assert isinstance(lora_layers(model)["0"].dropout, nn.Identity)

@@ -22,6 +22,34 @@ class LoraStateError(RuntimeError):
     """An illegal state transition (merge twice, unmerge when not merged, ...)."""
 
 
+class Dropout(nn.Module):
+    """Inverted dropout (as ``nn.Dropout``) whose CPU mask comes from 16-bit random integers.
+
+    Four mask entries per 64-bit draw make it about twice as fast as ``nn.Dropout``'s float Bernoulli on CPU, where
+    dropout is ~7% of a LoRA step. ``p`` is rounded to a multiple of 2⁻¹⁶ (error < 8·10⁻⁶) and the scale uses the
+    rounded value, so the output stays unbiased. On other devices it is ``F.dropout`` (a fused kernel there).
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.drop = round(p * 65536)                    # dropped int16 values out of 65536
+        self.scale = 65536 / (65536 - self.drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.drop == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        n = x.numel()
+        words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+        bits = words.view(torch.int16)[:n].view(x.shape)     # uniform over [-32768, 32767]
+        return torch.where(bits >= self.drop - 32768, x, 0.0) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class LoraLayer(nn.Module):
     """A frozen module plus a trainable low-rank update (the base of every LoRA layer type).
 
@@ -43,7 +71,7 @@ class LoraLayer(nn.Module):
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.zeros(rank, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         # Initial factors, kept only when the init moved weight out of the base (pissa/olora): they define the
         # pretrained model (base + s·B0·A0) and the portable export.
         self.register_buffer("lora_A0", None, persistent=False)
