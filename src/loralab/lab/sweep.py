@@ -9,6 +9,7 @@ unfinished, to be redone next time.
 from __future__ import annotations
 
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -207,7 +208,8 @@ def dry_run(sweep: SweepConfig, log: Callable[[str], None] = print) -> int:
     for data_cfg in dict.fromkeys(j.run.data for j in jobs):
         log(f"data: {check_data(data_cfg)}")
     packs = plan_packs([j for j in jobs if j.run_id not in done], sweep.pack)
+    sizes = ", ".join(f"{n} x {size}" for size, n in sorted(Counter(len(p) for p in packs).items()))
     log(f"packing (pack={sweep.pack}{' = auto' if sweep.pack == 0 else ''}): locally, the runs to train go in "
-        f"{len(packs)} pack(s) of sizes {[len(p) for p in packs]}")
+        f"{len(packs)} pack(s): {sizes or 'none'} (count x runs per pack)")
     log(f"ok: {len(jobs) - len(done)} runs to train, {len(done)} already finished")
     return 0
