@@ -161,7 +161,7 @@ class Linear(LoraLayer):
         return F.linear(x, weight)
 
     def lora_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        return F.linear(F.linear(x.to(a.dtype), a), b) * self.scale  # (..., r) -> (..., out)
+        return F.linear(F.linear(x.to(a.dtype), a) * self.scale, b)  # scale the (..., r) side: r << out
 
 
 class GPT2Conv1D(Linear):
