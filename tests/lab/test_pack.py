@@ -155,3 +155,32 @@ def test_a_sweep_with_packs_resumes_like_one_without(tmp_path, tiny_lm_dir, chat
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("result.json")}
     assert main(["sweep", str(cfg), "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("result.json")} == mtimes
+
+
+def test_a_pack_that_runs_out_of_gpu_memory_is_split(assets, tmp_path, monkeypatch):
+    """Simulated: packs of more than 2 runs raise CUDA OOM; the sweep trains them in halves and loses no run."""
+    from loralab.lab import train
+    from loralab.lab.store import SweepStore
+    from loralab.lab.sweep import _Assets, run_pack
+
+    real, sizes = train.train_pack, []
+
+    def small_packs_only(runs, *args, **kwargs):
+        sizes.append(len(runs))
+        if len(runs) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(runs, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_pack", small_packs_only)
+    model, data = assets
+    ready = _Assets()
+    ready.get = lambda run: (model, data)
+    jobs = [Job(f"j{i}", {}, run_cfg(lr=lr, max_steps=2)) for i, lr in enumerate([1e-3, 2e-3, 3e-3, 4e-3, 5e-3])]
+    store = SweepStore(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = run_pack(jobs, [store.run(j.run_id) for j in jobs], ready, progress=False)
+    assert sizes == [5, 2, 3, 1, 2]   # 5 -> 2 + 3 -> 3 -> 1 + 2
+    assert [r.run_id for r in results] == [j.run_id for j in jobs]
+    assert all(r.status == "ok" and r.steps == 2 for r in results)
+    assert all(store.run(j.run_id).result()["status"] == "ok" for j in jobs)

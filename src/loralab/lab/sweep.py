@@ -70,7 +70,9 @@ def run_pack(jobs: Sequence[Job], stores: Sequence[RunStore], assets: _Assets, p
              on_result: Callable[[RunResult], None] = lambda r: None) -> list[RunResult]:
     """Train ``jobs`` together (one pack, see :mod:`.pack`) and write each result the moment its run ends.
 
-    A pack that raises records every run not yet finished as ``failed`` with the traceback; the sweep goes on.
+    A pack that runs out of GPU memory is split in two and each half trained (recursively, down to single runs);
+    otherwise a pack that raises records every run not yet finished as ``failed`` with the traceback, and the sweep
+    goes on.
     """
     from . import train
 
@@ -96,6 +98,13 @@ def run_pack(jobs: Sequence[Job], stores: Sequence[RunStore], assets: _Assets, p
     except Exception as e:  # noqa: BLE001 - any failure is a result, and the sweep goes on
         if isinstance(e, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
+            left = [k for k in range(len(jobs)) if k not in results]
+            if len(left) > 1:   # the pack did not fit: train its unfinished runs in two halves instead
+                for half in (left[:len(left) // 2], left[len(left) // 2:]):
+                    for k, r in zip(half, run_pack([jobs[k] for k in half], [stores[k] for k in half], assets,
+                                                   progress, on_result)):
+                        results[k] = r
+                return [results[k] for k in range(len(jobs))]
         for k, job in enumerate(jobs):
             if k not in results:
                 done(k, _failed(job, e))
@@ -128,7 +137,7 @@ def plan_packs(jobs: Sequence[Job], pack: int, device: str = "auto") -> list[lis
     return packs
 
 
-AUTO_PACK_TOKENS = 32768   # tokens per packed micro-batch on CUDA: fills a large GPU with a small model
+AUTO_PACK_TOKENS = 16384   # tokens per packed micro-batch on CUDA (a pack that does not fit is split)
 
 
 def summarize(r: RunResult) -> str:
