@@ -1,4 +1,4 @@
-"""``loralab inits | check | sweep | report``: parse arguments and call the lab; nothing else lives here."""
+"""``loralab inits | check | sweep | report | width``: parse arguments and call the lab; nothing else lives here."""
 
 from __future__ import annotations
 
@@ -51,6 +51,18 @@ def _report(args) -> int:
     return 0
 
 
+def _width(args) -> int:
+    from .lab.width import load_width, run_width
+    from .lab.width_report import write_width_report
+
+    config = load_width(args.config, args.set)
+    out = args.out or config.out_dir
+    run_width(config, out)
+    for kind, path in write_width_report(out).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loralab", description="LoRA with the adapter's initialization as the variable.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -74,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="the sweep's out_dir")
     r.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR/report)")
     r.set_defaults(fn=_report)
+    w = sub.add_parser("width", help="max stable LR vs width per init (Hayou et al. 2024 scaling); resumable")
+    w.add_argument("config", help="a TOML file, e.g. configs/width.toml")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field (probe.steps=50, widths=[64,128], device=cuda)")
+    w.add_argument("--out", default=None, help="results directory (default: the config's out_dir)")
+    w.set_defaults(fn=_width)
     return p
 
 

@@ -47,6 +47,9 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+require = _require   # the public name, for the width sweep's configs (width.py, width_probe.py)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "smollm2-135m"   # "smollm2-135m" = the offline default; else a HF hub id or a local directory
