@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     gaps = [abs(solo[k]["final_eval_loss"] - packed[k]["final_eval_loss"]) for k in solo
             if solo[k]["status"] == packed[k]["status"] == "ok"]
     statuses = {k: (solo[k]["status"], packed[k]["status"]) for k in solo}
+    losses = {k: (solo[k]["final_eval_loss"], packed[k]["final_eval_loss"]) for k in solo}
     row = {"runs": len(jobs), "pack": pack, "one_by_one_s": solo_s, "packed_s": pack_s, "speedup": solo_s / pack_s,
            "max_final_loss_gap": max(gaps, default=None),
            "same_status": all(a == b for a, b in statuses.values()),
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
           f"same status in both modes: {row['same_status']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"row": row, "statuses": statuses}, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps({"row": row, "statuses": statuses, "final_eval_loss": losses},
+                                              indent=2) + "\n")
     return 0
 
 
