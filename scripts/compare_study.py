@@ -3,8 +3,8 @@
     python scripts/compare_study.py runs/study-smollm2 > docs/results/study-smollm2/comparison.md
 
 Reads only the store (like ``loralab report``). For each learning rate of the published grid it shows both studies'
-mean final eval loss relative to ``standard`` and the best init; then, per init, the first learning rate at which it
-diverges; then the best cell overall. A published cell counts as diverged when its loss is above 4 nats/token (its
+mean final eval loss relative to ``standard`` and the best init; then, per init, its best learning rate and the first
+learning rate at which it diverges; then the best cell overall. A published cell counts as diverged when its loss is above 4 nats/token (its
 diverged cells read 7.0–9.3, its others 2.2–2.4); a loralab cell when any seed's status is ``diverged``.
 """
 
@@ -68,13 +68,19 @@ def per_lr(cells: dict) -> list[str]:
     return lines
 
 
-def first_divergence(cells: dict) -> list[str]:
-    lines = ["| init | first diverging lr, ours | first diverging lr, published |", "|---|---|---|"]
+def per_init(cells: dict) -> list[str]:
+    """Each init's best learning rate (lowest mean final loss among cells where nothing diverged) and the first
+    learning rate at which it diverges, in both studies."""
+    lines = ["| init | best lr, ours | best lr, published | first diverging lr, ours | first diverging lr, published |",
+             "|---|---|---|---|---|"]
     for k, init in enumerate(INITS):
+        ok = {lr: c["mean"] for lr in LRS if (c := cells.get((init, lr), {})).get("mean") is not None
+              and not c.get("diverged")}
+        pub_ok = {lr: PUBLISHED[lr][k] for lr in LRS if PUBLISHED[lr][k] <= PUBLISHED_DIVERGED}
         mine = next((lr for lr in LRS if cells.get((init, lr), {}).get("diverged")), None)
         pub = next((lr for lr in LRS if PUBLISHED[lr][k] > PUBLISHED_DIVERGED), None)
-        lines.append(f"| {init} | {'none ≤ 1e-2' if mine is None else f'{mine:g}'} | "
-                     f"{'none ≤ 1e-2' if pub is None else f'{pub:g}'} |")
+        lines.append(f"| {init} | {min(ok, key=ok.get):g} | {min(pub_ok, key=pub_ok.get):g} | "
+                     f"{'none ≤ 1e-2' if mine is None else f'{mine:g}'} | {'none ≤ 1e-2' if pub is None else f'{pub:g}'} |")
     return lines
 
 
@@ -99,7 +105,7 @@ def main(argv: list[str]) -> int:
     print("Mean final eval loss relative to `standard` at the same lr, ours / published (†: a seed of ours "
           "diverged; that cell's mean is over the seeds that did not).\n")
     print("\n".join(per_lr(cells)) + "\n")
-    print("\n".join(first_divergence(cells)) + "\n")
+    print("\n".join(per_init(cells)) + "\n")
     print(best_overall(cells))
     return 0
 
