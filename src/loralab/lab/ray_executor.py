@@ -150,7 +150,7 @@ class RayExecutor:
             have = ray.cluster_resources()
             self.log(f"ray: {len(jobs)} runs submitted to {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs; "
                      f"each run asks for {r.cpus:g} CPU, {r.gpus:g} GPU")
-            self._collect(pending, store)
+            self._collect(pending, store, cancel=not started)
         finally:
             if started:
                 ray.shutdown()
@@ -185,8 +185,13 @@ class RayExecutor:
             raise ValueError(msg)
         self.log(f"warning: {msg}; runs wait until such a node joins")
 
-    def _collect(self, pending: dict, store: SweepStore) -> None:
-        """Log and record each run as its task ends; on Ctrl-C cancel the rest and re-raise."""
+    def _collect(self, pending: dict, store: SweepStore, cancel: bool = True) -> None:
+        """Log and record each run as its task ends; on Ctrl-C stop the rest and re-raise.
+
+        On a cluster the outstanding tasks are cancelled; a Ray started here is instead shut down by the caller,
+        which kills its workers: cancelling tasks while they finish can abort Ray's core worker ("Tried to
+        complete task that was not pending", seen with Ray 2.60), and shutting down stops them as surely.
+        """
         total, done = len(pending), 0
         try:
             while pending:
@@ -198,7 +203,7 @@ class RayExecutor:
                     done += 1
                     self.log(f"[{done}/{total}] {job.run_id}\n    {summarize(result)}")
         except KeyboardInterrupt:
-            for ref in pending:
+            for ref in pending if cancel else ():
                 ray.cancel(ref, force=True)   # force: kill the worker mid-run; its run stays unfinished
             raise
 
