@@ -102,18 +102,23 @@ class Variant:
 VARIANTS = {"base": base_variant, "peft": peft_variant, "loralab": loralab_variant}
 
 
+def random_batches(base, args, device, n: int = 4) -> list[torch.Tensor]:
+    """``n`` seeded ``(batch, seq)`` batches of token ids (throughput does not depend on the text)."""
+    vocab = base.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device) for _ in range(n)]
+
+
 def run(args) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
     base = build_model(args.model, device, dtype).requires_grad_(False)
-    vocab = base.get_input_embeddings().num_embeddings
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device) for _ in range(4)]
+    batches = random_batches(base, args, device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype != torch.float32 \
         else torch.autocast("cpu", enabled=False)
     names = [(v, c) for v in args.variants for c in ([False, True] if args.compile else [False])]
     sequential = device.type == "cuda"
-    variants, rows = {}, []
+    rows = []
 
     def make(name, compile_):
         model, loss = VARIANTS[name](base, args, compile_)
@@ -124,13 +129,16 @@ def run(args) -> list[dict]:
             with amp:
                 v.times.append(v.step(batches[i % len(batches)]))
 
+    def warm_up(v: Variant):   # compile, allocator and cache warm-up: not timed
+        with amp:
+            for i in range(args.warmup):
+                v.step(batches[i % len(batches)])
+
     if sequential:   # CUDA: one variant on the device at a time, for a clean peak-memory figure
         for name, c in names:
             resident = torch.cuda.memory_allocated()   # the shared base every variant copies from
             v = make(name, c)
-            with amp:
-                for i in range(args.warmup):
-                    v.step(batches[i % len(batches)])
+            warm_up(v)
             torch.cuda.reset_peak_memory_stats()
             measure(v, args.steps)
             v.peak_bytes = torch.cuda.max_memory_allocated() - resident   # its weights, states, activations
@@ -141,9 +149,7 @@ def run(args) -> list[dict]:
         return rows
     variants = {(n, c): make(n, c) for n, c in names}
     for v in variants.values():
-        with amp:
-            for i in range(args.warmup):
-                v.step(batches[i % len(batches)])
+        warm_up(v)
     for _ in range(args.rounds):   # interleaved: each round times every variant for a few steps
         for v in variants.values():
             measure(v, max(1, args.steps // args.rounds))

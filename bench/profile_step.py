@@ -1,7 +1,8 @@
 """Where a training step's time goes: torch.profiler over steps of each bench_step variant, grouped by kind of op.
 
-    python bench/profile_step.py                      # CPU, SmolLM2-135M, the quick preset's settings
-    python bench/profile_step.py --steps 3 --out docs/bench/cpu_profile.json
+    python bench/profile_step.py --steps 3 --out docs/bench/cpu_profile.json   # CPU, SmolLM2-135M, quick preset
+
+It takes bench_step.py's options; ``--steps`` is the number of profiled steps per variant.
 
 Groups: matmul (aten::mm/addmm/bmm: the base's projections, the lm_head and the LoRA factors), attention (SDPA),
 dropout (the LoRA input masks), loss (softmax / log-softmax / logsumexp and their backward), other (norms,
@@ -35,9 +36,9 @@ def group_of(name: str) -> str:
     return "other"
 
 
-def profile_variant(variant: bench_step.Variant, batches, steps: int) -> dict[str, float]:
-    for ids in batches[:2]:
-        variant.step(ids)   # warm up allocators and caches
+def profile_variant(variant: bench_step.Variant, batches, steps: int, warmup: int) -> dict[str, float]:
+    for i in range(warmup):
+        variant.step(batches[i % len(batches)])   # warm up allocators and caches
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(steps):
             variant.step(batches[i % len(batches)])
@@ -48,26 +49,16 @@ def profile_variant(variant: bench_step.Variant, batches, steps: int) -> dict[st
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    steps, out = 3, None
-    if "--steps" in argv:
-        i = argv.index("--steps")
-        steps = int(argv.pop(i + 1))
-        argv.pop(i)
-    if "--out" in argv:
-        i = argv.index("--out")
-        out = argv.pop(i + 1)
-        argv.pop(i)
-    args = bench_step.parse(argv)
+    args = bench_step.parse(argv)   # bench_step's options; --steps counts the profiled steps
+    steps, out = args.steps, args.out
     device = torch.device(args.device or "cpu")
     base = bench_step.build_model(args.model, device, getattr(torch, args.dtype)).requires_grad_(False)
-    vocab = base.get_input_embeddings().num_embeddings
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device) for _ in range(4)]
+    batches = bench_step.random_batches(base, args, device)
     table = {}
     for name in args.variants:
         model, loss = bench_step.VARIANTS[name](base, args, False)
-        table[name] = profile_variant(bench_step.Variant(name, model, loss, device), batches, steps)
+        table[name] = profile_variant(bench_step.Variant(name, model, loss, device), batches, steps,
+                                      args.warmup)
         del model, loss
     groups = [*GROUPS, "other"]
     print(f"# seconds per step by kind of op (self CPU time, mean of {steps} profiled steps)")

@@ -7,6 +7,7 @@ The whole session uses a temporary ``$LORALAB_CACHE``, so no test writes to the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -104,3 +105,39 @@ def chat_jsonl(tmp_path_factory):
     path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
     _write_jsonl(path, _conversations())
     return path
+
+
+@contextlib.contextmanager
+def _single_thread():
+    """Tiny models: extra intra-op threads only add overhead, and on a shared CPU they spin against other jobs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_thread():
+    with _single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    with _single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tiny_lm_dir, chat_jsonl):
+    """``(frozen tiny base model, packed data)`` as a sweep would load them: 32-token chunks, 16 train, 4 eval."""
+    from loralab.lab.config import DataConfig, ModelConfig
+    from loralab.lab.data import load_data
+    from loralab.lab.models import load_model
+
+    model, tokenizer = load_model(ModelConfig(name=str(tiny_lm_dir)), "cpu")
+    model.requires_grad_(False)
+    data = load_data(DataConfig(source=str(chat_jsonl), seq_len=32, max_train_chunks=16, max_eval_chunks=4), tokenizer)
+    return model, data

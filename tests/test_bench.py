@@ -15,14 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import bench_step  # noqa: E402
 import bench_sweep  # noqa: E402
-
-
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+import profile_step  # noqa: E402
 
 
 def test_bench_step_times_every_variant_side_by_side(tiny_lm_dir, tmp_path, capsys, one_thread):
@@ -71,3 +64,17 @@ def test_bench_sweep_runs_both_modes(tiny_lm_dir, chat_jsonl, tmp_path, capsys, 
     assert row["speedup"] == pytest.approx(row["one_by_one_s"] / row["packed_s"])
     assert row["max_final_loss_gap"] < 1e-3   # dropout 0: packed and solo runs train the same function
     assert not (tmp_path / "unused").exists()   # both modes write to temporary stores only
+
+
+def test_profile_step_groups_every_variants_time(tiny_lm_dir, tmp_path, capsys, one_thread):
+    out = tmp_path / "profile.json"
+    assert profile_step.main(["--model", str(tiny_lm_dir), "--batch", "2", "--seq", "16", "--rank", "4",
+                              "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    table = data["seconds_per_step"]
+    assert data["steps"] == 2 and set(table) == {"base", "peft", "loralab"}
+    for name, secs in table.items():
+        assert set(secs) <= {*profile_step.GROUPS, "other"} and secs["matmul"] > 0, name
+    assert "dropout" not in table["base"]           # no adapter, no dropout
+    assert table["peft"].get("dropout", 0) > 0 and table["loralab"].get("dropout", 0) > 0   # dropout 0.05
+    assert "| loralab |" in capsys.readouterr().out

@@ -9,7 +9,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
 
 from loralab import init_schemes
 from loralab.cli import main
@@ -50,17 +49,6 @@ def test_inits_through_the_entry_point():
     proc = subprocess.run([sys.executable, "-m", "loralab", "inits"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert set(rows(proc.stdout)) == set(init_schemes())
-
-
-@pytest.fixture
-def one_thread():
-    """The model is tiny: extra intra-op threads only add overhead, and on a shared CPU they spin against other jobs."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ---- loralab check --------------------------------------------------------------------------------------------------

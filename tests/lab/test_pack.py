@@ -3,7 +3,7 @@ only runs that may share a base are packed together."""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import warnings
 
 import pytest
@@ -12,29 +12,19 @@ from torch import nn
 
 from loralab import inject
 from loralab.config import LoraConfig
-from loralab.lab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from loralab.lab.data import load_data
-from loralab.lab.models import load_model
+from loralab.lab.config import RunConfig, TrainConfig
 from loralab.lab.pack import Pack, PackedLayer, pack_key
 from loralab.lab.store import RunStore
 from loralab.lab.sweep import Job, plan_packs
 from loralab.lab.train import train_pack, train_run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
-def assets(tiny_lm_dir, chat_jsonl):
-    model, tokenizer = load_model(ModelConfig(name=str(tiny_lm_dir)), "cpu")
-    model.requires_grad_(False)
-    data = load_data(DataConfig(source=str(chat_jsonl), seq_len=32, max_train_chunks=16, max_eval_chunks=4), tokenizer)
-    return model, data
+def assets(tiny_assets):
+    return tiny_assets
 
 
 def run_cfg(init="standard", lr=1e-3, seed=0, rank=4, dropout=0.0, **train_kw) -> RunConfig:
@@ -101,7 +91,7 @@ def test_packed_layer_rows_belong_to_their_runs():
     configs = [LoraConfig(rank=2, targets=("0", "1"), init="random-both", alpha=a) for a in (1.0, 4.0, 2.0)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        solos = [inject(_copy(base), c, seed=i) for i, c in enumerate(configs)]
+        solos = [inject(copy.deepcopy(base), c, seed=i) for i, c in enumerate(configs)]
         runs = [RunConfig(lora=c, train=TrainConfig(seed=i)) for i, c in enumerate(configs)]
         pack = Pack(base, runs)
     assert isinstance(pack.model[1], PackedLayer) and pack.model[1].batched and not pack.model[0].batched
@@ -113,11 +103,6 @@ def test_packed_layer_rows_belong_to_their_runs():
     out = pack.model(ids.repeat(2, 1))
     torch.testing.assert_close(out[:2], solos[2](ids))
     torch.testing.assert_close(out[2:], solos[0](ids))
-
-
-def _copy(m):
-    import copy
-    return copy.deepcopy(m)
 
 
 def test_pack_key_separates_what_cannot_share_a_base():

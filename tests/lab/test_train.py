@@ -10,33 +10,20 @@ import torch
 
 from loralab import IdentityWarning, lora_layers
 from loralab.config import LoraConfig
-from loralab.lab.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from loralab.lab.data import load_data
-from loralab.lab.models import load_model
+from loralab.lab.config import RunConfig, TrainConfig
 from loralab.lab.store import RunStore
 from loralab.lab.train import lr_factor, train_run
 
-SEQ_LEN = 32
+SEQ_LEN = 32   # the chunk length of conftest's tiny_assets
 TARGETS = ("q_proj", "v_proj")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The model is tiny: extra intra-op threads only add overhead, and on a shared CPU they spin against other jobs."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
-def assets(tiny_lm_dir, chat_jsonl):
-    """``(base model, packed data)``, loaded once for the module, frozen as the sweep freezes it."""
-    model, tokenizer = load_model(ModelConfig(name=str(tiny_lm_dir)), "cpu")
-    model.requires_grad_(False)
-    data = load_data(DataConfig(source=str(chat_jsonl), seq_len=SEQ_LEN, max_train_chunks=16, max_eval_chunks=4),
-                     tokenizer)
-    return model, data
+def assets(tiny_assets):
+    return tiny_assets
 
 
 def train(assets, root, *, init="standard", **train_kw):

@@ -42,12 +42,10 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 EXECUTORS = ("local", "ray")
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``ok``: every config check, here and in the width sweep's configs."""
     if not ok:
         raise ValueError(message)
-
-
-require = _require   # the public name, for the width sweep's configs (width.py, width_probe.py)
 
 
 @dataclass(frozen=True)
@@ -57,8 +55,8 @@ class ModelConfig:
     cache_dir: str = ""          # "" -> $LORALAB_CACHE or ~/.cache/loralab
 
     def __post_init__(self):
-        _require(bool(self.name), "ModelConfig.name is empty: use 'smollm2-135m', a hub id or a local directory")
-        _require(self.dtype in DTYPES, f"ModelConfig.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        require(bool(self.name), "ModelConfig.name is empty: use 'smollm2-135m', a hub id or a local directory")
+        require(self.dtype in DTYPES, f"ModelConfig.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -72,13 +70,13 @@ class DataConfig:
     cache_dir: str = ""          # "" -> $LORALAB_CACHE or ~/.cache/loralab
 
     def __post_init__(self):
-        _require(bool(self.source), "DataConfig.source is empty: use 'chitchat', a hub dataset id or a file path")
-        _require(self.seq_len >= 2, f"DataConfig.seq_len must be >= 2 (an input and its next token); got "
+        require(bool(self.source), "DataConfig.source is empty: use 'chitchat', a hub dataset id or a file path")
+        require(self.seq_len >= 2, f"DataConfig.seq_len must be >= 2 (an input and its next token); got "
                                     f"{self.seq_len}; try 256")
-        _require(0.0 < self.eval_fraction < 1.0, f"DataConfig.eval_fraction must be in (0, 1); got "
+        require(0.0 < self.eval_fraction < 1.0, f"DataConfig.eval_fraction must be in (0, 1); got "
                                                  f"{self.eval_fraction!r}; try 0.05")
         for name, value in [("max_train_chunks", self.max_train_chunks), ("max_eval_chunks", self.max_eval_chunks)]:
-            _require(value >= 0, f"DataConfig.{name} must be >= 0 (0 = all); got {value}")
+            require(value >= 0, f"DataConfig.{name} must be >= 0 (0 = all); got {value}")
 
 
 @dataclass(frozen=True)
@@ -97,22 +95,22 @@ class TrainConfig:
     diverge_factor: float = 2.0  # loss > factor * initial loss (or NaN/inf) -> diverged; ln(vocab) caps a blow-up
 
     def __post_init__(self):
-        _require(self.lr > 0 and math.isfinite(self.lr), f"TrainConfig.lr must be a positive number; got "
+        require(self.lr > 0 and math.isfinite(self.lr), f"TrainConfig.lr must be a positive number; got "
                                                          f"{self.lr!r}; try 1e-4 to 1e-3")
-        _require(self.max_steps >= 0, f"TrainConfig.max_steps must be >= 0 (0 = from epochs); got {self.max_steps}")
-        _require(self.epochs >= 0, f"TrainConfig.epochs must be >= 0; got {self.epochs!r}")
-        _require(self.epochs > 0 or self.max_steps > 0, f"TrainConfig: epochs={self.epochs!r} and max_steps=0 "
+        require(self.max_steps >= 0, f"TrainConfig.max_steps must be >= 0 (0 = from epochs); got {self.max_steps}")
+        require(self.epochs >= 0, f"TrainConfig.epochs must be >= 0; got {self.epochs!r}")
+        require(self.epochs > 0 or self.max_steps > 0, f"TrainConfig: epochs={self.epochs!r} and max_steps=0 "
                                                          "train nothing: set epochs > 0 (e.g. 1.0) or max_steps > 0")
         for name, value in [("batch_size", self.batch_size), ("grad_accum", self.grad_accum),
                             ("eval_every", self.eval_every)]:
-            _require(value >= 1, f"TrainConfig.{name} must be >= 1; got {value}")
-        _require(0.0 <= self.warmup_ratio < 1.0, f"TrainConfig.warmup_ratio must be in [0, 1); got "
+            require(value >= 1, f"TrainConfig.{name} must be >= 1; got {value}")
+        require(0.0 <= self.warmup_ratio < 1.0, f"TrainConfig.warmup_ratio must be in [0, 1); got "
                                                  f"{self.warmup_ratio!r}; try 0.1")
         for name, value in [("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip)]:
-            _require(value >= 0, f"TrainConfig.{name} must be >= 0 (0 = off); got {value!r}")
-        _require(self.diverge_factor > 1, f"TrainConfig.diverge_factor must be > 1 (a loss above factor x the "
+            require(value >= 0, f"TrainConfig.{name} must be >= 0 (0 = off); got {value!r}")
+        require(self.diverge_factor > 1, f"TrainConfig.diverge_factor must be > 1 (a loss above factor x the "
                                           f"initial loss is divergence); got {self.diverge_factor!r}; try 2.0")
-        _require(self.device in DEVICES, f"TrainConfig.device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        require(self.device in DEVICES, f"TrainConfig.device must be one of {', '.join(DEVICES)}; got {self.device!r}")
 
 
 @dataclass(frozen=True)
@@ -134,9 +132,9 @@ class ResourcesConfig:
     max_retries: int = 2         # a task whose worker dies is retried this often, then recorded as failed
 
     def __post_init__(self):
-        _require(self.cpus > 0, f"resources.cpus must be > 0; got {self.cpus!r}; try 1")
-        _require(self.gpus >= 0, f"resources.gpus must be >= 0; got {self.gpus!r}; try 0 (CPU) or 1")
-        _require(self.max_retries >= 0, f"resources.max_retries must be >= 0; got {self.max_retries!r}; try 2")
+        require(self.cpus > 0, f"resources.cpus must be > 0; got {self.cpus!r}; try 1")
+        require(self.gpus >= 0, f"resources.gpus must be >= 0; got {self.gpus!r}; try 0 (CPU) or 1")
+        require(self.max_retries >= 0, f"resources.max_retries must be >= 0; got {self.max_retries!r}; try 2")
 
 
 @dataclass(frozen=True)
@@ -152,10 +150,10 @@ class SweepConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def __post_init__(self):
-        _require(bool(self.name), "SweepConfig.name is empty: set name = \"...\" at the top of the file")
-        _require(bool(self.out_dir), "SweepConfig.out_dir is empty: set out_dir = \"runs/<name>\"")
-        _require(self.executor in EXECUTORS, f"SweepConfig.executor must be one of {EXECUTORS}; got {self.executor!r}")
-        _require(self.pack >= 0, f"SweepConfig.pack must be >= 0 (0 = auto, 1 = one run at a time); got {self.pack}")
+        require(bool(self.name), "SweepConfig.name is empty: set name = \"...\" at the top of the file")
+        require(bool(self.out_dir), "SweepConfig.out_dir is empty: set out_dir = \"runs/<name>\"")
+        require(self.executor in EXECUTORS, f"SweepConfig.executor must be one of {EXECUTORS}; got {self.executor!r}")
+        require(self.pack >= 0, f"SweepConfig.pack must be >= 0 (0 = auto, 1 = one run at a time); got {self.pack}")
         object.__setattr__(self, "grid", FrozenMap({k: tuple(v) for k, v in self.grid.items()}))
 
 

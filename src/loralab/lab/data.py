@@ -33,7 +33,7 @@ from .config import DataConfig
 from .models import cache_root, is_hub_id
 
 __all__ = ["DataError", "PackedData", "check_data", "chitchat_conversation", "format_conversation",
-           "iterate_batches", "load_data"]
+           "iterate_batches", "load_data", "stable_seed"]
 
 ROLES = ("user", "assistant", "system")
 _EXTS = (".jsonl", ".parquet")
@@ -109,12 +109,12 @@ def iterate_batches(chunks: Tensor, batch_size: int, *, seed: int, epoch: int) -
     if len(chunks) < batch_size:
         raise DataError(f"{len(chunks)} chunks cannot fill one batch of {batch_size}: lower train.batch_size or "
                         "data.seq_len, or raise data.max_train_chunks")
-    g = torch.Generator().manual_seed(_seed("batches", seed, epoch))
+    g = torch.Generator().manual_seed(stable_seed("batches", seed, epoch))
     order = torch.randperm(len(chunks), generator=g)
     return (chunks[order[i:i + batch_size]] for i in range(0, len(chunks) - batch_size + 1, batch_size))
 
 
-def _seed(*parts) -> int:
+def stable_seed(*parts) -> int:
     """A 63-bit seed from ``parts``; stable across runs, machines and Python versions (unlike ``hash``)."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
@@ -231,7 +231,7 @@ def _holdout(convs: list, fraction: float, seed: int) -> tuple[list, list]:
     if n_eval >= len(convs):
         raise DataError(f"{len(convs)} conversations are too few to hold out eval_fraction={fraction:g} and keep "
                         "some for training; add data or give the source a test split")
-    g = torch.Generator().manual_seed(_seed("holdout", seed))
+    g = torch.Generator().manual_seed(stable_seed("holdout", seed))
     held = set(torch.randperm(len(convs), generator=g)[:n_eval].tolist())
     return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
 
@@ -250,7 +250,7 @@ def _pack(convs: list, tokenizer, seq_len: int) -> tuple[Tensor, int]:
 def _limit(chunks: Tensor, k: int, seed: int, split: str) -> Tensor:
     if k == 0 or k >= len(chunks):
         return chunks
-    g = torch.Generator().manual_seed(_seed("limit", split, seed))
+    g = torch.Generator().manual_seed(stable_seed("limit", split, seed))
     return chunks[torch.randperm(len(chunks), generator=g)[:k].sort().values]
 
 

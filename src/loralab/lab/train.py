@@ -14,7 +14,7 @@ import contextlib
 import math
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -107,8 +107,7 @@ class _Run:
     last: float = math.nan
     last_eval_step: int = 0
     identity: float = 0.0
-    done_at: float = 0.0
-    losses: list = field(default_factory=list)
+    result: RunResult | None = None   # set the moment the run ends
 
 
 def _blown(loss: float, ref: float, factor: float) -> bool:
@@ -163,12 +162,12 @@ def train_pack(runs: Sequence[RunConfig], stores: Sequence[RunStore], *, base_mo
               for k, r in enumerate(rs)]
     opt = torch.optim.AdamW(groups, fused=device.type == "cuda")
     _loop(pack, opt, rs, data, total, amp, fused, start, progress, on_done or (lambda k, res: None))
-    return [_result(r, start, device, len(rs)) for r in rs]
+    return [r.result for r in rs]
 
 
-def _result(r: _Run, start: float, device, pack_size: int) -> RunResult:
+def _result(r: _Run, wall_time_s: float, device, pack_size: int) -> RunResult:
     return RunResult(run_id=r.run_id, status=r.status, axes=r.axes, final_eval_loss=r.last, best_eval_loss=r.best,
-                     initial_eval_loss=r.initial, steps=r.step, tokens=r.tokens, wall_time_s=r.done_at - start,
+                     initial_eval_loss=r.initial, steps=r.step, tokens=r.tokens, wall_time_s=wall_time_s,
                      tokens_per_s=r.tokens / max(r.train_time, 1e-9), versions=versions(), device=str(device),
                      pack_size=pack_size)
 
@@ -252,6 +251,6 @@ def _loop(pack, opt, rs, data, total, amp, fused, start, progress, on_done) -> N
             if r.status == "running" and step == total:
                 r.status = "ok"
             if r.status != "running":
-                r.done_at = time.perf_counter()
-                on_done(k, _result(r, start, next(pack.model.parameters()).device, len(rs)))
+                r.result = _result(r, time.perf_counter() - start, next(pack.model.parameters()).device, len(rs))
+                on_done(k, r.result)
     bar.close()

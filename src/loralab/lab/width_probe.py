@@ -19,7 +19,6 @@ above the answer must be unstable too, and a stable one (a non-monotone cliff) r
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 from loralab import IdentityWarning, LoraConfig, get_scheme, inject, lora_param_groups
 
 from .config import require
+from .data import stable_seed
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,7 @@ class ProbeConfig:
 
 def generator(*parts) -> torch.Generator:
     """A CPU generator seeded from ``parts``: each random draw has its own stream, stable across machines."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.Generator().manual_seed(stable_seed(*parts))
 
 
 def _linear(d_in: int, d_out: int, gain: float, g: torch.Generator | None) -> nn.Linear:
