@@ -7,10 +7,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
 
 from core_helpers import LAYER_CASES, make_case, perturb
 from loralab import IdentityWarning, LoraConfig, LoraLayer, LoraStateError, init_schemes, inject, lora_layers, merge, unmerge
+from loralab.layers import Linear
 
 SCHEMES = sorted(init_schemes())
 CASES = sorted(LAYER_CASES)
@@ -122,7 +124,7 @@ def test_dropout_masks_are_independent_of_position():
 
 def test_embedding_ignores_dropout_and_rejects_max_norm():
     model, _, x = adapted("embedding", dropout=0.5)
-    assert isinstance(lora_layers(model)["0"].dropout, nn.Identity)
+    assert lora_layers(model)["0"].dropout.p == 0.0
     m = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0))
     with pytest.raises(ValueError, match="max_norm"):
         inject(m, LoraConfig(rank=2, targets=["0"]))
@@ -163,3 +165,79 @@ def test_property_linear_identity_and_merge(d_in, d_out, batch, data):
     y = model(x)
     merge(model)
     assert torch.allclose(model(x), y, atol=1e-4)
+
+
+def _linear_layer(dropout=0.0, dtype=torch.float32, bias=True, base_cls=nn.Linear):
+    torch.manual_seed(0)
+    base = base_cls(12, 10, bias=bias).to(dtype).requires_grad_(False)
+    layer = Linear(base, 4, 8, dropout=dropout)
+    perturb(nn.Sequential(layer))
+    return layer
+
+
+def _forward_and_grads(layer, forward, x):
+    x = x.clone().requires_grad_()
+    y = forward(x)
+    y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape).to(y.dtype))
+    grads = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)]
+    layer.zero_grad(set_to_none=True)
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("shape", [(12,), (5, 12), (2, 3, 12)])
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_linear_fused_forward_equals_generic_forward(shape, dropout):
+    """The nn.Linear fast path (update added inside the GEMM, dropout's scale on the rank side) is the generic
+    forward: same values, same gradients, same dropout masks for the same RNG state."""
+    layer = _linear_layer(dropout)
+    x = torch.randn(shape)
+    torch.manual_seed(7)
+    fast = _forward_and_grads(layer, layer, x)
+    torch.manual_seed(7)
+    generic = _forward_and_grads(layer, lambda t: LoraLayer.forward(layer, t), x)
+    assert torch.allclose(fast[0], generic[0], atol=1e-5)
+    assert all(torch.allclose(f, g, atol=1e-5) for f, g in zip(fast[1], generic[1]))
+    assert fast[1][2].abs().max() > 1e-3   # B really gets a gradient
+
+
+def test_linear_fused_forward_passes_gradcheck():
+    layer = _linear_layer().double()
+    x = torch.randn(3, 2, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: layer(x), (x, layer.lora_A, layer.lora_B))
+
+
+def test_linear_fused_forward_on_non_contiguous_input_and_output():
+    layer = _linear_layer()
+    x = torch.randn(12, 5).T          # non-contiguous input
+    assert torch.allclose(layer(x), LoraLayer.forward(layer, x), atol=1e-5)
+
+
+def test_base_subclass_output_is_not_modified_in_place():
+    """Only a plain nn.Linear's output is known to be fresh; a subclass may keep it, so it gets the generic path."""
+    class Caching(nn.Linear):
+        def forward(self, x):
+            self.last = super().forward(x)
+            return self.last
+
+    layer = _linear_layer(base_cls=Caching)
+    x = torch.randn(4, 12)
+    y = layer(x)
+    assert torch.allclose(layer.base_layer.last, F.linear(x, layer.base_layer.weight, layer.base_layer.bias))
+    assert (y - layer.base_layer.last).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_low_precision_paths_match_float32(autocast):
+    """bf16 base with float32 adapter: without autocast the update is added out of place in float32 and cast; under
+    autocast the factors take bf16 and the update goes inside the GEMM. Both stay close to the float32 result."""
+    ref_layer = _linear_layer()
+    layer = _linear_layer(dtype=torch.bfloat16)
+    layer.load_state_dict(ref_layer.state_dict())
+    x = torch.randn(6, 12)
+    ref = ref_layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x.to(torch.bfloat16))
+        y.float().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert layer.lora_B.grad.dtype == torch.float32
+    assert torch.allclose(y.float(), ref, atol=0.05, rtol=0.02)

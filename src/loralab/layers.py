@@ -36,18 +36,55 @@ class Dropout(nn.Module):
         self.drop = round(p * 65536)                    # dropped int16 values out of 65536
         self.scale = 65536 / (65536 - self.drop)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def masked(self, x: Tensor) -> tuple[Tensor, float]:
+        """``x`` with the dropped entries zeroed, and the factor that makes it unbiased (1 where ``x`` is already
+        scaled). Callers that feed a linear map scale its small output by the factor instead of ``x``."""
         if not self.training or self.drop == 0:
-            return x
+            return x, 1.0
         if x.device.type != "cpu":
-            return F.dropout(x, self.p, True)
+            return F.dropout(x, self.p, True), 1.0
         n = x.numel()
         words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
         bits = words.view(torch.int16)[:n].view(x.shape)     # uniform over [-32768, 32767]
-        return torch.where(bits >= self.drop - 32768, x, 0.0) * self.scale
+        return torch.where(bits >= self.drop - 32768, x, 0.0), self.scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, factor = self.masked(x)
+        return y if factor == 1.0 else y * factor
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def down(x: Tensor, a: Tensor, scale: float | Tensor) -> Tensor:
+    """``scale · x Aᵀ``: the ``(..., r)`` side of the update, where scaling costs r, not d_out, per row.
+
+    ``a`` is ``(r, d_in)``, or ``(K, r, d_in)`` for K runs whose rows of ``x`` are stacked run-major.
+    """
+    if x.is_floating_point() and not torch.is_autocast_enabled(x.device.type):
+        x = x.to(a.dtype)   # under autocast the matmul casts x itself: a round trip through float32 is waste
+    h = F.linear(x, a) if a.dim() == 2 else torch.bmm(x.reshape(a.shape[0], -1, a.shape[-1]), a.mT)
+    return h * (scale.to(h.dtype) if isinstance(scale, Tensor) else scale)
+
+
+def add_update(out: Tensor, h: Tensor, b: Tensor, *, inplace: bool = True) -> Tensor:
+    """``out + h Bᵀ`` for ``h: (..., r)`` and ``b: (d_out, r)``, or per run ``(K, n, r)`` and ``(K, d_out, r)``.
+
+    With ``inplace`` (only for a fresh tensor that autograd has not saved, as an ``nn.Linear`` output) the update is
+    added inside the GEMM (``addmm_``): no pass over the output and no allocation for the sum. Under autocast the
+    factors take the autocast dtype, as the matmul would give them.
+    """
+    device = out.device.type
+    if torch.is_autocast_enabled(device) and out.dtype == torch.get_autocast_dtype(device):
+        h, b = h.to(out.dtype), b.to(out.dtype)
+    if inplace and h.dtype == b.dtype == out.dtype and out.is_contiguous():
+        if b.dim() == 2:
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t())
+        else:
+            out.view(b.shape[0], -1, out.shape[-1]).baddbmm_(h, b.mT)
+        return out
+    delta = F.linear(h, b) if b.dim() == 2 else torch.bmm(h, b.mT)
+    return out + delta.view(out.shape).to(out.dtype)
 
 
 class LoraLayer(nn.Module):
@@ -71,7 +108,7 @@ class LoraLayer(nn.Module):
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.zeros(rank, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
-        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout)   # an identity when p = 0 (no op, no copy)
         # Initial factors, kept only when the init moved weight out of the base (pissa/olora): they define the
         # pretrained model (base + s·B0·A0) and the portable export.
         self.register_buffer("lora_A0", None, persistent=False)
@@ -161,7 +198,13 @@ class Linear(LoraLayer):
         return F.linear(x, weight)
 
     def lora_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        return F.linear(F.linear(x.to(a.dtype), a) * self.scale, b)  # scale the (..., r) side: r << out
+        return F.linear(down(x, a, self.scale), b)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.merged or self.disabled or type(self.base_layer) is not nn.Linear:
+            return super().forward(x, *args, **kwargs)
+        xd, unbias = self.dropout.masked(x)
+        return add_update(self.base_layer(x), down(xd, self.lora_A, self.scale * unbias), self.lora_B)
 
 
 class GPT2Conv1D(Linear):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from loralab.inits import get_scheme
 from loralab.inject import plan, warn_identity
-from loralab.layers import Linear, LoraLayer
+from loralab.layers import Linear, LoraLayer, add_update, down
 
 from .config import RunConfig
 from .typecheck import to_dict
@@ -68,11 +68,9 @@ class PackedLayer(nn.Module):
             return out + delta.to(out.dtype)
         a = torch.stack([r.lora_A for r in runs])                                  # (K, r, d_in)
         b = torch.stack([r.lora_B for r in runs])                                  # (K, d_out, r)
-        xs = runs[0].dropout(x).reshape(len(runs), -1, x.shape[-1]).to(a.dtype)    # (K, n, d_in)
-        scale = self.scales[self.active].to(a.dtype)[:, None, None]
-        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)) * scale, b.transpose(1, 2))   # (K, n, d_out)
-        return out + delta.view(out.shape).to(out.dtype)
-
+        xd, unbias = runs[0].dropout.masked(x)
+        h = down(xd, a, self.scales[self.active][:, None, None] * unbias)          # (K, n, r)
+        return add_update(out, h, b, inplace=type(self.base_layer) is nn.Linear)
 
 class Pack:
     """A base model copy with the LoRA layers of ``runs`` packed into it (see the module docstring)."""
