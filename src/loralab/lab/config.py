@@ -52,6 +52,7 @@ def require(ok: bool, message: str) -> None:
 class ModelConfig:
     name: str = "smollm2-135m"   # "smollm2-135m" = the offline default; else a HF hub id or a local directory
     dtype: str = "auto"          # auto | float32 | bfloat16 | float16 ; auto = bfloat16 on cuda, float32 otherwise
+    #                              (float16 trains without loss scaling: prefer bfloat16)
     cache_dir: str = ""          # "" -> $LORALAB_CACHE or ~/.cache/loralab
 
     def __post_init__(self):

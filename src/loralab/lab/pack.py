@@ -54,8 +54,6 @@ class PackedLayer(nn.Module):
         self.runs = nn.ModuleList(runs)   # each wraps the same ``base`` (shared, not copied)
         self.active: list[int] = list(range(len(runs)))
         self.batched = all(type(r) is Linear for r in runs) and len({r.rank for r in runs}) == 1
-        self.register_buffer("scales", torch.tensor([r.scale for r in runs], device=base.weight.device),
-                             persistent=False)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -66,11 +64,12 @@ class PackedLayer(nn.Module):
             parts = x.chunk(len(runs))
             delta = torch.cat([r.lora_delta(r.dropout(p), r.lora_A, r.lora_B) for r, p in zip(runs, parts)])
             return out + delta.to(out.dtype)
-        a = torch.stack([r.lora_A for r in runs])                                  # (K, r, d_in)
-        b = torch.stack([r.lora_B for r in runs])                                  # (K, d_out, r)
+        a = torch.stack([r.lora_A * r.scale for r in runs])     # (K, r, d_in); scales as Python floats: no device copy
+        b = torch.stack([r.lora_B for r in runs])               # (K, d_out, r)
         xd, unbias = runs[0].dropout.masked(x)
-        h = down(xd, a, self.scales[self.active][:, None, None] * unbias)          # (K, n, r)
+        h = down(xd, a, unbias)                                 # (K, n, r)
         return add_update(out, h, b, inplace=type(self.base_layer) is nn.Linear)
+
 
 class Pack:
     """A base model copy with the LoRA layers of ``runs`` packed into it (see the module docstring)."""
@@ -108,18 +107,22 @@ class Pack:
         return [p for layer in self.layers.values() for p in (layer.runs[k].lora_A, layer.runs[k].lora_B)]
 
     @torch.no_grad()
-    def identity(self, ids: Tensor, active: list[int]) -> list[float]:
-        """Max |adapted logits − base logits| of each run in ``active`` on ``ids`` (eval mode)."""
-        was_training = self.model.training
-        self.model.eval()
+    def identity(self, ids: Tensor, active: list[int], reference: nn.Module) -> list[float]:
+        """Max |adapted logits − ``reference`` logits| of each run in ``active`` on ``ids`` (eval mode).
+
+        ``reference`` is the untouched base model: with no run active this pack's model is not that for an init
+        that moved weight out of the base (pissa, olora).
+        """
+        modes = [(m, m.training) for m in (self.model, reference)]
         try:
-            self.set_active([])
-            ref = self.model(input_ids=ids).logits.float()
+            reference.eval()
+            ref = reference(input_ids=ids).logits.float()
+            self.model.eval()
             self.set_active(active)
             out = self.model(input_ids=ids.repeat(len(active), 1)).logits.float()
         finally:
-            self.model.train(was_training)
+            for m, training in modes:
+                m.train(training)
         return [(o - ref).abs().max().item() for o in out.chunk(len(active))]
-
 
 __all__ = ["PACKABLE", "Pack", "PackedLayer", "pack_key"]

@@ -8,6 +8,7 @@ unfinished, to be redone next time.
 
 from __future__ import annotations
 
+import gc
 import traceback
 from collections import Counter
 from dataclasses import dataclass
@@ -96,18 +97,18 @@ def run_pack(jobs: Sequence[Job], stores: Sequence[RunStore], assets: _Assets, p
                              run_ids=[j.run_id for j in jobs], axes=[j.axes for j in jobs], progress=progress,
                              on_done=done)
     except Exception as e:  # noqa: BLE001 - any failure is a result, and the sweep goes on
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
-            left = [k for k in range(len(jobs)) if k not in results]
-            if len(left) > 1:   # the pack did not fit: train its unfinished runs in two halves instead
-                for half in (left[:len(left) // 2], left[len(left) // 2:]):
-                    for k, r in zip(half, run_pack([jobs[k] for k in half], [stores[k] for k in half], assets,
-                                                   progress, on_result)):
-                        results[k] = r
-                return [results[k] for k in range(len(jobs))]
-        for k, job in enumerate(jobs):
-            if k not in results:
-                done(k, _failed(job, e))
+        left = [k for k in range(len(jobs)) if k not in results]
+        if not (isinstance(e, torch.cuda.OutOfMemoryError) and len(left) > 1):
+            for k in left:
+                done(k, _failed(jobs[k], e))
+    left = [k for k in range(len(jobs)) if k not in results]
+    if left:   # the pack did not fit: its unfinished runs train in two halves, once the traceback (which holds
+        gc.collect()   # the pack's model, optimizer state and activations) is gone
+        torch.cuda.empty_cache()
+        for half in (left[:len(left) // 2], left[len(left) // 2:]):
+            for k, r in zip(half, run_pack([jobs[k] for k in half], [stores[k] for k in half], assets, progress,
+                                           on_result)):
+                results[k] = r
     return [results[k] for k in range(len(jobs))]
 
 

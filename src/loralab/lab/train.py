@@ -2,7 +2,7 @@
 
 The loop is written out (nanoGPT style): AdamW over the LoRA factors (one parameter group per run: its own lr,
 schedule and weight decay), linear schedule with warmup (HF's formula), gradient accumulation, per-run clipping,
-bf16 autocast on CUDA, and the fused chunked loss of :mod:`.loss` where the model allows it. A solo run is a pack of
+autocast on CUDA for a half-precision model, and the fused chunked loss of :mod:`.loss` where the model allows it. A solo run is a pack of
 one. A run that blows up (NaN/inf loss, or a loss above ``diverge_factor`` × its initial eval loss) leaves the pack
 with status ``diverged`` after a last eval; it is recorded, never dropped, and the others go on. Step-0 diagnostics
 come from the first micro-batch's backward, so they cost nothing extra.
@@ -78,14 +78,14 @@ def evaluate(model: nn.Module, chunks: torch.Tensor, batch_size: int, runs: int,
     return (sums / len(chunks)).tolist()
 
 
-def _diagnostics(layers: dict[str, LoraLayer], identity: float, grad_scale: float) -> dict:
+def _diagnostics(layers: dict[str, LoraLayer], identity: float, grad_scale: float, fused: bool) -> dict:
     out = {}
     for name, layer in layers.items():
         a, b = layer.lora_A, layer.lora_B
         out[name] = {"grad_norm_a": a.grad.norm().item() * grad_scale if a.grad is not None else 0.0,
                      "grad_norm_b": b.grad.norm().item() * grad_scale if b.grad is not None else 0.0,
                      "var_a": a.var().item(), "var_b": b.var().item()}
-    return {"identity_max_abs": identity, "layers": out}
+    return {"identity_max_abs": identity, "fused_loss": fused, "layers": out}
 
 
 @dataclass
@@ -118,6 +118,15 @@ def _no_amp():
     return contextlib.nullcontext()
 
 
+def autocast_for(model: nn.Module):
+    """CUDA and a half-precision model: autocast in the model's dtype, so the float32 adapters' matmuls run in it
+    too. A float32 model (or another device) runs as it is: the configured dtype is what the run computes in."""
+    p = next(model.parameters())
+    if p.device.type == "cuda" and p.dtype in (torch.bfloat16, torch.float16):
+        return lambda: torch.autocast("cuda", dtype=p.dtype)
+    return _no_amp
+
+
 def _micro_batches(data: PackedData, cfg: TrainConfig):
     epoch = 0
     while True:
@@ -142,7 +151,7 @@ def train_pack(runs: Sequence[RunConfig], stores: Sequence[RunStore], *, base_mo
     """
     start, first = time.perf_counter(), runs[0].train
     device = next(base_model.parameters()).device
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else _no_amp
+    amp = autocast_for(base_model)
     torch.manual_seed(first.seed)  # dropout masks
     pack = Pack(base_model, list(runs))
     pack.model.train()
@@ -152,7 +161,7 @@ def train_pack(runs: Sequence[RunConfig], stores: Sequence[RunStore], *, base_mo
     everyone = list(range(len(rs)))
     pack.set_active([])
     fused = fused_loss_ok(pack.model, data.eval[:1].to(device))
-    for r, ident in zip(rs, pack.identity(data.eval[:2].to(device), everyone)):
+    for r, ident in zip(rs, pack.identity(data.eval[:2].to(device), everyone, base_model)):
         r.identity = ident
     pack.set_active(everyone)
     for r, loss in zip(rs, evaluate(pack.model, data.eval, first.batch_size, len(rs), amp, fused)):
@@ -176,18 +185,18 @@ def _accumulate(pack: Pack, rs: list[_Run], active: list[int], first_step: bool,
     """Forward/backward of one optimizer step's micro-batches for the ``active`` runs; their mean train losses."""
     cfg = rs[active[0]].cfg.train
     device = next(pack.model.parameters()).device
-    sums = torch.zeros(len(active), dtype=torch.float64)
+    sums = torch.zeros(len(active), dtype=torch.float64, device=device)   # read once per step: one sync
     for micro in range(cfg.grad_accum):
         ids = torch.cat([next(rs[k].batches) for k in active]).to(device)        # run-major (K·b, T)
         with amp():
             losses = sequence_losses(pack.model, ids, fused=fused).view(len(active), -1).mean(1)   # (K,)
         (losses.sum() / cfg.grad_accum).backward()    # run k's factors get the gradient of run k's loss only
-        sums += losses.detach().double().cpu() / cfg.grad_accum
+        sums += losses.detach().double() / cfg.grad_accum
         for k in active:
             rs[k].tokens += ids.numel() // len(active)
         if first_step and micro == 0:
             for k in active:
-                rs[k].store.write_diagnostics(_diagnostics(pack.run_layers(k), rs[k].identity, cfg.grad_accum))
+                rs[k].store.write_diagnostics(_diagnostics(pack.run_layers(k), rs[k].identity, cfg.grad_accum, fused))
     return sums.tolist()
 
 
