@@ -178,3 +178,17 @@ def test_a_new_scheme_is_one_decorated_function():
             register("test-half-standard")(half)
     finally:
         _REGISTRY.pop("test-half-standard")
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_reads_weight_is_honest(name):
+    """A scheme that says it needs only the shape gets the same factors from a meta placeholder; one that reads the
+    weight gives other factors for another weight."""
+    w = torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(1))
+    f = run(name, w)
+    if init_schemes()[name].reads_weight:
+        other = run(name, torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(2)))
+        assert not torch.allclose(f.a, other.a)
+    else:
+        g = run(name, torch.empty(D_OUT, D_IN, device="meta"))
+        assert torch.equal(f.a, g.a) and torch.equal(f.b, g.b) and g.a.device.type == "cpu"

@@ -137,6 +137,20 @@ def test_validate_works_on_a_meta_half_model():
     assert layer.lora_A.device.type == "meta" and layer.lora_A.dtype == torch.float32
 
 
+def test_inject_on_a_meta_model_for_a_shape_only_scheme():
+    """Schemes that read only the weight's shape never copy it off its device, so a meta model can be adapted
+    (the dry run's path); a scheme that reads the weight says which module it could not read."""
+    with torch.device("meta"):
+        model = tiny_llama().to(torch.bfloat16)
+    inject(model, LoraConfig(rank=4, targets=TARGETS, init="orthogonal-qr-match"))
+    assert all(layer.lora_B.device.type == "meta" for layer in lora_layers(model).values())
+    with torch.device("meta"):
+        model = tiny_llama()
+    with pytest.raises(ValueError, match="'pissa' reads the weight of 'model.layers.0.self_attn.q_proj'.*meta"):
+        inject(model, LoraConfig(rank=4, targets=TARGETS, init="pissa"))
+    assert not lora_layers(model)   # all or nothing
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_cpu_dropout_on_half_inputs_is_unbiased(dtype):
     torch.manual_seed(0)

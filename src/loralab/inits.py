@@ -1,6 +1,7 @@
 """Initialization schemes for LoRA factors: a registry of small pure functions.
 
-Every scheme sees the frozen weight as a float32 ``(d_out, d_in)`` matrix ``w`` (never mutated) and returns
+Every scheme sees the frozen weight as a float32 CPU ``(d_out, d_in)`` matrix ``w`` (never mutated; a ``meta``
+tensor of that shape for schemes registered with ``reads_weight=False``) and returns
 ``Factors(a, b)`` with ``a: (r, d_in)`` and ``b: (d_out, r)``; a scheme that moves part of the weight into the
 adapter also returns ``base``, the new ``(d_out, d_in)`` residual weight. Randomness comes only from ``g``, a CPU
 generator, so the same seed gives bit-identical factors on any device. The maths of each scheme is in the
@@ -42,6 +43,8 @@ class InitScheme:
         preserves_output: ``s·B·A`` (plus any base change) leaves the layer's output unchanged at init.
         modifies_base: the scheme rewrites the frozen weight (``Factors.base`` is set).
         even_rank: the scheme needs an even rank.
+        reads_weight: the factors depend on the weight's values (not only its shape); the others get a ``meta``
+            tensor of the right shape, so a large model on a GPU is not copied to the CPU to init them.
         summary: one line for tables (``loralab inits``).
     """
 
@@ -50,6 +53,7 @@ class InitScheme:
     preserves_output: bool
     modifies_base: bool
     even_rank: bool
+    reads_weight: bool
     summary: str
 
     def __call__(self, w: Tensor, rank: int, *, scale: float, g: torch.Generator, **kwargs) -> Factors:
@@ -59,14 +63,15 @@ class InitScheme:
 _REGISTRY: dict[str, InitScheme] = {}
 
 
-def register(name: str, *, preserves_output: bool = True, modifies_base: bool = False, even_rank: bool = False):
+def register(name: str, *, preserves_output: bool = True, modifies_base: bool = False, even_rank: bool = False,
+             reads_weight: bool = True):
     """Decorator that adds a scheme to the registry under ``name``."""
 
     def deco(fn: SchemeFn) -> SchemeFn:
         if name in _REGISTRY:
             raise ValueError(f"init scheme {name!r} is already registered")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _REGISTRY[name] = InitScheme(name, fn, preserves_output, modifies_base, even_rank, summary)
+        _REGISTRY[name] = InitScheme(name, fn, preserves_output, modifies_base, even_rank, reads_weight, summary)
         return fn
 
     return deco
@@ -91,14 +96,14 @@ def _ku(rows: int, cols: int, fan_in: int, g: torch.Generator) -> Tensor:
     return torch.empty(rows, cols).uniform_(-bound, bound, generator=g)
 
 
-@register("standard")
+@register("standard", reads_weight=False)
 def standard(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
     """A ~ KU(d_in), B = 0 (Hu et al. 2021; loralib; PEFT ``True``): Init[A] of Hayou et al. 2024."""
     d_out, d_in = w.shape
     return Factors(a=_ku(rank, d_in, d_in, g), b=torch.zeros(d_out, rank))
 
 
-@register("gaussian")
+@register("gaussian", reads_weight=False)
 def gaussian(w: Tensor, rank: int, *, scale: float, g: torch.Generator, std: float | None = None) -> Factors:
     """A ~ N(0, std²) with std = 1/r unless given, B = 0 (the LoRA paper's text; PEFT ``"gaussian"``)."""
     d_out, d_in = w.shape
@@ -106,7 +111,7 @@ def gaussian(w: Tensor, rank: int, *, scale: float, g: torch.Generator, std: flo
     return Factors(a=torch.randn(rank, d_in, generator=g) * std, b=torch.zeros(d_out, rank))
 
 
-@register("reversed")
+@register("reversed", reads_weight=False)
 def reversed_(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
     """A = 0, B ~ KU(r): Init[B] of Hayou et al. 2024 (Var(B) = 1/(3r), independent of width)."""
     d_out, d_in = w.shape
@@ -124,27 +129,27 @@ def _orthogonal(w: Tensor, rank: int, g: torch.Generator, *, eye: bool, ca: floa
     return Factors(a=a.contiguous(), b=b.contiguous())
 
 
-@register("orthogonal-qr-match", even_rank=True)
+@register("orthogonal-qr-match", even_rank=True, reads_weight=False)
 def orthogonal_qr_match(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
     """Orthogonal (QR) pairs scaled like the standard init: A·d_in^-1/2, B·r^-1/2 (the study's "QR (Match)")."""
     d_out, d_in = w.shape
     return _orthogonal(w, rank, g, eye=False, ca=d_in**-0.5, cb=rank**-0.5)
 
 
-@register("orthogonal-qr-const", even_rank=True)
+@register("orthogonal-qr-const", even_rank=True, reads_weight=False)
 def orthogonal_qr_const(w: Tensor, rank: int, *, scale: float, g: torch.Generator, const: float = 0.1) -> Factors:
     """Orthogonal (QR) pairs scaled by a constant 0.1 (the study's "QR (Const)"; PEFT ``"orthogonal"``)."""
     return _orthogonal(w, rank, g, eye=False, ca=const, cb=const)
 
 
-@register("orthogonal-eye", even_rank=True)
+@register("orthogonal-eye", even_rank=True, reads_weight=False)
 def orthogonal_eye(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
     """As qr-match with Q = I: r/2 standard pairs (B col 0) plus r/2 reversed pairs (A row 0); the study's "Eye"."""
     d_out, d_in = w.shape
     return _orthogonal(w, rank, g, eye=True, ca=d_in**-0.5, cb=rank**-0.5)
 
 
-@register("random-both", preserves_output=False)
+@register("random-both", preserves_output=False, reads_weight=False)
 def random_both(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
     """A ~ KU(d_in), B ~ KU(r): the anti-pattern; s·B·A ≠ 0 adds noise to the pretrained weight."""
     d_out, d_in = w.shape

@@ -93,9 +93,14 @@ def plan(model: nn.Module, config: LoraConfig, seed: int = 0) -> list[_Planned]:
         layer = t.cls(t.module, t.rank, t.alpha, rslora=config.rslora, dropout=config.dropout,
                       dtype=_adapter_dtype(t.module.weight))
         g = torch.Generator().manual_seed(module_seed(seed, t.name))
-        w = layer.to_matrix(t.module.weight.detach()).to(device="cpu", dtype=torch.float32)
+        scheme = get_scheme(t.init)
+        w = layer.to_matrix(t.module.weight.detach())
+        if scheme.reads_weight and w.is_meta:
+            raise ValueError(f"init {t.init!r} reads the weight of {t.name!r}, which is on the meta device (no "
+                             f"values); load the model's weights first, or use a scheme that needs only shapes")
+        w = w.to(device="cpu", dtype=torch.float32) if scheme.reads_weight else torch.empty(w.shape, device="meta")
         kwargs = config.init_kwargs if t.init == config.init else {}
-        factors = get_scheme(t.init)(w, t.rank, scale=layer.scale, g=g, **kwargs)
+        factors = scheme(w, t.rank, scale=layer.scale, g=g, **kwargs)
         planned.append(_Planned(t.name, layer, factors))
     return planned
 
