@@ -173,15 +173,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict:
+def environment(variants=("peft",)) -> dict:
+    import importlib.metadata
     import platform
 
-    import peft
     import transformers
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version(), "device": dev, "threads": torch.get_num_threads()}
+    env = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "device": dev, "threads": torch.get_num_threads()}
+    if "peft" in variants:   # only when timed: the other variants run without peft installed
+        env["peft"] = importlib.metadata.version("peft")
+    return env
 
 
 def parse(argv=None):
@@ -209,7 +212,7 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     rows = run(args)
-    env = environment()
+    env = environment(args.variants)
     print(f"# {args.model}, batch {args.batch} x {args.seq} tokens, r={args.rank}, targets={','.join(args.targets)}, "
           f"dropout={args.dropout}, {args.dtype}; {env}")
     print(table(rows))
