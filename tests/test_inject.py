@@ -9,7 +9,7 @@ from torch import nn
 
 from core_helpers import perturb, tiny_gpt2, tiny_llama
 from loralab import (IdentityWarning, LoraConfig, LoraLayer, LoraStateError, check_identity, init_schemes, inject,
-                     lora_layers, lora_param_groups, trainable_parameters, unload)
+                     lora_layers, lora_param_groups, merge, trainable_parameters, unload)
 from loralab.inject import module_seed
 
 QV = ["q_proj", "v_proj"]
@@ -143,6 +143,10 @@ def test_loraplus_param_groups():
     (dict(alpha=0), ValueError, "alpha must be a positive number"),
     (dict(dropout=1.0), ValueError, "dropout must be in"),
     (dict(targets=[]), ValueError, "targets is empty"),
+    (dict(targets=None), ValueError, r"targets must be a list of module-name suffixes or one regex string, got None"),
+    (dict(targets=[0]), ValueError, r"targets must be a list .* got \[0\]"),
+    (dict(rslora="no"), ValueError, r"rslora must be True or False, got 'no'"),
+    (dict(dropout="0.1"), ValueError, r"dropout must be in \[0, 1\), got '0.1'"),
     (dict(targets="([bad"), ValueError, "not a valid regex"),
 ])
 def test_config_errors(cfg, err, match):
@@ -151,7 +155,9 @@ def test_config_errors(cfg, err, match):
 
 
 @pytest.mark.parametrize("cfg, err, match", [
-    (dict(targets=["nonexistent"]), ValueError, r"no module matched.*some module names in this model: .*embed_tokens"),
+    (dict(targets=["nonexistent"]), ValueError, r"targets entries matched no module: 'nonexistent'; .*embed_tokens"),
+    (dict(targets=["q_proj", "v_porj"]), ValueError, r"matched no module: 'v_porj' \(did you mean 'v_proj'\?\)"),
+    (dict(targets="q_proj"), ValueError, r"a string is one regex .*whole module name.*targets=\['q_proj'\]"),
     (dict(targets=["input_layernorm"]), TypeError, r"LlamaRMSNorm, which loralab cannot adapt \(supported: nn.Linear"),
     (dict(rank=40, targets=["q_proj", "k_proj"]), ValueError, r"rank 40 exceeds min\(d_in, d_out\) = 32"),
     (dict(rank=20, init="pissa", targets=["q_proj", "k_proj"]), ValueError, r"k_proj.*rank_pattern=\{'k_proj': 16\}"),
@@ -183,3 +189,25 @@ def test_double_inject_and_state_errors():
     merge(model)
     with pytest.raises(LoraStateError, match="unmerge"):
         check_identity(model, torch.randint(0, 64, (1, 4)))
+
+
+def test_tied_weights_refuse_base_rewriting_inits_and_merging():
+    """GPT-2 ties lm_head to wte: pissa/olora there would rewrite the head too, and so would merging any adapter."""
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"'pissa' rewrites the weight of 'transformer.wte'.*shared with 'lm_head'"):
+        inject(model, LoraConfig(rank=4, init="pissa", targets=["wte", "c_attn"]))
+    assert_unchanged(model, snap)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    inject(model, LoraConfig(rank=4, init="reversed", targets=["wte", "c_attn"]))
+    perturb(model)
+    y = model(ids).logits
+    for op in (merge, unload):
+        with pytest.raises(LoraStateError, match=r"merging 'transformer.wte'.*shared with 'lm_head'.*untie"):
+            op(model)
+        assert not any(layer.merged for layer in lora_layers(model).values())
+    assert torch.equal(model(ids).logits, y)
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())   # untied: merging is exact again
+    merge(model)
+    assert torch.allclose(model(ids).logits, y, atol=1e-4)

@@ -73,8 +73,13 @@ class LoraConfig:
 
     def __post_init__(self):
         set_ = object.__setattr__
+        if not isinstance(self.targets, (str, list, tuple)) or not all(isinstance(t, str) for t in self.targets):
+            raise ValueError(f"LoraConfig.targets must be a list of module-name suffixes or one regex string, got "
+                             f"{self.targets!r}; e.g. targets=['q_proj', 'v_proj']")
         if not isinstance(self.targets, str):
-            set_(self, "targets", tuple(self.targets))
+            set_(self, "targets", tuple(t.strip() for t in self.targets))
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"LoraConfig.rslora must be True or False, got {self.rslora!r}")
         for name in ("init_kwargs", "rank_pattern", "alpha_pattern", "init_pattern"):
             set_(self, name, _frozen_map(getattr(self, name)))
         if not self.targets:
@@ -88,7 +93,7 @@ class LoraConfig:
         for where, alpha in [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
                 raise ValueError(f"LoraConfig.{where} must be a positive number, got {alpha!r}; α = 2·rank is common")
-        if not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for key in (*self.rank_pattern, *self.alpha_pattern, *self.init_pattern):
             _compile(key, "a pattern key")

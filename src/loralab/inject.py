@@ -9,6 +9,7 @@ RNG is never touched.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import warnings
 from dataclasses import dataclass
@@ -45,12 +46,38 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def _targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
-    found = [(n, m) for n, m in model.named_modules() if n and config.matches(n)]
-    if not found:
-        leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
-        hint = ", ".join(leaves[:8]) + (", ..." if len(leaves) > 8 else "")
-        raise ValueError(f"no module matched targets={config.targets!r}; some module names in this model: {hint}")
+    named = [(n, m) for n, m in model.named_modules() if n]
+    found = [(n, m) for n, m in named if config.matches(n)]
+    if isinstance(config.targets, str):
+        if not found:
+            raise ValueError(f"no module matched targets={config.targets!r}: a string is one regex matched against "
+                             f"the whole module name (e.g. {named[-1][0] if named else 'layers.0.q_proj'!r}); for "
+                             f"suffix matching give a list, e.g. targets=[{config.targets!r}]")
+        return found
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in named if not list(m.children())})
+    unmatched = [t for t in config.targets if not any(n == t or n.endswith("." + t) for n, _ in found)]
+    if unmatched:   # a typo in one entry would otherwise adapt fewer modules than asked, silently
+        hints = [f"{t!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(t, suffixes, 1)) else
+                 repr(t) for t in unmatched]
+        raise ValueError(f"targets entries matched no module: {', '.join(hints)}; leaf module names in this model "
+                         f"end in: {', '.join(suffixes[:12])}{', ...' if len(suffixes) > 12 else ''}")
     return found
+
+
+def _weight_sharers(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter)`` → names of the distinct modules holding it, for parameters held by more than one (tied)."""
+    holders: dict[int, dict[int, str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), {}).setdefault(id(module), name)
+    return {k: list(v.values()) for k, v in holders.items() if len(v) > 1}
+
+
+def _tied_error(name: str, holders: list[str], what: str) -> str:
+    others = [h for h in holders if h != name and not h.startswith(name + ".")]
+    return (f"{what} {name!r}, whose weight is shared with {', '.join(map(repr, others))} (tied weights), would "
+            f"change those modules too; untie them first (e.g. `m.weight = nn.Parameter(m.weight.clone())` on one "
+            f"of them)")
 
 
 @dataclass
@@ -67,7 +94,7 @@ def validate(model: nn.Module, config: LoraConfig) -> list[_Target]:
     """Check every target (match, type, dtype, rank) without touching weights; works on a ``meta``-device model."""
     if lora_layers(model):
         raise LoraStateError("model already has LoRA layers; call unload(model) before injecting again")
-    targets = []
+    targets, shared = [], _weight_sharers(model)
     for name, module in _targets(model, config):
         cls = layer_type_for(module)
         if cls is None:
@@ -82,6 +109,9 @@ def validate(model: nn.Module, config: LoraConfig) -> list[_Target]:
                              f"(d_out={d_out}, d_in={d_in}): B·A cannot have a higher rank, so the extra "
                              f"directions are wasted (and pissa/olora cannot be computed); lower rank or set "
                              f"rank_pattern={{{name.rsplit('.', 1)[-1]!r}: {min(d_in, d_out)}}}")
+        if get_scheme(init).modifies_base and id(module.weight) in shared:
+            raise ValueError(_tied_error(name, shared[id(module.weight)], f"init {init!r} rewrites the weight of") +
+                             f", or give {name!r} an init that leaves the base alone (init_pattern)")
         targets.append(_Target(name, module, cls, rank, alpha, init))
     return targets
 
@@ -163,9 +193,18 @@ def merge(model: nn.Module) -> nn.Module:
     layers = _require_layers(model, "merge")
     if any(layer.merged for layer in layers.values()):
         raise LoraStateError("model is already merged; call unmerge(model) before merging again")
+    _check_untied(model, layers)
     for layer in layers.values():
         layer.merge()
     return model
+
+
+def _check_untied(model: nn.Module, layers: dict[str, LoraLayer]) -> None:
+    shared = _weight_sharers(model)
+    for name, layer in layers.items():
+        if not layer.merged and id(layer.base_layer.weight) in shared:
+            raise LoraStateError(_tied_error(name, shared[id(layer.base_layer.weight)], "merging") +
+                                 ", or keep this adapter unmerged")
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -184,7 +223,10 @@ def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
     With ``merge_weights`` (default) the adapters are merged first, so the result computes what the adapted model
     did. Without it the base modules come back as they are: for pissa/olora that is the residual weight.
     """
-    for name, layer in _require_layers(model, "unload").items():
+    layers = _require_layers(model, "unload")
+    if merge_weights:
+        _check_untied(model, layers)
+    for name, layer in layers.items():
         if merge_weights and not layer.merged:
             layer.merge()
         parent_name, _, child = name.rpartition(".")

@@ -6,7 +6,9 @@ import copy
 import dataclasses
 import warnings
 
-from loralab import check_identity, init_schemes, inject
+import torch
+
+from loralab import init_schemes, inject
 from loralab.config import LoraConfig
 
 from .config import ModelConfig
@@ -14,14 +16,20 @@ from .config import ModelConfig
 PROBE_TEXT = "User: What is low-rank adaptation?\nAssistant: A small trainable update to a frozen weight."
 IDENTITY_TOL = 1e-4   # max |Δ logits| relative to max |logits|: float32 noise is ~1e-6, a real change far above
 
+@torch.no_grad()
 def identity_table(model_cfg: ModelConfig, lora: LoraConfig, *, seed: int = 0) -> list[dict]:
-    """One row per registered scheme: its promises and the measured max |Δ logits| at init on ``model_cfg``."""
+    """One row per registered scheme: its promises and the measured max |Δ logits| at init on ``model_cfg``.
+
+    The reference is the model's own logits before injection, so a scheme that rewrites the base (pissa, olora) is
+    checked against the true pretrained model, not against its own reconstruction of it.
+    """
     from .models import load_model
 
     model, tokenizer = load_model(model_cfg, "cpu")
-    model.requires_grad_(False)
+    model.requires_grad_(False).eval()
     ids = tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
-    ref_scale = model(input_ids=ids).logits.abs().max().item()
+    ref = model(input_ids=ids).logits.float()
+    ref_scale = ref.abs().max().item()
     rows = []
     for name, scheme in init_schemes().items():
         row = {"init": name, "preserves_output": scheme.preserves_output, "modifies_base": scheme.modifies_base,
@@ -31,7 +39,7 @@ def identity_table(model_cfg: ModelConfig, lora: LoraConfig, *, seed: int = 0) -
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 adapted = inject(copy.deepcopy(model), cfg, seed=seed)
-            delta = check_identity(adapted, input_ids=ids)
+            delta = (adapted(input_ids=ids).logits.float() - ref).abs().max().item()
             row.update(max_abs_logits=delta, relative=delta / ref_scale,
                        ok=(delta / ref_scale < IDENTITY_TOL) == scheme.preserves_output)
         except ValueError as e:  # e.g. an odd rank for the orthogonal family
