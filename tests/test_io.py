@@ -203,3 +203,11 @@ def test_save_needs_an_unmerged_adapter(tmp_path):
     merge(model)
     with pytest.raises(AdapterError, match="unmerge"):
         save_adapter(model, tmp_path)
+
+
+def test_save_to_a_file_path_says_an_adapter_is_a_directory(tmp_path):
+    model = inject(tiny_llama(), LoraConfig(rank=4, targets=["q_proj"]))
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(AdapterError, match=r"'.*taken': it is a file, and an adapter is a directory"):
+        save_adapter(model, tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "x"

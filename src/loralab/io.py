@@ -140,7 +140,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, portable: bool = 
     sidecar = {"format": 1, "loralab_version": __version__, "seed": getattr(model, "lora_seed", None),
                "init": "standard" if exported else cfg.init, "init_kwargs": {} if exported else dict(cfg.init_kwargs),
                "init_pattern": {} if exported else dict(cfg.init_pattern), "portable_export_of": cfg.init if exported else None}
-    out = Path(path)
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"cannot save the adapter to {str(out)!r}: it is a file, and an adapter is a directory "
+                           f"(adapter_config.json + adapter_model.safetensors); give a directory path")
     out.mkdir(parents=True, exist_ok=True)
     _atomic(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _atomic(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
