@@ -169,3 +169,19 @@ def test_a_pack_that_runs_out_of_gpu_memory_is_split(assets, tmp_path, monkeypat
     assert [r.run_id for r in results] == [j.run_id for j in jobs]
     assert all(r.status == "ok" and r.steps == 2 for r in results)
     assert all(store.run(j.run_id).result()["status"] == "ok" for j in jobs)
+
+
+@pytest.mark.parametrize("init, shares", [("standard", True), ("pissa", False)])
+def test_a_pack_shares_the_frozen_base_unless_an_init_rewrites_it(assets, init, shares):
+    """No second copy of the base on the device; pissa/olora write the base, so their pack gets its own copy and the
+    shared base stays as it was."""
+    model, _ = assets
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pack = Pack(model, [run_cfg(init)])
+    base_ptrs = {t.data_ptr() for t in model.parameters()}
+    pack_ptrs = {t.data_ptr() for n, t in pack.model.named_parameters() if "lora_" not in n}
+    assert (pack_ptrs <= base_ptrs) == shares and bool(pack_ptrs & base_ptrs) == shares
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert all(not isinstance(m, PackedLayer) for m in model.modules())   # the base's module tree is untouched

@@ -78,7 +78,11 @@ class Pack:
         if len({pack_key(r) for r in runs}) != 1:
             raise ValueError("runs in one pack must differ only in " +
                              ", ".join(f"{s}.{f}" for s, fs in PACKABLE.items() for f in fs))
-        self.model = copy.deepcopy(base_model)
+        # The pack's model is a new module tree on the same frozen tensors (no second copy of the base on the
+        # device), except when an init rewrites base weights: then the tensors are copied too.
+        moves = any(get_scheme(i).modifies_base for r in runs for i in {r.lora.init, *r.lora.init_pattern.values()})
+        shared = {} if moves else {id(t): t for t in (*base_model.parameters(), *base_model.buffers())}
+        self.model = copy.deepcopy(base_model, shared)
         plans = [plan(self.model, r.lora, seed=r.train.seed) for r in runs]
         for p, r in zip(plans, runs):
             warn_identity(p, r.lora, stacklevel=3)
