@@ -9,8 +9,8 @@ import os
 import pytest
 
 from loralab.lab import store as store_mod
-from loralab.lab.store import (ManifestMismatchError, RunResult, RunStore, SweepStore, atomic_write_json, read_json,
-                               to_strict_json)
+from loralab.lab.store import (CorruptFileError, ManifestMismatchError, RunResult, RunStore, SweepStore,
+                               atomic_write_json, check_out_dir, read_json, to_strict_json)
 
 
 def _strict_load(path):
@@ -156,4 +156,88 @@ def test_records_cover_every_run_in_manifest_order(tmp_path):
     assert [r.axes for r in recs[:5]] == axes
     assert recs[1].get("final_eval_loss") is None and recs[2].get("error") == "boom"
     assert recs[3].eval_curve() == [(0, 2.5)] and recs[4].metrics == ()
-    assert sweep.finished_ids() == ["ok1", "div", "fail"]
+    assert sweep.finished_ids() == ["ok1", "div"]   # a failed run is recorded, but a resumed sweep redoes it
+
+
+# ---- failed and unreadable results: redone, the old file moved aside, never deleted --------------------------------
+
+def test_failed_result_is_not_finished_and_reset_moves_it_aside(tmp_path):
+    run = RunStore(tmp_path / "r")
+    for attempt in (1, 2):
+        run.write_config("r", {}, {})
+        run.write_result(RunResult("r", "failed", error=f"boom {attempt}", traceback="Traceback ..."))
+        assert run.status() == "failed" and not run.is_finished()
+        moved = run.reset()
+        assert moved.name == ("result.json.failed" if attempt == 1 else "result.json.failed-2")
+        assert read_json(moved)["error"] == f"boom {attempt}"   # the error and traceback are kept
+        assert run.status() is None and not (run.root / "config.json").exists()
+    for status in ("ok", "diverged"):   # results: never redone, never reset
+        other = RunStore(tmp_path / status)
+        other.write_result(RunResult(status, status))
+        assert other.is_finished()
+        with pytest.raises(RuntimeError, match="finished"):
+            other.reset()
+
+
+@pytest.mark.parametrize("text,fragment", [('{"run_id": "r", "status": "ok", "fin', "not valid JSON"),
+                                           ("[1, 2]", "not a JSON object"),
+                                           ('{"run_id": "r", "status": "done"}', "status 'done'")],
+                         ids=["truncated", "a list", "unknown status"])
+def test_unreadable_result_names_the_file_and_is_moved_aside_by_reset(tmp_path, text, fragment):
+    run = RunStore(tmp_path / "r")
+    run.write_config("r", {"train.lr": 0.1}, {})
+    (run.root / "result.json").write_text(text)
+    with pytest.raises(CorruptFileError) as e:
+        run.result()
+    assert str(run.root / "result.json") in str(e.value) and fragment in str(e.value)
+    assert "rerun the sweep" in str(e.value)
+    assert run.status() == "corrupt" and not run.is_finished()
+    moved = run.reset()
+    assert moved == run.root / "result.json.corrupt" and moved.read_text() == text
+    assert run.status() is None
+
+
+def test_records_list_an_unreadable_result_as_unfinished(tmp_path):
+    sweep = SweepStore(tmp_path)
+    sweep.write_manifest("s", {"train.lr": [0.1, 0.2]}, ["a", "b"], {}, run_axes=[{"train.lr": 0.1},
+                                                                                  {"train.lr": 0.2}])
+    sweep.run("a").write_result(RunResult("a", "ok", {"train.lr": 0.1}))
+    sweep.run("b").write_config("b", {"train.lr": 0.2}, {})
+    (sweep.run("b").root / "result.json").write_text('{"status": "ok", "run_')
+    a, b = sweep.records()
+    assert (a.status, a.problem) == ("ok", None)
+    assert b.status == "unfinished" and b.result is None and str(sweep.run("b").root / "result.json") in b.problem
+
+
+def test_unreadable_manifest_names_the_file(tmp_path):
+    (tmp_path / "sweep.json").write_text('{"name": "s", "run_ids": [')
+    with pytest.raises(CorruptFileError, match=r"sweep\.json is not valid JSON.*new out_dir"):
+        SweepStore(tmp_path).manifest()
+    (tmp_path / "sweep.json").write_text("[1, 2]")
+    with pytest.raises(CorruptFileError, match=str(tmp_path / "sweep.json")):
+        SweepStore(tmp_path).records()
+
+
+def test_manifest_mismatch_names_the_fields_that_differ(tmp_path):
+    sweep = SweepStore(tmp_path)
+    base = {"train": {"max_steps": 3, "lr": 1e-3}, "lora": {"targets": ["q_proj"]}}
+    sweep.write_manifest("s", {"lora.init": ["standard"]}, ["a"], base)
+    new = {"train": {"max_steps": 4, "lr": 1e-3}, "lora": {"targets": ["q_proj", "v_proj"]}}
+    with pytest.raises(ManifestMismatchError) as e:
+        sweep.check_manifest("s", {"lora.init": ["standard", "reversed"]}, ["b", "c"], new)
+    msg = str(e.value)
+    assert "train.max_steps: 3 in the store, 4 now" in msg
+    assert 'lora.targets: ["q_proj"] in the store, ["q_proj", "v_proj"] now' in msg
+    assert 'grid.lora.init: ["standard"] in the store, ["standard", "reversed"] now' in msg
+    assert "train.lr" not in msg and "new out_dir" in msg and "the config it was made with" in msg
+
+
+def test_out_dir_expands_home_and_must_be_a_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert SweepStore("~/runs/x").root == tmp_path / "runs" / "x"
+    assert check_out_dir("~/runs/x") == tmp_path / "runs" / "x"   # creatable: fine, and not created
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(ValueError, match=f"out_dir {bad} .*file"):
+            check_out_dir(bad)

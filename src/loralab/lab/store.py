@@ -1,12 +1,12 @@
 """The run store: one directory per run, the only code that writes or reads run files.
 
 Layout (the lab spec's "Store format"): ``<out_dir>/sweep.json`` (manifest), and per run ``<out_dir>/runs/<run_id>/``
-with ``config.json``, ``metrics.jsonl``, ``diagnostics.json`` and ``result.json`` (a run is finished iff it exists).
+with ``config.json``, ``metrics.jsonl``, ``diagnostics.json`` and ``result.json``. A run is finished iff its
+``result.json`` reads back with status ``ok`` or ``diverged`` (those are results); a ``failed`` or unreadable one is
+redone by the next sweep, after :meth:`RunStore.reset` moved the old file aside (never deleted: results are data).
 
-Every JSON file except metrics.jsonl is written atomically (temp file in the same directory, fsync, ``os.replace``),
-so a crash leaves either the old file or the new one, never half of one. JSON is strict: NaN and ±inf become ``null``
-(a diverged loss is recorded as "no number", and any JSON reader can load the files). metrics.jsonl is appended line by
-line, so a crash can truncate its last line; readers skip it.
+Every JSON file except metrics.jsonl is written atomically, as strict JSON (``jsonfiles.py``); a diverged loss is
+recorded as ``null``. metrics.jsonl is appended line by line, so a crash can truncate its last line; readers skip it.
 
 Deviation from the spec, additive: ``sweep.json`` may hold ``"run_axes"`` (the axes of each run, parallel to
 ``run_ids``) so that runs never started still have axes in :meth:`SweepStore.records`.
@@ -15,61 +15,24 @@ Deviation from the spec, additive: ``sweep.json`` may hold ``"run_axes"`` (the a
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .jsonfiles import CorruptFileError, atomic_write_json, flat, move_aside, read_json, read_object, to_strict_json
+from .records import RunRecord, load_record
+
+# The JSON helpers now live in jsonfiles.py; they stay importable from here.
+__all__ = ["CorruptFileError", "ManifestMismatchError", "RunRecord", "RunResult", "RunStore", "SweepStore",
+           "atomic_write_json", "check_out_dir", "load_record", "read_json", "to_strict_json"]
+
 STATUSES = ("ok", "diverged", "failed")
+FINISHED = ("ok", "diverged")   # results; a failed run is recorded, but a resumed sweep tries it again
 CONFIG, METRICS, DIAGNOSTICS, RESULT = "config.json", "metrics.jsonl", "diagnostics.json", "result.json"
 MANIFEST = "sweep.json"
-
-
-def to_strict_json(obj: Any) -> Any:
-    """``obj`` with every non-finite float replaced by ``None`` (tuples become lists), ready for ``allow_nan=False``."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): to_strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_strict_json(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return to_strict_json(obj.item())
-    return obj
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as strict JSON to ``path`` so that readers see the old file or the new one, never a part.
-
-    The text is serialized before any file is touched (a non-serializable object leaves nothing behind), written to
-    a temp file in the same directory (same file system, so the rename is atomic), fsynced, then ``os.replace``-d.
-    """
-    path = Path(path)
-    text = json.dumps(to_strict_json(obj), allow_nan=False, indent=2) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """Parse the JSON file at ``path`` (raises ``FileNotFoundError`` if it is missing)."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def _read_optional(path: Path) -> Any:
-    return read_json(path) if path.exists() else None
 
 
 @dataclass(frozen=True)
@@ -153,19 +116,38 @@ class RunStore:
         atomic_write_json(self.root / DIAGNOSTICS, dict(diagnostics))
 
     def write_result(self, result: RunResult) -> None:
-        """Write ``result.json``, which marks the run finished; a result is written once (a second one raises)."""
-        if self.is_finished():
+        """Write ``result.json``; a result is written once (a second one raises; :meth:`reset` moves one aside)."""
+        if (self.root / RESULT).exists():
             raise FileExistsError(f"{self.root / RESULT} exists: a run's result is written once")
         atomic_write_json(self.root / RESULT, result.to_json())
 
     def result(self) -> dict | None:
-        return _read_optional(self.root / RESULT)
+        """``result.json`` parsed, ``None`` when missing.
+
+        Raises:
+            CorruptFileError: it exists but is not a result (bad JSON, not an object, an unknown status).
+        """
+        path = self.root / RESULT
+        fix = (f"rerun the sweep to redo the run (it moves the file aside to {RESULT}.corrupt), or restore the file "
+               "from a copy")
+        result = read_object(path, fix)
+        if result is not None and result.get("status") not in STATUSES:
+            raise CorruptFileError(f"{path} has status {result.get('status')!r}, not one of {STATUSES}; {fix}")
+        return result
+
+    def status(self) -> str | None:
+        """The status in ``result.json``; ``"corrupt"`` when it cannot be read, ``None`` when there is none."""
+        try:
+            result = self.result()
+        except CorruptFileError:
+            return "corrupt"
+        return None if result is None else result["status"]
 
     def config(self) -> dict | None:
-        return _read_optional(self.root / CONFIG)
+        return read_object(self.root / CONFIG)
 
     def diagnostics(self) -> dict | None:
-        return _read_optional(self.root / DIAGNOSTICS)
+        return read_object(self.root / DIAGNOSTICS)
 
     def metrics(self) -> list[dict]:
         """The metric records in order, skipping lines that do not parse (a crash can truncate the last one)."""
@@ -186,86 +168,84 @@ class RunStore:
         return out
 
     def is_finished(self) -> bool:
-        return (self.root / RESULT).exists()
+        """True iff the run has a readable ``ok`` or ``diverged`` result: a resumed sweep never redoes it."""
+        return self.status() in FINISHED
 
-    def reset(self) -> None:
-        """Remove the files of an unfinished run so it can be redone; a finished run is never erased."""
-        if self.is_finished():
-            raise RuntimeError(f"refusing to reset {self.root}: the run is finished ({RESULT} exists)")
+    def reset(self) -> Path | None:
+        """Clear an unfinished run so it can be redone; a finished run is never erased.
+
+        A ``failed`` result is moved aside to ``result.json.failed`` (its error and traceback are kept), an
+        unreadable one to ``result.json.corrupt``; the other files of the attempt are removed.
+
+        Returns:
+            Where the old ``result.json`` went, or ``None`` if there was none.
+        """
+        status = self.status()
+        if status in FINISHED:
+            raise RuntimeError(f"refusing to reset {self.root}: the run is finished ({RESULT} says {status!r})")
         if not self.root.exists():
-            return
+            return None
+        moved = move_aside(self.root / RESULT, f".{status}") if status is not None else None
         for p in [self.root / n for n in (CONFIG, METRICS, DIAGNOSTICS)] + list(self.root.glob(".*.tmp")):
             p.unlink(missing_ok=True)
+        return moved
 
 
-@dataclass(frozen=True)
-class RunRecord:
-    """One run as read back from the store: its files joined, for reports.
-
-    Attributes:
-        run_id: the run's id.
-        status: ``"ok"``, ``"diverged"``, ``"failed"`` (from result.json), ``"unfinished"`` (files but no result:
-            crashed, killed or running) or ``"pending"`` (never started).
-        axes: the run's grid values (from result.json, else config.json, else the manifest's ``run_axes``).
-        path: the run directory.
-        config, result, diagnostics: the parsed files, ``None`` when missing.
-        metrics: the metric records, in order.
-    """
-
-    run_id: str
-    status: str
-    axes: Mapping[str, Any]
-    path: Path
-    config: dict | None = None
-    result: dict | None = None
-    diagnostics: dict | None = None
-    metrics: tuple[dict, ...] = ()
-
-    def get(self, key: str) -> Any:
-        """A field of result.json, ``None`` when the run has no result or no such field."""
-        return (self.result or {}).get(key)
-
-    def eval_curve(self) -> list[tuple[int, float]]:
-        """``(step, eval_loss)`` pairs with a finite loss, in order."""
-        return [(int(m["step"]), float(m["eval_loss"])) for m in self.metrics
-                if m.get("kind") == "eval" and isinstance(m.get("eval_loss"), (int, float))]
-
-
-def load_record(run: RunStore, axes: Mapping[str, Any] | None = None) -> RunRecord:
-    """Read one run's files into a :class:`RunRecord`; ``axes`` is the fallback when no file holds them."""
-    result, config, metrics = run.result(), run.config(), run.metrics()
-    if result is not None:
-        status = result.get("status", "failed")
-    else:
-        status = "unfinished" if config is not None or metrics else "pending"
-    found = (result or {}).get("axes") or (config or {}).get("axes") or axes or {}
-    return RunRecord(run.run_id, status, dict(found), run.root, config, result, run.diagnostics(), tuple(metrics))
+def check_out_dir(path: str | os.PathLike, what: str = "out_dir") -> Path:
+    """``path`` (``~`` expanded) if it is, or can be made, a writable directory; else ``ValueError`` naming it."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is an existing file, not a directory; choose another {what}")
+    parent = next(p for p in (path, *path.parents) if p.exists())   # the root always exists
+    if not parent.is_dir():
+        raise ValueError(f"{what} {path} cannot be created: {parent} is a file; choose another {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path} cannot be written: no write permission on {parent}; choose another {what}")
+    return path
 
 
 class ManifestMismatchError(ValueError):
     """The sweep in ``out_dir`` was made from a different config (its run ids differ)."""
 
 
+def _manifest_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) -> str:
+    """``"train.max_steps: 3 in the store, 4 now; ..."``: the fields of name, base and grid that differ."""
+    a = {**flat(old.get("base", {})), **flat({"grid": old.get("grid", {})}), "name": old.get("name")}
+    b = {**flat(new["base"]), **flat({"grid": new["grid"]}), "name": new["name"]}
+    missing = "(absent)"
+    diffs = [f"{k}: {json.dumps(a.get(k, missing))} in the store, {json.dumps(b.get(k, missing))} now"
+             for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+    if not diffs:   # same fields, other run ids: e.g. a loralab version that hashes configs differently
+        return f"{len(old.get('run_ids', []))} run ids in the store, {len(new['run_ids'])} now, with other ids"
+    return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
 class SweepStore:
     """A sweep's directory: ``sweep.json`` plus ``runs/<run_id>/`` for each run."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = Path(root).expanduser()   # "~/runs" in a config means the home directory, not a dir named "~"
+
+    def check_manifest(self, name: str, grid: Mapping[str, Sequence], run_ids: Sequence[str],
+                       base: Mapping[str, Any]) -> dict | None:
+        """The existing manifest (``None`` if there is none), if it lists the same runs.
+
+        Raises:
+            ManifestMismatchError: it lists other runs (resuming would mix two sweeps), naming the fields that differ.
+            CorruptFileError: ``sweep.json`` cannot be read.
+        """
+        old = self.manifest()
+        if old is not None and list(old.get("run_ids", [])) != list(run_ids):
+            diff = _manifest_diff(old, {"name": name, "grid": grid, "run_ids": run_ids, "base": base})
+            raise ManifestMismatchError(
+                f"{self.root / MANIFEST} was written by a different sweep config ({diff}). Its results would mix "
+                f"with the new ones: use a new out_dir (--set out_dir=...), or rerun with the config it was made with")
+        return old
 
     def write_manifest(self, name: str, grid: Mapping[str, Sequence], run_ids: Sequence[str],
                        base: Mapping[str, Any], run_axes: Sequence[Mapping[str, Any]] | None = None) -> None:
-        """Write ``sweep.json``, or keep the existing one if it lists the same runs.
-
-        Raises:
-            ManifestMismatchError: a manifest with different run ids exists: resuming would mix two sweeps.
-        """
-        old = self.manifest()
-        if old is not None:
-            if list(old.get("run_ids", [])) != list(run_ids):
-                raise ManifestMismatchError(
-                    f"{self.root / MANIFEST} was written by a different sweep config (name {old.get('name')!r}, "
-                    f"{len(old.get('run_ids', []))} runs; now {name!r}, {len(run_ids)} runs). Its results would "
-                    "mix with the new ones: use a new out_dir, or pass the same config to resume.")
+        """Write ``sweep.json``, or keep the existing one if it lists the same runs (see :meth:`check_manifest`)."""
+        if self.check_manifest(name, grid, run_ids, base) is not None:
             return
         manifest = {"name": name, "grid": {k: list(v) for k, v in grid.items()}, "run_ids": list(run_ids),
                     "base": dict(base), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -274,7 +254,9 @@ class SweepStore:
         atomic_write_json(self.root / MANIFEST, manifest)
 
     def manifest(self) -> dict | None:
-        return _read_optional(self.root / MANIFEST)
+        """``sweep.json`` parsed, ``None`` when missing (``CorruptFileError`` naming it when unreadable)."""
+        return read_object(self.root / MANIFEST, "restore it from a copy, or use a new out_dir: without it the "
+                                                    "store cannot tell which runs belong to the sweep")
 
     def run(self, run_id: str) -> RunStore:
         """The store of one run; ``run_id`` must be a plain directory name."""
@@ -290,8 +272,12 @@ class SweepStore:
         seen = set(listed)
         return listed + [r for r in extra if r not in seen]
 
+    def statuses(self, run_ids: Sequence[str]) -> dict[str, str | None]:
+        """``run_id -> RunStore.status()``: ``ok``/``diverged``/``failed``, ``corrupt`` or ``None`` (no result)."""
+        return {r: self.run(r).status() for r in run_ids}
+
     def finished_ids(self) -> list[str]:
-        """Ids of finished runs (``result.json`` exists), in :meth:`run_ids` order."""
+        """Ids of finished runs (an ``ok`` or ``diverged`` result), in :meth:`run_ids` order."""
         return [r for r in self.run_ids() if self.run(r).is_finished()]
 
     def records(self) -> list[RunRecord]:
