@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-
+from pathlib import Path
 
 from loralab import init_schemes
 from loralab.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 NINE = {"standard", "gaussian", "reversed", "orthogonal-qr-match", "orthogonal-qr-const", "orthogonal-eye",
         "random-both", "pissa", "olora"}
 
@@ -113,3 +114,60 @@ def test_check_fails_on_a_broken_promise(capsys, tiny_lm_dir, one_thread, monkey
     assert main(["check", "--model", str(tiny_lm_dir), "--targets", "q_proj,v_proj", "--rank", "4"]) == 1
     table = rows(capsys.readouterr().out)
     assert " ".join(table["standard"]).endswith("BROKEN PROMISE")
+
+
+def test_check_strips_spaces_around_targets(capsys, tiny_lm_dir, one_thread, monkeypatch):
+    """``--targets "q_proj, v_proj"`` names two modules, not q_proj and a " v_proj" that matches nothing."""
+    from loralab.lab import check
+
+    seen, original = [], check.identity_table
+    monkeypatch.setattr(check, "identity_table", lambda model, lora: seen.append(lora.targets) or original(model, lora))
+    assert main(["check", "--model", str(tiny_lm_dir), "--targets", " q_proj, v_proj ,", "--rank", "4"]) == 0
+    assert [list(t) for t in seen] == [["q_proj", "v_proj"]]
+
+
+def test_ctrl_c_in_check_does_not_talk_about_resuming(capsys, monkeypatch):
+    from loralab.lab import check
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(check, "identity_table", interrupted)
+    assert main(["check"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted"
+
+
+# ---- out paths that are files: one line naming the path, exit 2 ------------------------------------------------------
+
+def test_report_out_that_is_a_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "lab"))
+    from synthetic_store import build_grid_store
+
+    build_grid_store(tmp_path / "s", {"train.lr": [1e-3]}, lambda a: ("ok", 2.0))
+    (tmp_path / "taken").write_text("")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        assert main(["report", str(tmp_path / "s"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("loralab report: error: ") and err.count("\n") == 1 and str(out) in err, err
+
+
+def test_width_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    assert main(["width", str(ROOT / "configs" / "width.toml"), "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loralab width: error: ") and err.count("\n") == 1
+    assert f"--out {tmp_path / 'taken'} is an existing file" in err
+
+
+def test_os_errors_name_the_path(tmp_path, capsys, monkeypatch):
+    """Any other OSError (a full disk, a permission) is one line naming the path, not a traceback."""
+    from loralab.lab import report
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "s" / "report"))
+
+    monkeypatch.setattr(report, "write_report", full)
+    assert main(["report", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"loralab report: error: cannot use {tmp_path / 's' / 'report'}: No space left on device\n"

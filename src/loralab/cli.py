@@ -21,7 +21,8 @@ def _check(args) -> int:
     from .lab.check import format_identity_table, identity_table
     from .lab.config import ModelConfig
 
-    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=args.targets.split(","))
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]   # "q_proj, v_proj" names two modules
+    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets)
     rows = identity_table(ModelConfig(name=args.model), lora)
     print(format_identity_table(rows))
     if all(r["ok"] is None for r in rows):
@@ -31,32 +32,38 @@ def _check(args) -> int:
 
 def _sweep(args) -> int:
     from .lab.config import load_sweep
-    from .lab.sweep import dry_run, make_executor, run_sweep
+    from .lab.dry_run import dry_run
+    from .lab.sweep import make_executor, outcome, run_sweep
 
     sweep = load_sweep(args.config, args.set)
+    name = args.executor or sweep.executor
+    if args.address is not None and name != "ray":
+        raise ValueError(f"--address needs --executor ray (the executor is {name!r}, which would ignore it)")
     # Made before the dry run, so that an executor this install cannot run fails the dry run, not the real one.
-    executor = make_executor(args.executor or sweep.executor, progress=not args.no_progress, address=args.address,
-                             resources=sweep.resources, pack=sweep.pack)
+    executor = make_executor(name, progress=not args.no_progress, address=args.address, resources=sweep.resources,
+                             pack=sweep.pack)
     if args.dry_run:
-        return dry_run(sweep)
-    run_sweep(sweep, executor)
-    return 0
+        return dry_run(sweep, executor)
+    return outcome(sweep, run_sweep(sweep, executor))[0]   # 1 when a run failed: scripts and CI see it
 
 
 def _report(args) -> int:
     from .lab.report import write_report
+    from .lab.store import check_out_dir
 
-    for kind, path in write_report(args.run_dir, out=args.out).items():
+    out = args.out and check_out_dir(args.out, "--out")
+    for kind, path in write_report(args.run_dir, out=out).items():
         print(f"{kind}: {path}")
     return 0
 
 
 def _width(args) -> int:
+    from .lab.store import check_out_dir
     from .lab.width import load_width, run_width
     from .lab.width_report import write_width_report
 
     config = load_width(args.config, args.set)
-    out = args.out or config.out_dir
+    out = check_out_dir(args.out or config.out_dir, "--out" if args.out else "out_dir")   # before any training
     run_width(config, out)
     for kind, path in write_width_report(out).items():
         print(f"{kind}: {path}")
@@ -95,15 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _os_error(e: OSError) -> str:
+    """One line naming the path, e.g. ``cannot write /x/report: File exists (an existing file is in the way)``."""
+    if e.filename is None:
+        return str(e)
+    hint = {FileExistsError: " (an existing file is in the way: choose another path)",
+            NotADirectoryError: " (a part of the path is a file, not a directory: choose another path)"}
+    return f"cannot use {e.filename}: {e.strerror}{hint.get(type(e), '')}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except KeyboardInterrupt:
-        print("interrupted: finished runs are stored; rerun the same command to resume", file=sys.stderr)
+        resumable = args.command in ("sweep", "width")   # only these store results as they go
+        print("interrupted" + (": finished runs are stored; rerun the same command to resume" if resumable else ""),
+              file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: the message names the problem and fix
+    except (ValueError, TypeError) as e:  # bad input: the message names the problem and fix
         print(f"loralab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # FileNotFoundError, an out path that is a file, a full disk: name the path
+        print(f"loralab {args.command}: error: {_os_error(e)}", file=sys.stderr)
         return 2
 
 

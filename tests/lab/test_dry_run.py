@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from loralab.cli import main
 from loralab.lab import data as data_mod
 from loralab.lab import models as models_mod
 from loralab.lab import train as train_mod
-from loralab.lab.config import load_sweep
+from loralab.lab.config import load_sweep, to_dict
 from loralab.lab.store import RunResult, SweepStore
 from loralab.lab.sweep import plan_jobs
 
@@ -230,3 +231,84 @@ def test_subprocess_exit_code_and_no_traceback(valid, tmp_path, change, fragment
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     assert fragment in proc.stderr
     assert results_under(tmp_path) == []
+
+
+# ---- what is no run's fault: caught by the dry run, before any training --------------------------------------------
+
+def one_line_error(err: str, *fragments: str) -> None:
+    assert err.startswith("loralab sweep: error: ") and err.count("\n") == 1, err   # one line, no traceback
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_dry_run_catches_a_missing_cuda_device(valid, tmp_path, capsys, nothing_loads):
+    rc, out, err, _ = dry(capsys, write(tmp_path, with_(valid, **{"train.device": "cuda"})))
+    assert rc == 2 and "ok:" not in out
+    one_line_error(err, "train.device='cuda'", "no CUDA device", "train.device=auto")
+
+
+def test_dry_run_catches_data_too_small_for_one_step(valid, tmp_path, capsys, nothing_loads):
+    cfg = with_(valid, **{"data.max_train_chunks": 3, "train.batch_size": 2, "train.grad_accum": 2})
+    rc, out, err, _ = dry(capsys, write(tmp_path, cfg))
+    assert rc == 2 and "ok:" not in out
+    one_line_error(err, "data.max_train_chunks keeps 3 chunks", "= 4", "raise data.max_train_chunks")
+
+
+def test_dry_run_catches_an_out_dir_that_is_a_file(valid, tmp_path, capsys, nothing_loads):
+    (tmp_path / "taken").write_text("")
+    for out_dir in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        rc, out, err, _ = dry(capsys, write(tmp_path, with_(valid, out_dir=str(out_dir))))
+        assert rc == 2 and "ok:" not in out
+        one_line_error(err, f"out_dir {out_dir}", "file")
+
+
+def test_dry_run_expands_home_in_out_dir(valid, tmp_path, capsys, nothing_loads, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    rc, out, err, _ = dry(capsys, write(tmp_path, with_(valid, out_dir="~/runs/x")))
+    assert rc == 0, err
+    assert f"-> {tmp_path / 'home' / 'runs' / 'x'}:" in out
+    assert not list(tmp_path.rglob("~"))
+
+
+def test_dry_run_checks_the_store_manifest_like_the_real_run(valid, tmp_path, capsys, nothing_loads):
+    """A store made by another config: the dry run fails as the real run would, naming the field that differs."""
+    path = write(tmp_path, valid)
+    sweep = load_sweep(path)
+    jobs = plan_jobs(sweep)
+    SweepStore(sweep.out_dir).write_manifest(sweep.name, sweep.grid, [j.run_id for j in jobs], to_dict(sweep.base))
+    assert dry(capsys, path)[0] == 0   # the same config: resumable
+    rc, out, err, _ = dry(capsys, write(tmp_path, with_(valid, **{"train.max_steps": 3})))
+    assert rc == 2 and "ok:" not in out
+    one_line_error(err, "train.max_steps: 2 in the store, 3 now", "new out_dir", "the config it was made with")
+
+
+def test_dry_run_marks_failed_runs_to_redo(valid, tmp_path, capsys, nothing_loads):
+    path = write(tmp_path, valid)
+    jobs = plan_jobs(load_sweep(path))
+    store = SweepStore(load_sweep(path).out_dir)
+    store.run(jobs[0].run_id).write_result(RunResult(run_id=jobs[0].run_id, status="failed", error="boom"))
+    store.run(jobs[1].run_id).write_result(RunResult(run_id=jobs[1].run_id, status="ok"))
+    rc, out, _, _ = dry(capsys, path)
+    assert rc == 0
+    assert f"  redo {jobs[0].run_id}" in out and f"  done {jobs[1].run_id}" in out
+    assert "ok: 3 runs to train, 1 already finished; 1 failed before" in out
+
+
+def test_address_needs_the_ray_executor(valid, tmp_path, capsys, nothing_loads):
+    rc = main(["sweep", str(write(tmp_path, valid)), "--dry-run", "--address", "127.0.0.1:6379"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "ok:" not in out
+    one_line_error(err, "--address needs --executor ray")
+
+
+def test_ray_dry_run_checks_the_address(valid, tmp_path, capsys, nothing_loads):
+    pytest.importorskip("ray")
+    with socket.socket() as s:   # a port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        rc = main(["sweep", str(write(tmp_path, valid)), "--dry-run", "--executor", "ray",
+                   "--address", f"127.0.0.1:{port}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "ok:" not in out
+    one_line_error(err, f"no Ray cluster answers at '127.0.0.1:{port}'", "ray start --head")

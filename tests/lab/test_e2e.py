@@ -165,12 +165,15 @@ def test_sweep_killed_resumed_and_reported(tiny_lm_dir, chat_jsonl, tmp_path):
     before = {name: {f: file_identity(d / f) for f in ("result.json", "metrics.jsonl", "config.json")}
               for name, d in finished.items()}
     manifest = (out / "sweep.json").read_bytes()
+    assert (out / "sweep.lock").exists()   # SIGKILL: no chance to release it
 
     # 2. Rerun the same command to completion.
     second = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "Traceback" not in second.stderr
     assert f"4 runs, {len(finished)} already finished, {4 - len(finished)} to run" in second.stdout
+    assert "note: taking over the stale lock" in second.stdout   # the killed sweep's lock: its pid is gone
+    assert not (out / "sweep.lock").exists()   # released at the end
     for name in finished:   # not redone: not even listed as a job
         assert name not in second.stdout
     assert cut.name in second.stdout

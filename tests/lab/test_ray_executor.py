@@ -22,7 +22,7 @@ from test_e2e import HUGE_LR, MAX_STEPS, SMALL_LR, env, loralab, midway, read_js
 
 from loralab.cli import main
 from loralab.lab.config import load_sweep
-from loralab.lab.store import RunStore, SweepStore
+from loralab.lab.store import RunResult, RunStore, SweepStore
 from loralab.lab.sweep import make_executor, plan_jobs
 
 HERE = Path(__file__).resolve().parent
@@ -138,7 +138,65 @@ def test_a_task_ray_gave_up_on_is_recorded_failed_once(tmp_path):
     assert (run.root / "result.json").read_bytes() == before
 
 
+def test_a_task_redoes_a_failed_run_and_the_driver_keeps_one_result(tiny_lm_dir, chat_jsonl, tmp_path):
+    """The same finished-ness rule as the local executor: a failed result is no reason to skip a run."""
+    pytest.importorskip("ray")
+    from loralab.lab.ray_executor import _gather, _run_one
+
+    cfg = write_config(tmp_path / "sweep.toml", tmp_path / "out", tiny_lm_dir, chat_jsonl)
+    job = plan_jobs(load_sweep(cfg, ["grid.train.lr=[0.001]", "grid.lora.init=['standard']",
+                                     "train.max_steps=2"]))[0]
+    run = SweepStore(tmp_path / "shared").run(job.run_id)
+    run.write_result(RunResult(job.run_id, "failed", error="an old failure"))
+    snapshot = _run_one(job, str(tmp_path / "shared"), False)   # a worker: trains it, the old result moved aside
+    assert snapshot["result"]["status"] == "ok"
+    assert json.loads((run.root / "result.json.failed").read_text())["error"] == "an old failure"
+    assert _gather(run, snapshot).status == "ok"   # the driver on the same (shared) storage: nothing to rewrite
+    assert sorted(p.name for p in run.root.glob("result.json*")) == ["result.json", "result.json.failed"]
+
+
+def test_the_driver_takes_the_sweep_lock(tmp_path):
+    pytest.importorskip("ray")
+    from loralab.lab.config import RunConfig
+    from loralab.lab.lock import LOCK, SweepLockedError
+    from loralab.lab.ray_executor import RayExecutor
+    from loralab.lab.sweep import Job
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK).write_text(f"{other.pid}\n")
+        with pytest.raises(SweepLockedError, match=f"another sweep \\(pid {other.pid}\\)"):
+            RayExecutor(address="127.0.0.1:1").run([Job("r", {}, RunConfig())], SweepStore(tmp_path))
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_ray_gave_up_after_the_worker_wrote_a_failed_result(tmp_path):
+    ray = pytest.importorskip("ray")
+    from loralab.lab.config import RunConfig
+    from loralab.lab.ray_executor import _record_failure
+    from loralab.lab.sweep import Job
+
+    job = Job("run-1", {}, RunConfig())
+    run = SweepStore(tmp_path).run(job.run_id)
+    run.write_result(RunResult("run-1", "failed", error="ValueError: the worker's own"))
+    result = _record_failure(run, job, ray.exceptions.WorkerCrashedError(), max_retries=2)
+    assert result.error == "ValueError: the worker's own"   # written once: the worker's result stands
+
+
 # ---- on a local Ray cluster ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs workers without CUDA")
+def test_a_missing_device_on_a_worker_stops_the_sweep(ray_cluster, tiny_lm_dir, chat_jsonl, tmp_path, capsys):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "sweep.toml", out, tiny_lm_dir, chat_jsonl)
+    kill_rule(ray_cluster, "", times=0)
+    assert main(sweep_cmd(cfg, "--set", "train.device=cuda")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.device='cuda'" in err and "on a Ray worker" in err, err
+    assert not list(out.rglob("result.json"))   # no run recorded failed: none was at fault
 
 @pytest.mark.slow
 def test_ctrl_c_leaves_the_store_consistent_and_a_rerun_resumes(tiny_lm_dir, chat_jsonl, tmp_path):
@@ -219,7 +277,7 @@ def test_a_run_that_keeps_dying_is_recorded_failed_with_the_reason(ray_cluster, 
     cfg = write_config(tmp_path / "sweep.toml", out, tiny_lm_dir, chat_jsonl)
     kill_rule(ray_cluster, "reversed", times=99)
     rc = main(sweep_cmd(cfg, "--set", "grid.train.lr=[0.001]", "--set", "resources.max_retries=1"))
-    assert rc == 0, capsys.readouterr()
+    assert rc == 1, capsys.readouterr()   # a failed run: the command says so
     ids = json.loads((out / "sweep.json").read_text())["run_ids"]
     assert len(ids) == 2 and [d.name for d in run_dirs(out)] == sorted(ids)
     by_init = {check_run(d)["axes"]["lora.init"]: check_run(d) for d in run_dirs(out)}

@@ -221,3 +221,28 @@ def test_markup_escapes_text_in_html():
     html = to_html(blocks, "t")
     assert "a &lt;b&gt;" in html and "<strong>1</strong>" in html and "w &amp; z" in html
     assert "| x\\|y |" in to_markdown(blocks)
+
+
+@pytest.mark.parametrize("text", ['{"run_id": "x", "status": "ok", "final_eval_loss": 2.\x01', "[1, 2]"],
+                         ids=["truncated", "a list"])
+def test_unreadable_result_is_listed_as_unfinished_with_its_path(tmp_path, text):
+    build_grid_store(tmp_path, {"train.lr": [1e-3, 1e-2]}, lambda a: ("ok", 2.0))
+    bad = tmp_path / "runs" / "lr0.01" / "result.json"
+    bad.write_text(text)
+    md = write_report(tmp_path)["md"].read_text()
+    assert "**2 runs**: 1 ok · 1 unfinished" in md
+    (line,) = [x for x in md.splitlines() if x.startswith("- `lr0.01`")]
+    assert "unfinished" in line and str(bad) in line and "rerun the sweep" in line
+    assert bad.read_text() == text   # the report only reads
+
+
+def test_unreadable_manifest_is_named(tmp_path, capsys):
+    from loralab.cli import main
+    from loralab.lab.store import CorruptFileError
+
+    (tmp_path / "sweep.json").write_text('{"name": "s", "grid": {"train.lr": [0.1, 0.')
+    with pytest.raises(CorruptFileError, match="sweep.json is not valid JSON"):
+        write_report(tmp_path)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'sweep.json'} is not valid JSON" in err

@@ -1,11 +1,15 @@
 """Spread a sweep over a Ray cluster: one Ray task per run, asking for the config's ``[resources]``.
 
 Ray is the scheduler (placement, GPUs, retries of dead workers); this module only maps runs to tasks and keeps the
-store's contract (see ``sweep.py``): a run is finished iff its ``result.json`` exists, and it is written once.
+store's contract (see ``sweep.py``): a run is finished iff its ``result.json`` says ``ok`` or ``diverged``, and a
+result is written once. The sweep moves aside the results of ``failed`` runs before submitting them, so any result
+the driver sees belongs to this sweep. The driver holds the out_dir's lock (``lock.py``) while tasks run.
 
-* **Idempotent tasks.** A task first looks for the run's ``result.json`` and returns it if present, so a retried or
+* **Idempotent tasks.** A task first looks for the run's finished result and returns it if present, so a retried or
   duplicated task never trains a finished run again. Otherwise it calls :func:`run_job`, which resets the run's
   directory first, so a retry after a worker died mid-run starts from a clean directory.
+* **Aborts.** A task that raises :class:`.SweepAbort` (e.g. ``train.device=cuda`` on a worker without a GPU) stops
+  the sweep as it does locally: the driver cancels the other tasks and raises it.
 * **Retries are for dead workers only** (``retry_exceptions=False``): an exception in training is already a
   ``failed`` result written by ``run_job``. When Ray gives up (a worker that keeps dying, a lost node, a cancelled
   task), the driver records the run as ``failed`` with Ray's error as the reason.
@@ -35,8 +39,9 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from .config import ResourcesConfig, to_dict
-from .store import RunResult, RunStore, SweepStore
-from .sweep import Job, _Assets, run_job, summarize
+from .lock import SweepLock
+from .store import CorruptFileError, RunResult, RunStore, SweepStore
+from .sweep import Job, SweepAbort, _Assets, run_job, summarize
 
 _WORKER_ASSETS: _Assets | None = None   # per worker process; unused on the driver
 
@@ -63,8 +68,12 @@ def _run_one(job: Job, store_root: str, progress: bool) -> dict[str, Any]:
 
 
 def _gather(run: RunStore, snapshot: dict[str, Any]) -> RunResult:
-    """Write the files a worker returned, unless this machine already sees the run finished (shared storage)."""
-    if not run.is_finished():
+    """Write the files a worker returned, unless this machine already sees them (shared storage)."""
+    try:
+        seen = run.result() == snapshot["result"]
+    except CorruptFileError:
+        seen = False
+    if not seen and not run.is_finished():
         run.reset()
         cfg = snapshot["config"]
         if cfg is not None:
@@ -93,7 +102,7 @@ def _record_failure(run: RunStore, job: Job, err: RayError, max_retries: int) ->
     """Record ``job`` as failed with Ray's reason, unless a result exists (the worker died after writing it)."""
     from .train import versions
 
-    if not run.is_finished():
+    if run.status() is None:   # the worker may have died after writing a result: that one stands
         if run.config() is None:   # keep a partial run's files as they are: they show how far it got
             run.write_config(job.run_id, job.axes, to_dict(job.run))
         error, trace = _failure_text(err, max_retries)
@@ -138,6 +147,15 @@ class RayExecutor:
         """Train every job on the cluster and record each result in ``store`` (see the module docstring)."""
         if not jobs:
             return
+        with SweepLock(store.root, self.log):   # re-entrant: run_sweep holds it already
+            self._run(jobs, store)
+
+    def check(self, jobs: Sequence[Job]) -> None:
+        """Before any run (and in a dry run): a cluster address must answer. Devices are the workers' to check."""
+        if not ray.is_initialized():
+            _check_reachable(self.address)
+
+    def _run(self, jobs: Sequence[Job], store: SweepStore) -> None:
         started = self._connect()
         try:
             # A Ray started here cannot grow; a cluster may (autoscaler), so there it is only a warning.
@@ -202,7 +220,7 @@ class RayExecutor:
                     result = self._finish(job, ref, store)
                     done += 1
                     self.log(f"[{done}/{total}] {job.run_id}\n    {summarize(result)}")
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SweepAbort):
             for ref in pending if cancel else ():
                 ray.cancel(ref, force=True)   # force: kill the worker mid-run; its run stays unfinished
             raise
@@ -212,5 +230,7 @@ class RayExecutor:
         try:
             snapshot = ray.get(ref)
         except RayError as e:
+            if isinstance(e, RayTaskError) and isinstance(e.cause, SweepAbort):
+                raise SweepAbort(f"{e.cause} (on a Ray worker, run {job.run_id})") from None
             return _record_failure(run, job, e, self.resources.max_retries)
         return _gather(run, snapshot)

@@ -142,7 +142,8 @@ def _problems(records: Sequence[RunRecord], out_dir: Path) -> list[Block]:
             items.append(f"`{r.run_id}` ({_axes_text(r)}): {error} — traceback: {where}")
         blocks += [("h", 2, f"Failed runs ({len(failed)})"), ("ul", items)]
     if waiting:
-        items = [f"`{r.run_id}` ({_axes_text(r)}): {r.status}" for r in waiting]
+        items = [f"`{r.run_id}` ({_axes_text(r)}): {r.status}" + (f" — {r.problem}" if r.problem else "")
+                 for r in waiting]
         blocks += [("h", 2, f"Unfinished and pending runs ({len(waiting)})"),
                    ("p", "Not counted in the tables; a sweep resumed on this directory redoes them."), ("ul", items)]
     return blocks
@@ -223,10 +224,13 @@ def write_report(out_dir: str | Path, *, row_axis: str = "lora.init", col_axis: 
         ``{"md", "html", "loss_vs_lr", "loss_vs_lr_zoom", "curves", "diagnostics"}`` → file paths
         (``diagnostics`` only when some run has step-0 diagnostics).
 
+    A run whose ``result.json`` cannot be read is listed as unfinished, with the reason.
+
     Raises:
         FileNotFoundError: ``out_dir`` holds no ``sweep.json``.
+        CorruptFileError: ``sweep.json`` cannot be read (naming it).
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
     store = SweepStore(out_dir)
     manifest = store.manifest()
     if manifest is None:
@@ -234,7 +238,7 @@ def write_report(out_dir: str | Path, *, row_axis: str = "lora.init", col_axis: 
     records = store.records()
     lay = make_layout(manifest, row_axis, col_axis, rep_axis)
     cells = cell_grid(lay, records)
-    report_dir = Path(out) if out is not None else out_dir / "report"
+    report_dir = Path(out).expanduser() if out is not None else out_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     paths = _plot_all(report_dir, lay, cells)
     name = manifest.get("name", out_dir.name)

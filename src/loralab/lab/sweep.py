@@ -1,14 +1,21 @@
 """Run a grid of runs, resumably, behind a small executor interface; locally, runs can share a base in packs.
 
-Resume rule: a run is finished iff its ``result.json`` exists. Rerunning the same command skips finished runs, resets
-and redoes unfinished ones (killed or crashed mid-run), and runs the rest. A run that raises is recorded as
-``failed`` with its traceback and the sweep goes on; Ctrl-C stops the sweep and leaves the interrupted run
+Resume rule: a run is finished iff its ``result.json`` says ``ok`` or ``diverged`` (those are results). Rerunning the
+same command skips finished runs, redoes unfinished ones (killed or crashed mid-run) and ``failed`` ones (their old
+result is moved aside, see ``RunStore.reset``), and runs the rest. A run that raises is recorded as ``failed`` with
+its traceback and the sweep goes on; the command then exits 1. Ctrl-C stops the sweep and leaves the interrupted run
 unfinished, to be redone next time.
+
+Errors that are not a run's fault (the configured device is missing, the data cannot fill one step's batches, the
+out_dir is a file, another sweep writes there) would fail every run alike: they raise :class:`SweepAbort` (or a
+``ValueError`` naming the problem) and stop the sweep instead, and ``--dry-run`` checks them before any training.
+One sweep at a time writes to an out_dir (``lock.py``).
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
 import traceback
 from collections import Counter
 from dataclasses import dataclass
@@ -17,7 +24,12 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from .config import RunConfig, SweepConfig, expand, run_id, to_dict
-from .store import RunResult, RunStore, SweepStore
+from .lock import SweepLock
+from .preflight import SweepAbort, check_batches, check_device
+from .store import FINISHED, RunResult, RunStore, SweepStore, check_out_dir
+
+__all__ = ["Executor", "Job", "LocalExecutor", "SweepAbort", "check_sweep", "make_executor", "outcome", "plan_jobs",
+           "plan_packs", "run_job", "run_pack", "run_sweep"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +40,11 @@ class Job:
 
 
 class Executor(Protocol):
-    """Runs jobs and writes each one's result into ``store``; finished jobs are never passed in."""
+    """Runs jobs and writes each one's result into ``store``; finished jobs are never passed in.
+
+    An executor may also have ``check(jobs)``: what can be checked before training (devices, a cluster's address),
+    raising :class:`SweepAbort` or ``ValueError``; the sweep and its dry run call it first.
+    """
 
     def run(self, jobs: Sequence[Job], store: SweepStore) -> None: ...
 
@@ -84,11 +100,15 @@ def run_pack(jobs: Sequence[Job], stores: Sequence[RunStore], assets: _Assets, p
         results[k] = result
         on_result(result)
 
+    for job in jobs:   # before any file is touched: a missing device is no run's failure
+        check_device(job.run.train.device)
     for job, store in zip(jobs, stores):
         store.reset()
         store.write_config(job.run_id, job.axes, to_dict(job.run))
     try:
         model, data = assets.get(jobs[0].run)
+        for job in jobs:
+            check_batches(job.run, len(data.train))
         if len(jobs) == 1:   # the solo path, kept as its own call so a single run is easy to trace and hook
             done(0, train.train_run(jobs[0].run, stores[0], base_model=model, data=data, run_id=jobs[0].run_id,
                                     axes=jobs[0].axes, progress=progress))
@@ -96,6 +116,10 @@ def run_pack(jobs: Sequence[Job], stores: Sequence[RunStore], assets: _Assets, p
             train.train_pack([j.run for j in jobs], stores, base_model=model, data=data,
                              run_ids=[j.run_id for j in jobs], axes=[j.axes for j in jobs], progress=progress,
                              on_done=done)
+    except SweepAbort:
+        for store in stores:   # nothing trained: leave the runs as never started
+            store.reset()
+        raise
     except Exception as e:  # noqa: BLE001 - any failure is a result, and the sweep goes on
         left = [k for k in range(len(jobs)) if k not in results]
         if not (isinstance(e, torch.cuda.OutOfMemoryError) and len(left) > 1):
@@ -154,6 +178,10 @@ class LocalExecutor:
     def __init__(self, progress: bool = True, log: Callable[[str], None] = print, pack: int = 0):
         self.progress, self.log, self.pack = progress, log, pack
 
+    def check(self, jobs: Sequence[Job]) -> None:
+        for device in dict.fromkeys(j.run.train.device for j in jobs):
+            check_device(device)
+
     def run(self, jobs: Sequence[Job], store: SweepStore) -> None:
         assets, done = _Assets(), 0
         for group in plan_packs(jobs, self.pack):
@@ -169,8 +197,8 @@ def make_executor(name: str, **kwargs) -> Executor:
     if name == "local":
         return LocalExecutor(**{k: v for k, v in kwargs.items() if k in ("progress", "log", "pack")})
     if name == "ray":
-        try:
-            import ray  # noqa: F401 - checked here, so a missing Ray fails the dry run, not the real one
+        try:   # checked here, so a missing Ray fails the dry run, not the real one
+            importlib.import_module("ray")
         except ImportError as e:
             raise ValueError("the ray executor needs Ray, which is not installed: pip install 'loralab[ray]' "
                              "(or pip install 'ray>=2.9'), or use --executor local") from e
@@ -181,45 +209,66 @@ def make_executor(name: str, **kwargs) -> Executor:
     raise ValueError(f"unknown executor {name!r}; valid: local, ray")
 
 
-def run_sweep(sweep: SweepConfig, executor: Executor | None = None, log: Callable[[str], None] = print) -> SweepStore:
-    """Run every unfinished job of the grid; returns the store (the report reads it)."""
-    jobs = plan_jobs(sweep)
+def manifest_fields(sweep: SweepConfig, jobs: Sequence[Job]) -> dict:
+    """What ``sweep.json`` records (and is checked against): the same for the real sweep and its dry run."""
+    return {"name": sweep.name, "grid": {k: list(v) for k, v in sweep.grid.items()},
+            "run_ids": [j.run_id for j in jobs], "base": to_dict(sweep.base)}
+
+
+def check_sweep(sweep: SweepConfig, jobs: Sequence[Job], executor: Executor) -> SweepStore:
+    """What the sweep and its dry run check before any training; returns the store (not written to)."""
     store = SweepStore(sweep.out_dir)
-    store.write_manifest(sweep.name, {k: list(v) for k, v in sweep.grid.items()}, [j.run_id for j in jobs],
-                         to_dict(sweep.base), run_axes=[j.axes for j in jobs])
-    done = set(store.finished_ids())
-    todo = [j for j in jobs if j.run_id not in done]
-    log(f"sweep {sweep.name!r}: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run "
-        f"-> {store.root}")
-    (executor or LocalExecutor(log=log)).run(todo, store)
+    check_out_dir(store.root)
+    store.check_manifest(**manifest_fields(sweep, jobs))
+    for job in jobs:   # the real chunk count needs tokenizing (run_pack checks it); a cap below one step fails already
+        if job.run.data.max_train_chunks:
+            check_batches(job.run, job.run.data.max_train_chunks, "data.max_train_chunks keeps")
+    check = getattr(executor, "check", None)
+    if check is not None:
+        check(jobs)
     return store
 
 
-def dry_run(sweep: SweepConfig, log: Callable[[str], None] = print) -> int:
-    """Print the grid and validate model, data and targets of every run without training (seconds)."""
-    from loralab.inject import validate
-
-    from .data import check_data
-    from .models import check_model, model_skeleton
-
-    jobs = plan_jobs(sweep)
-    store = SweepStore(sweep.out_dir)
-    done = set(store.finished_ids()) if store.manifest() else set()
-    axes = list(sweep.grid)
-    log(f"sweep {sweep.name!r} -> {store.root}: {len(jobs)} runs over {', '.join(axes) or 'no axes'}")
+def _prepare_redo(store: SweepStore, jobs: Sequence[Job], statuses: dict, log: Callable[[str], None]) -> int:
+    """Move aside the results of failed and unreadable runs (``RunStore.reset``); returns how many failed before."""
     for job in jobs:
-        log(f"  {'done' if job.run_id in done else 'todo':<5}{job.run_id}")
-    for model_cfg in dict.fromkeys(j.run.model for j in jobs):
-        log(f"model: {check_model(model_cfg)}")
-        skeleton = model_skeleton(model_cfg)
-        for lora in dict.fromkeys(j.run.lora for j in jobs if j.run.model == model_cfg):
-            n = len(validate(skeleton, lora))
-            log(f"  lora {lora.init} r={lora.rank}: {n} modules match targets={lora.targets!r}")
-    for data_cfg in dict.fromkeys(j.run.data for j in jobs):
-        log(f"data: {check_data(data_cfg)}")
-    packs = plan_packs([j for j in jobs if j.run_id not in done], sweep.pack)
-    sizes = ", ".join(f"{n} x {size}" for size, n in sorted(Counter(len(p) for p in packs).items()))
-    log(f"packing (pack={sweep.pack}{' = auto' if sweep.pack == 0 else ''}): locally, the runs to train go in "
-        f"{len(packs)} pack(s): {sizes or 'none'} (count x runs per pack)")
-    log(f"ok: {len(jobs) - len(done)} runs to train, {len(done)} already finished")
-    return 0
+        status = statuses[job.run_id]
+        if status in ("failed", "corrupt"):
+            moved = store.run(job.run_id).reset()
+            if status == "corrupt":
+                log(f"warning: {moved.parent / 'result.json'} could not be read; moved aside to {moved.name}, the "
+                    "run is redone")
+    return sum(statuses[j.run_id] == "failed" for j in jobs)
+
+
+def run_sweep(sweep: SweepConfig, executor: Executor | None = None, log: Callable[[str], None] = print) -> SweepStore:
+    """Run every unfinished or failed job of the grid; returns the store (the report reads it).
+
+    Raises:
+        SweepAbort, ValueError: a problem no run can get past (see the module docstring); nothing is trained.
+    """
+    jobs = plan_jobs(sweep)
+    executor = executor or LocalExecutor(log=log)
+    store = check_sweep(sweep, jobs, executor)
+    with SweepLock(store.root, log):
+        store.write_manifest(**manifest_fields(sweep, jobs), run_axes=[j.axes for j in jobs])
+        statuses = store.statuses([j.run_id for j in jobs])
+        todo = [j for j in jobs if statuses[j.run_id] not in FINISHED]
+        failed = _prepare_redo(store, todo, statuses, log)
+        log(f"sweep {sweep.name!r}: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run"
+            + (f" ({failed} of them failed before: redoing them)" if failed else "") + f" -> {store.root}")
+        executor.run(todo, store)
+    log(outcome(sweep, store)[1])
+    return store
+
+
+def outcome(sweep: SweepConfig, store: SweepStore) -> tuple[int, str]:
+    """``(exit code, last line)`` of a sweep: 1 when any of its runs ended ``failed``, else 0."""
+    statuses = store.statuses((store.manifest() or {}).get("run_ids", []))
+    counts = Counter(s or "not run" for s in statuses.values())
+    text = ", ".join(f"{n} {s}" for s, n in counts.items())
+    if counts["failed"]:
+        return 1, (f"sweep {sweep.name!r} FAILED: {counts['failed']} of {len(statuses)} runs failed ({text}); their "
+                   f"errors are in {store.root}/runs/*/result.json; fix the cause and rerun the same command to redo "
+                   "them")
+    return 0, f"sweep {sweep.name!r} done: {text} -> {store.root}"
