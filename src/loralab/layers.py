@@ -46,7 +46,8 @@ class Dropout(nn.Module):
         n = x.numel()
         words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
         bits = words.view(torch.int16)[:n].view(x.shape)     # uniform over [-32768, 32767]
-        return torch.where(bits >= self.drop - 32768, x, 0.0), self.scale
+        keep = (bits >= self.drop - 32768).to(x.dtype)        # a float mask: its backward is one multiply
+        return x * keep, self.scale
 
     def forward(self, x: Tensor) -> Tensor:
         y, factor = self.masked(x)
@@ -68,23 +69,19 @@ def down(x: Tensor, a: Tensor, scale: float | Tensor) -> Tensor:
 
 
 def add_update(out: Tensor, h: Tensor, b: Tensor, *, inplace: bool = True) -> Tensor:
-    """``out + h Bᵀ`` for ``h: (..., r)`` and ``b: (d_out, r)``, or per run ``(K, n, r)`` and ``(K, d_out, r)``.
+    """``out + h Bᵀ`` for ``out: (n, d_out)``, ``h: (n, r)``, ``b: (d_out, r)``, or batched per run with a leading K.
 
-    With ``inplace`` (only for a fresh tensor that autograd has not saved, as an ``nn.Linear`` output) the update is
-    added inside the GEMM (``addmm_``): no pass over the output and no allocation for the sum. Under autocast the
-    factors take the autocast dtype, as the matmul would give them.
+    With ``inplace`` (only for a fresh tensor that autograd has not saved and that is not a view, as the output of
+    an ``nn.Linear`` on a 2-D input) the update is added inside the GEMM (``addmm_``): no extra pass over the output
+    and no allocation. Under autocast the factors take the autocast dtype, as the matmul would give them.
     """
     device = out.device.type
     if torch.is_autocast_enabled(device) and out.dtype == torch.get_autocast_dtype(device):
         h, b = h.to(out.dtype), b.to(out.dtype)
-    if inplace and h.dtype == b.dtype == out.dtype and out.is_contiguous():
-        if b.dim() == 2:
-            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t())
-        else:
-            out.view(b.shape[0], -1, out.shape[-1]).baddbmm_(h, b.mT)
-        return out
+    if inplace and h.dtype == b.dtype == out.dtype:
+        return out.addmm_(h, b.t()) if b.dim() == 2 else out.baddbmm_(h, b.mT)
     delta = F.linear(h, b) if b.dim() == 2 else torch.bmm(h, b.mT)
-    return out + delta.view(out.shape).to(out.dtype)
+    return out + delta.to(out.dtype)
 
 
 class LoraLayer(nn.Module):
@@ -203,8 +200,10 @@ class Linear(LoraLayer):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.merged or self.disabled or type(self.base_layer) is not nn.Linear:
             return super().forward(x, *args, **kwargs)
-        xd, unbias = self.dropout.masked(x)
-        return add_update(self.base_layer(x), down(xd, self.lora_A, self.scale * unbias), self.lora_B)
+        x2 = x.reshape(-1, x.shape[-1])   # 2-D, so the in-place add needs no view of the output (autograd would
+        xd, unbias = self.dropout.masked(x2)   # then replay the view in backward, at the cost of a copy)
+        out = add_update(self.base_layer(x2), down(xd, self.lora_A, self.scale * unbias), self.lora_B)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class GPT2Conv1D(Linear):

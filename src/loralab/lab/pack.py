@@ -56,19 +56,21 @@ class PackedLayer(nn.Module):
         self.batched = all(type(r) is Linear for r in runs) and len({r.rank for r in runs}) == 1
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         if not self.active:
-            return out
+            return self.base_layer(x, *args, **kwargs)
         runs = [self.runs[k] for k in self.active]
         if not self.batched:
+            out = self.base_layer(x, *args, **kwargs)
             parts = x.chunk(len(runs))
             delta = torch.cat([r.lora_delta(r.dropout(p), r.lora_A, r.lora_B) for r, p in zip(runs, parts)])
             return out + delta.to(out.dtype)
+        x3 = x.reshape(len(runs), -1, x.shape[-1])                # (K, n, d_in): rows of run k, as a 3-D base input
         a = torch.stack([r.lora_A * r.scale for r in runs])     # (K, r, d_in); scales as Python floats: no device copy
         b = torch.stack([r.lora_B for r in runs])               # (K, d_out, r)
-        xd, unbias = runs[0].dropout.masked(x)
-        h = down(xd, a, unbias)                                 # (K, n, r)
-        return add_update(out, h, b, inplace=type(self.base_layer) is nn.Linear)
+        xd, unbias = runs[0].dropout.masked(x3)
+        out = add_update(self.base_layer(x3, *args, **kwargs), down(xd, a, unbias), b,
+                         inplace=type(self.base_layer) is nn.Linear)   # (K, n, d_out)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class Pack:
