@@ -4,9 +4,10 @@
 
 It takes bench_step.py's options; ``--steps`` is the number of profiled steps per variant.
 
-Groups: matmul (aten::mm/addmm/bmm: the base's projections, the lm_head and the LoRA factors), attention (SDPA),
-dropout (the LoRA input masks), loss (softmax / log-softmax / logsumexp and their backward), other (norms,
-activations, rotary, copies, adds, and AdamW's small elementwise updates).
+Groups: matmul (aten::mm/addmm/bmm/baddbmm: the base's projections, the lm_head and the LoRA factors), attention
+(SDPA), dropout (drawing the LoRA input masks; applying loralab's float mask is a multiply, counted in other), loss
+(softmax / log-softmax / logsumexp and their backward), other (norms, activations, rotary, copies, adds, and AdamW's
+small elementwise updates).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_step  # noqa: E402
 
-GROUPS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
+GROUPS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul"),
           "attention": ("scaled_dot_product",),
-          "dropout": ("bernoulli", "aten::randint", "aten::random_", "aten::where"),
+          "dropout": ("bernoulli", "aten::randint", "aten::random_", "aten::where", "aten::ge"),
           "loss": ("softmax", "logsumexp", "aten::exp", "nll_loss", "aten::sub")}
 
 
