@@ -61,8 +61,10 @@ def loralab_variant(base, args, compile_: bool):
 
     model = inject(copy.deepcopy(base), LoraConfig(rank=args.rank, alpha=2 * args.rank, targets=args.targets,
                                                    dropout=args.dropout))
-    if compile_:   # compile the backbone's forward (the module itself would call back into itself); the loss stays eager
-        model.base_model.forward = torch.compile(model.base_model.forward)
+    if compile_:   # as the lab does with train.compile = true
+        from loralab.lab.train import compile_backbone
+
+        compile_backbone(model)
     return model, lambda ids: sequence_losses(model, ids).mean()
 
 

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loralab import LoraConfig
-from loralab.lab.config import (ConfigError, DataConfig, ModelConfig, RunConfig, SweepConfig, TrainConfig, expand,
-                                from_dict, load_sweep, parse_sweep, run_id, to_dict)
+from loralab.lab.config import (EXECUTION_ONLY, ConfigError, DataConfig, ModelConfig, RunConfig, SweepConfig,
+                                TrainConfig, expand, from_dict, load_sweep, parse_sweep, run_id, to_dict)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "example.toml"
 SAFE_ID = re.compile(r"^[A-Za-z0-9._+-]+-[0-9a-f]{8}$")
@@ -363,7 +363,15 @@ _BASE = RunConfig(lora=LoraConfig(init="gaussian"))   # so both init and init_kw
 
 
 def test_every_field_is_covered_by_the_change_table():
-    assert {s: set(c) for s, c in _CHANGES.items()} == {s: set(to_dict(_BASE)[s]) for s in to_dict(_BASE)}
+    covered = {s: set(c) | {f for sec, f in EXECUTION_ONLY if sec == s} for s, c in _CHANGES.items()}
+    assert covered == {s: set(to_dict(_BASE)[s]) for s in to_dict(_BASE)}
+
+
+@pytest.mark.parametrize("section, key", EXECUTION_ONLY)
+def test_execution_only_fields_keep_the_id(section, key):
+    changed = dataclasses.replace(_BASE, **{section: dataclasses.replace(getattr(_BASE, section), **{key: True})})
+    assert changed != _BASE and to_dict(changed)[section][key] is True   # recorded in config.json all the same
+    assert run_id(changed, {}) == run_id(_BASE, {})
 
 
 @pytest.mark.parametrize("section, key, value", [(s, k, v) for s, c in _CHANGES.items() for k, v in c.items()])

@@ -203,3 +203,34 @@ def test_huge_lr_diverges_and_is_recorded(assets, tmp_path, eval_every):
     assert result.initial_eval_loss is not None and math.isfinite(result.initial_eval_loss)
     blown = result.final_eval_loss
     assert blown is None or blown > 2.0 * result.initial_eval_loss or not math.isfinite(blown)
+
+
+# ---- train.compile ---------------------------------------------------------------------------------------------------
+
+def test_compile_traces_the_backbone_and_trains_the_same_run(assets, tmp_path, monkeypatch):
+    """``train.compile`` hands the backbone to torch.compile (here with a recording backend that runs the captured
+    graphs as they are, so the numbers must match the eager run) and keeps the run's id."""
+    from loralab.lab.config import run_id
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=recording))
+    torch._dynamo.reset()
+    try:
+        compiled, c_store = train(assets, tmp_path / "compiled", compile=True)
+    finally:
+        torch._dynamo.reset()
+    eager, e_store = train(assets, tmp_path / "eager")
+    assert graphs, "nothing was compiled"
+    assert compiled.status == eager.status == "ok"
+    for a, b in zip(of_kind(c_store, "train"), of_kind(e_store, "train")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert compiled.final_eval_loss == pytest.approx(eager.final_eval_loss, rel=1e-5)
+    cfg = RunConfig(lora=LoraConfig(targets=TARGETS))
+    on = RunConfig(lora=cfg.lora, train=TrainConfig(compile=True))
+    assert run_id(on, {}) == run_id(cfg, {})   # a speed setting: an existing store resumes with it switched on

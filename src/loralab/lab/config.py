@@ -94,6 +94,7 @@ class TrainConfig:
     seed: int = 0                # adapter init, dropout and batch order
     device: str = "auto"         # auto | cpu | cuda | mps
     diverge_factor: float = 2.0  # loss > factor * initial loss (or NaN/inf) -> diverged; ln(vocab) caps a blow-up
+    compile: bool = False        # torch.compile the backbone: faster steps after minutes of compiling; long runs only
 
     def __post_init__(self):
         require(self.lr > 0 and math.isfinite(self.lr), f"TrainConfig.lr must be a positive number; got "
@@ -289,13 +290,19 @@ def expand(sweep: SweepConfig) -> list[tuple[dict[str, Any], RunConfig]]:
     return points
 
 
+EXECUTION_ONLY = (("train", "compile"),)   # fields that change speed, not results: left out of run ids
+
+
 def run_id(run: RunConfig, axes: Mapping[str, Any]) -> str:
     """A stable, filesystem-safe id: a readable prefix from the axes + 8 hex chars of the config's sha256.
 
     ``standard_lr0.001_seed0-1a2b3c4d``. The hash covers the whole resolved config (canonical JSON), so the same
-    config gets the same id in any process, and any change of any field gives another.
+    config gets the same id in any process, and any change of a field (but :data:`EXECUTION_ONLY`) gives another.
     """
-    canonical = json.dumps(to_dict(run), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    d = to_dict(run)
+    for section, field_ in EXECUTION_ONLY:   # how fast a run trains is not what it is: same id, same store
+        d[section].pop(field_)
+    canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:8]
     prefix = "_".join(_label(axis, value) for axis, value in axes.items())
     prefix = re.sub(r"[^A-Za-z0-9._+-]+", "-", prefix)[:60].strip("._-+")

@@ -118,6 +118,16 @@ def _no_amp():
     return contextlib.nullcontext()
 
 
+def compile_backbone(model: nn.Module) -> None:
+    """``torch.compile`` the model's backbone (``model.base_model``, or the model itself), in place.
+
+    The backbone's bound forward is compiled, not the module (which would call back into itself); the fused loss
+    stays eager around it (it is a custom autograd function over chunks).
+    """
+    backbone = getattr(model, "base_model", model)
+    backbone.forward = torch.compile(backbone.forward)
+
+
 def autocast_for(model: nn.Module):
     """CUDA and a half-precision model: autocast in the model's dtype, so the float32 adapters' matmuls run in it
     too. A float32 model (or another device) runs as it is: the configured dtype is what the run computes in."""
@@ -155,6 +165,8 @@ def train_pack(runs: Sequence[RunConfig], stores: Sequence[RunStore], *, base_mo
     torch.manual_seed(first.seed)  # dropout masks
     pack = Pack(base_model, list(runs))
     pack.model.train()
+    if first.compile:
+        compile_backbone(pack.model)
     total = total_steps(first, len(data.train))
     rs = [_Run(cfg, st, rid, ax, _micro_batches(data, cfg.train), math.ceil(cfg.train.warmup_ratio * total))
           for cfg, st, rid, ax in zip(runs, stores, run_ids, axes)]
