@@ -211,3 +211,18 @@ def test_save_to_a_file_path_says_an_adapter_is_a_directory(tmp_path):
     with pytest.raises(AdapterError, match=r"'.*taken': it is a file, and an adapter is a directory"):
         save_adapter(model, tmp_path / "taken")
     assert (tmp_path / "taken").read_text() == "x"
+
+
+def test_a_broad_peft_target_list_loads(tmp_path):
+    """PEFT loads an adapter whose target_modules name modules this model lacks (a list meant for several
+    architectures); so does loralab, adapting the ones present."""
+    base, model = adapted(targets=["q_proj", "v_proj"])
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["target_modules"] = sorted(cfg["target_modules"]) + ["c_attn", "query_key_value"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    loaded = load_adapter(copy.deepcopy(base), tmp_path)
+    assert set(lora_layers(loaded)) == set(lora_layers(model))
+    assert torch.allclose(logits(loaded), logits(model), atol=1e-5)
+    assert torch.allclose(logits(in_peft), logits(model), atol=1e-5)

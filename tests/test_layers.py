@@ -241,3 +241,35 @@ def test_linear_low_precision_paths_match_float32(autocast):
     assert y.dtype == torch.bfloat16
     assert layer.lora_B.grad.dtype == torch.float32
     assert torch.allclose(y.float(), ref, atol=0.05, rtol=0.02)
+
+
+def test_a_hooked_base_output_is_not_modified_in_place():
+    layer = _linear_layer()
+    kept = []
+    layer.base_layer.register_forward_hook(lambda m, args, out: kept.append(out))
+    x = torch.randn(4, 12)
+    y = layer(x)
+    assert torch.allclose(kept[0], F.linear(x, layer.base_layer.weight, layer.base_layer.bias))
+    assert (y - kept[0]).abs().max() > 1e-3
+
+
+def _autograd_nodes(t):
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+    return {type(n).__name__ for n in seen}
+
+
+def test_lora_forward_writes_no_view_in_place():
+    """An in-place add into a view makes autograd replay the view by copy in backward (CopySlices): the fast path
+    must avoid it for 3-D inputs and biased bases, solo and packed."""
+    from loralab.lab.pack import PackedLayer
+
+    layer = _linear_layer(bias=True)
+    x = torch.randn(2, 3, 12, requires_grad=True)
+    assert not {"CopySlices", "AsStridedBackward0"} & _autograd_nodes(layer(x))
+    packed = PackedLayer(layer.base_layer, [layer, _linear_layer(bias=True)])
+    assert not {"CopySlices", "AsStridedBackward0"} & _autograd_nodes(packed(torch.randn(4, 3, 12, requires_grad=True)))

@@ -11,6 +11,7 @@ recompute the residual base on load. ``portable=True`` writes the rank-2r form `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -239,6 +240,16 @@ def _match_tensors(layers: dict[str, LoraLayer], tensors: dict[str, torch.Tensor
     return out
 
 
+def _present_targets(cfg: LoraConfig, model: nn.Module) -> LoraConfig:
+    """PEFT loads an adapter whose ``target_modules`` list has entries that match nothing in this model (a broad list
+    such as ``["q_proj", "c_attn"]``); keep the entries that match, as loralab's own configs must."""
+    if isinstance(cfg.targets, str):
+        return cfg
+    names = [n for n, _ in model.named_modules() if n]
+    kept = tuple(t for t in cfg.targets if any(n == t or n.endswith("." + t) for n in names))
+    return dataclasses.replace(cfg, targets=kept) if kept else cfg
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, seed: int = 0) -> nn.Module:
     """Load an adapter directory (saved by loralab or PEFT) into ``model``; all-or-nothing.
 
@@ -251,7 +262,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, seed: int = 0) ->
         raise AdapterError(f"adapter directory {root} does not exist (or is not a directory)")
     data = _read_json(root / CONFIG_FILE)
     sidecar = _read_json(root / SIDECAR_FILE) if (root / SIDECAR_FILE).exists() else None
-    cfg = config_from_peft(data, sidecar)
+    cfg = _present_targets(config_from_peft(data, sidecar), model)
     tensors = _read_weights(root / WEIGHTS_FILE)
     existing = lora_layers(model)
     planned = None if existing else plan(model, cfg, seed)

@@ -71,15 +71,18 @@ def down(x: Tensor, a: Tensor, scale: float | Tensor) -> Tensor:
 def add_update(out: Tensor, h: Tensor, b: Tensor, *, inplace: bool = True) -> Tensor:
     """``out + h Bᵀ`` for ``out: (n, d_out)``, ``h: (n, r)``, ``b: (d_out, r)``, or batched per run with a leading K.
 
-    With ``inplace`` (only for a fresh tensor that autograd has not saved and that is not a view, as the output of
-    an ``nn.Linear`` on a 2-D input) the update is added inside the GEMM (``addmm_``): no extra pass over the output
-    and no allocation. Under autocast the factors take the autocast dtype, as the matmul would give them.
+    The update is added inside the GEMM (``baddbmm``, or ``addmm_`` in place with ``inplace``, only for a fresh 2-D
+    tensor that nothing else holds, as the output of a hook-free ``nn.Linear`` on a 2-D input): no extra pass over
+    the output. Under autocast the factors take the autocast dtype, as the matmul would give them.
     """
     device = out.device.type
     if torch.is_autocast_enabled(device) and out.dtype == torch.get_autocast_dtype(device):
         h, b = h.to(out.dtype), b.to(out.dtype)
-    if inplace and h.dtype == b.dtype == out.dtype:
-        return out.addmm_(h, b.t()) if b.dim() == 2 else out.baddbmm_(h, b.mT)
+    if h.dtype == b.dtype == out.dtype:
+        if b.dim() == 3:   # out may be a view (a 3-D nn.Linear output): in place would cost a copy in backward
+            return torch.baddbmm(out, h, b.mT)
+        if inplace:
+            return out.addmm_(h, b.t())
     delta = F.linear(h, b) if b.dim() == 2 else torch.bmm(h, b.mT)
     return out + delta.to(out.dtype)
 
@@ -203,7 +206,9 @@ class Linear(LoraLayer):
         # On 2-D rows the in-place add needs no view of the output (autograd would replay one in backward, by copy).
         x2 = x.reshape(-1, x.shape[-1])
         xd, unbias = self.dropout.masked(x2)
-        out = add_update(self.base_layer(x2), down(xd, self.lora_A, self.scale * unbias), self.lora_B)
+        hooked = bool(self.base_layer._forward_hooks)   # a hook may keep the base output: never write into it
+        out = add_update(self.base_layer(x2), down(xd, self.lora_A, self.scale * unbias), self.lora_B,
+                         inplace=not hooked)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 

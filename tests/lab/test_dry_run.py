@@ -248,11 +248,15 @@ def test_dry_run_catches_a_missing_cuda_device(valid, tmp_path, capsys, nothing_
     one_line_error(err, "train.device='cuda'", "no CUDA device", "train.device=auto")
 
 
-def test_dry_run_catches_data_too_small_for_one_step(valid, tmp_path, capsys, nothing_loads):
-    cfg = with_(valid, **{"data.max_train_chunks": 3, "train.batch_size": 2, "train.grad_accum": 2})
+def test_dry_run_catches_data_too_small_for_one_micro_batch(valid, tmp_path, capsys, nothing_loads):
+    cfg = with_(valid, **{"data.max_train_chunks": 3, "train.batch_size": 4})
     rc, out, err, _ = dry(capsys, write(tmp_path, cfg))
     assert rc == 2 and "ok:" not in out
     one_line_error(err, "data.max_train_chunks keeps 3 chunks", "= 4", "raise data.max_train_chunks")
+    # accumulation cycles through the data: 3 chunks can feed steps of 2 micro-batches of 2
+    cfg = with_(valid, **{"data.max_train_chunks": 3, "train.batch_size": 2, "train.grad_accum": 2})
+    rc, out, err, _ = dry(capsys, write(tmp_path, cfg))
+    assert rc == 0 and "ok:" in out
 
 
 def test_dry_run_catches_an_out_dir_that_is_a_file(valid, tmp_path, capsys, nothing_loads):

@@ -74,3 +74,28 @@ def test_an_empty_lock_is_young_then_stale(tmp_path):
     os.utime(tmp_path / LOCK, (old, old))
     with SweepLock(tmp_path, log=lambda s: None):
         assert (tmp_path / LOCK).read_text().split()[0] == str(os.getpid())
+
+
+def test_a_fresh_lock_made_during_a_takeover_is_given_back(tmp_path, monkeypatch, other_process):
+    """Two sweeps read the same stale lock; the first takes it over and writes its own; the second must not then
+    remove that fresh lock (it moves it aside, sees it is not the stale one, puts it back and is refused)."""
+    from loralab.lab import lock as lock_mod
+
+    stale = dead_pid()
+    (tmp_path / LOCK).write_text(f"{stale} {socket.gethostname()}\n")
+    real = lock_mod._holder
+    reads = []
+
+    def racing(path):
+        got = real(path)
+        if len(reads) == 1:   # right after the takeover's read of the stale lock, the other sweep takes it over
+            (tmp_path / LOCK).write_text(f"{other_process} {socket.gethostname()}\n")
+        reads.append(got)
+        return got
+
+    monkeypatch.setattr(lock_mod, "_holder", racing)
+    with pytest.raises(SweepLockedError, match=f"pid {other_process}"):
+        with SweepLock(tmp_path, log=lambda s: None):
+            pass
+    assert (tmp_path / LOCK).read_text().split()[0] == str(other_process)
+    assert not list(tmp_path.glob(f"{LOCK}.stale.*"))

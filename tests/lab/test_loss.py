@@ -84,3 +84,14 @@ def test_a_trainable_lm_head_takes_the_plain_path(tiny_lm_dir):
     assert not fused_loss_ok(model, ids)
     sequence_losses(model, ids).sum().backward()
     assert model.get_output_embeddings().weight.grad is not None   # the plain path trains the head
+
+
+def test_fused_loss_ok_on_a_model_with_dropout_in_train_mode():
+    """GPT-2 has its own dropout (0.1): the check runs in eval mode, else two passes with other masks would differ;
+    the model's mode is left as it was."""
+    from core_helpers import tiny_gpt2
+
+    model = tiny_gpt2().requires_grad_(False).train()
+    assert model.config.resid_pdrop > 0
+    assert fused_loss_ok(model, torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3)))
+    assert model.training

@@ -87,10 +87,18 @@ class SweepLock:
                 raise self._locked(pid, host)
         elif host not in ("", socket.gethostname()) or _alive(pid):
             raise self._locked(pid, host)
-        # A race with another process taking over the same stale lock is possible only in this instant; the O_EXCL
-        # create after it still lets one of them win.
-        self.log(f"note: taking over the stale lock {self.path} (pid {pid} is not running)")
-        self.path.unlink(missing_ok=True)
+        # Two processes may take over the same stale lock: each moves the file aside atomically and checks it moved
+        # the stale one; one that moved a fresh lock (made by the other after it read the stale one) puts it back.
+        aside = self.path.with_name(f"{LOCK}.stale.{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return   # taken over by another process first: try to create it again
+        if _holder(aside) != (pid, host):
+            os.replace(aside, self.path)
+            raise self._locked(*_holder(self.path))
+        self.log(f"note: took over the stale lock {self.path} (pid {pid} is not running)")
+        aside.unlink(missing_ok=True)
 
     def _locked(self, pid: int | None, host: str) -> SweepLockedError:
         where = ("pid unknown" if pid is None else f"pid {pid}") + (

@@ -87,8 +87,13 @@ def fused_loss_ok(model: nn.Module, ids: Tensor) -> bool:
     if parts is None:
         return False
     backbone, weight = parts
-    logits = model(input_ids=ids).logits.float()
-    direct = F.linear(backbone(input_ids=ids).last_hidden_state, weight).float()
+    was_training = model.training
+    model.eval()   # the model's own dropout would make the two passes differ
+    try:
+        logits = model(input_ids=ids).logits.float()
+        direct = F.linear(backbone(input_ids=ids).last_hidden_state, weight).float()
+    finally:
+        model.train(was_training)
     tol = max(1e-4, 4 * torch.finfo(weight.dtype).eps) * logits.abs().max().clamp_min(1.0)
     return bool((direct - logits).abs().max() <= tol)
 

@@ -68,8 +68,7 @@ class PackedLayer(nn.Module):
         a = torch.stack([r.lora_A * r.scale for r in runs])     # (K, r, d_in); scales as Python floats: no device copy
         b = torch.stack([r.lora_B for r in runs])               # (K, d_out, r)
         xd, unbias = runs[0].dropout.masked(x3)
-        out = add_update(self.base_layer(x3, *args, **kwargs), down(xd, a, unbias), b,
-                         inplace=type(self.base_layer) is nn.Linear)   # (K, n, d_out)
+        out = add_update(self.base_layer(x3, *args, **kwargs), down(xd, a, unbias), b)   # (K, n, d_out)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -83,7 +82,7 @@ class Pack:
         # The pack's model is a new module tree on the same frozen tensors (no second copy of the base on the
         # device), except when an init rewrites base weights: then the tensors are copied too.
         moves = any(get_scheme(i).modifies_base for r in runs for i in {r.lora.init, *r.lora.init_pattern.values()})
-        shared = {} if moves else {id(t): t for t in (*base_model.parameters(), *base_model.buffers())}
+        shared = {} if moves else {id(t): t for t in base_model.parameters()}   # buffers (small) stay per pack
         self.model = copy.deepcopy(base_model, shared)
         plans = [plan(self.model, r.lora, seed=r.train.seed) for r in runs]
         for p, r in zip(plans, runs):

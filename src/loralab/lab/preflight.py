@@ -21,10 +21,10 @@ def check_device(name: str) -> None:
 
 
 def check_batches(run: RunConfig, n_train: int, what: str = "the training data has") -> None:
-    """Raise :class:`SweepAbort` when ``n_train`` chunks cannot fill one optimizer step's micro-batches."""
-    need = run.train.batch_size * run.train.grad_accum
+    """Raise :class:`SweepAbort` when ``n_train`` chunks cannot fill one micro-batch (steps cycle through epochs, so
+    that is all a run needs)."""
+    need = run.train.batch_size
     if n_train < need:
-        raise SweepAbort(f"{what} {n_train} chunks of {run.data.seq_len} tokens, fewer than one optimizer step "
-                         f"needs (train.batch_size {run.train.batch_size} x train.grad_accum {run.train.grad_accum} = "
-                         f"{need}); raise data.max_train_chunks (0 = all), or lower train.batch_size, "
-                         "train.grad_accum or data.seq_len")
+        raise SweepAbort(f"{what} {n_train} chunks of {run.data.seq_len} tokens, fewer than one micro-batch needs "
+                         f"(train.batch_size = {need}); raise data.max_train_chunks (0 = all), or lower "
+                         "train.batch_size or data.seq_len")

@@ -83,6 +83,21 @@ def _failed(job: Job, e: BaseException) -> RunResult:
                      traceback=traceback.format_exc(), versions=versions())
 
 
+def _train_jobs(jobs: Sequence[Job], stores: Sequence[RunStore], assets: _Assets, progress: bool,
+                done: Callable[[int, RunResult], None]) -> None:
+    from . import train
+
+    model, data = assets.get(jobs[0].run)
+    for job in jobs:
+        check_batches(job.run, len(data.train))
+    if len(jobs) == 1:   # the solo path, kept as its own call so a single run is easy to trace and hook
+        done(0, train.train_run(jobs[0].run, stores[0], base_model=model, data=data, run_id=jobs[0].run_id,
+                                axes=jobs[0].axes, progress=progress))
+    else:
+        train.train_pack([j.run for j in jobs], stores, base_model=model, data=data, run_ids=[j.run_id for j in jobs],
+                         axes=[j.axes for j in jobs], progress=progress, on_done=done)
+
+
 def run_pack(jobs: Sequence[Job], stores: Sequence[RunStore], assets: _Assets, progress: bool = True,
              on_result: Callable[[RunResult], None] = lambda r: None) -> list[RunResult]:
     """Train ``jobs`` together (one pack, see :mod:`.pack`) and write each result the moment its run ends.
@@ -91,8 +106,6 @@ def run_pack(jobs: Sequence[Job], stores: Sequence[RunStore], assets: _Assets, p
     otherwise a pack that raises records every run not yet finished as ``failed`` with the traceback, and the sweep
     goes on.
     """
-    from . import train
-
     results: dict[int, RunResult] = {}
 
     def done(k: int, result: RunResult) -> None:
@@ -106,16 +119,7 @@ def run_pack(jobs: Sequence[Job], stores: Sequence[RunStore], assets: _Assets, p
         store.reset()
         store.write_config(job.run_id, job.axes, to_dict(job.run))
     try:
-        model, data = assets.get(jobs[0].run)
-        for job in jobs:
-            check_batches(job.run, len(data.train))
-        if len(jobs) == 1:   # the solo path, kept as its own call so a single run is easy to trace and hook
-            done(0, train.train_run(jobs[0].run, stores[0], base_model=model, data=data, run_id=jobs[0].run_id,
-                                    axes=jobs[0].axes, progress=progress))
-        else:
-            train.train_pack([j.run for j in jobs], stores, base_model=model, data=data,
-                             run_ids=[j.run_id for j in jobs], axes=[j.axes for j in jobs], progress=progress,
-                             on_done=done)
+        _train_jobs(jobs, stores, assets, progress, done)
     except SweepAbort:
         for store in stores:   # nothing trained: leave the runs as never started
             store.reset()

@@ -73,7 +73,7 @@ def evaluate(model: nn.Module, chunks: torch.Tensor, batch_size: int, runs: int,
         ids = chunks[i:i + batch_size].to(device)
         with amp():
             losses = sequence_losses(model, ids.repeat(runs, 1), fused=fused)   # run-major (runs·b,)
-        sums += losses.view(runs, -1).sum(1).double().cpu()
+        sums += losses.view(runs, -1).sum(1).cpu().double()   # float64 on the host: MPS has none
     model.train(was_training)
     return (sums / len(chunks)).tolist()
 
@@ -146,7 +146,8 @@ def _micro_batches(data: PackedData, cfg: TrainConfig):
 
 def train_run(run: RunConfig, store: RunStore, *, base_model: nn.Module, data: PackedData, run_id: str,
               axes: dict, progress: bool = True) -> RunResult:
-    """Train one LoRA run on a copy of ``base_model`` and record everything in ``store`` (a pack of one)."""
+    """Train one LoRA run on ``base_model`` (its frozen tensors are shared, never changed) and record everything in
+    ``store`` (a pack of one)."""
     return train_pack([run], [store], base_model=base_model, data=data, run_ids=[run_id], axes=[axes],
                       progress=progress)[0]
 
@@ -197,13 +198,13 @@ def _accumulate(pack: Pack, rs: list[_Run], active: list[int], first_step: bool,
     """Forward/backward of one optimizer step's micro-batches for the ``active`` runs; their mean train losses."""
     cfg = rs[active[0]].cfg.train
     device = next(pack.model.parameters()).device
-    sums = torch.zeros(len(active), dtype=torch.float64, device=device)   # read once per step: one sync
+    sums = torch.zeros(len(active), device=device)   # float32 on the device, read once per step: one sync
     for micro in range(cfg.grad_accum):
         ids = torch.cat([next(rs[k].batches) for k in active]).to(device)        # run-major (K·b, T)
         with amp():
             losses = sequence_losses(pack.model, ids, fused=fused).view(len(active), -1).mean(1)   # (K,)
         (losses.sum() / cfg.grad_accum).backward()    # run k's factors get the gradient of run k's loss only
-        sums += losses.detach().double() / cfg.grad_accum
+        sums += losses.detach().float() / cfg.grad_accum
         for k in active:
             rs[k].tokens += ids.numel() // len(active)
         if first_step and micro == 0:
