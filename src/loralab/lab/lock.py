@@ -97,7 +97,7 @@ class SweepLock:
         if _holder(aside) != (pid, host):
             os.replace(aside, self.path)
             raise self._locked(*_holder(self.path))
-        self.log(f"note: took over the stale lock {self.path} (pid {pid} is not running)")
+        self.log(f"note: taking over the stale lock {self.path} (pid {pid} is not running)")
         aside.unlink(missing_ok=True)
 
     def _locked(self, pid: int | None, host: str) -> SweepLockedError:
