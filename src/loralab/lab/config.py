@@ -1,4 +1,4 @@
-"""Experiment config: frozen dataclasses for one run and for a sweep; TOML files; dotted overrides; grids; run ids.
+"""Experiment config: frozen dataclasses for one run and for a sweep; TOML files; dotted overrides; grids (run ids: runid.py).
 
 Every way in — a TOML file, a ``--set key=value`` override, a grid point — is first a plain dict and then goes
 through :func:`from_dict` (``typecheck.py``), so all of them are checked, and fail, the same way, naming the key.
@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from loralab.config import FrozenMap
@@ -32,9 +30,10 @@ except ModuleNotFoundError:   # Python 3.10: the same parser, as a package
 
 from loralab.config import LoraConfig
 
+from .runid import EXECUTION_ONLY, run_id
 from .typecheck import ConfigError, convert, field_type, fields_of, from_dict, set_path, to_dict, type_name, unknown_key
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "RunConfig", "SweepConfig", "TrainConfig", "expand",
+__all__ = ["EXECUTION_ONLY", "ConfigError", "DataConfig", "ModelConfig", "RunConfig", "SweepConfig", "TrainConfig", "expand",
            "from_dict", "load_sweep", "parse_sweep", "run_id", "to_dict"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -288,38 +287,3 @@ def expand(sweep: SweepConfig) -> list[tuple[dict[str, Any], RunConfig]]:
         except ConfigError as e:
             raise ConfigError(f"grid point {axes}: {e}") from e
     return points
-
-
-EXECUTION_ONLY = (("train", "compile"),)   # fields that change speed, not results: left out of run ids
-
-
-def run_id(run: RunConfig, axes: Mapping[str, Any]) -> str:
-    """A stable, filesystem-safe id: a readable prefix from the axes + 8 hex chars of the config's sha256.
-
-    ``standard_lr0.001_seed0-1a2b3c4d``. The hash covers the whole resolved config (canonical JSON), so the same
-    config gets the same id in any process, and any change of a field (but :data:`EXECUTION_ONLY`) gives another.
-    """
-    d = to_dict(run)
-    for section, field_ in EXECUTION_ONLY:   # how fast a run trains is not what it is: same id, same store
-        d[section].pop(field_)
-    canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    digest = hashlib.sha256(canonical.encode()).hexdigest()[:8]
-    prefix = "_".join(_label(axis, value) for axis, value in axes.items())
-    prefix = re.sub(r"[^A-Za-z0-9._+-]+", "-", prefix)[:60].strip("._-+")
-    return f"{prefix or 'run'}-{digest}"
-
-
-def _label(axis: str, value: Any) -> str:
-    """``("lora.init", "standard")`` -> ``standard``; ``("train.lr", 0.001)`` -> ``lr0.001``."""
-    name = axis.rsplit(".", 1)[-1]
-    if isinstance(value, str):
-        text = value
-    elif isinstance(value, bool):
-        text = name if value else f"no{name}"
-    elif isinstance(value, float):
-        text = f"{name}{value:g}"
-    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        text = "+".join(value)
-    else:
-        text = f"{name}{json.dumps(to_dict(value), sort_keys=True, separators=(',', ':'))}"
-    return text[:24]
