@@ -86,6 +86,7 @@ class Variant:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, fused=device.type == "cuda") if self.params else None
         self.times: list[float] = []
+        self.round_medians: list[float] = []   # CPU: one per interleaved round, for paired ratios
         self.peak_bytes = 0
 
     def step(self, ids) -> float:
@@ -126,9 +127,12 @@ def run(args) -> list[dict]:
         return Variant(name + ("+compile" if compile_ else ""), model, loss, device)
 
     def measure(v: Variant, steps: int):
+        times = []
         for i in range(steps):
             with amp:
-                v.times.append(v.step(batches[i % len(batches)]))
+                times.append(v.step(batches[i % len(batches)]))
+        v.times += times
+        v.round_medians.append(statistics.median(times))
 
     def warm_up(v: Variant):   # compile, allocator and cache warm-up: not timed
         with amp:
@@ -154,7 +158,21 @@ def run(args) -> list[dict]:
     for _ in range(args.rounds):   # interleaved: each round times every variant for a few steps
         for v in variants.values():
             measure(v, max(1, args.steps // args.rounds))
-    return [summary(v, args) for v in variants.values()]
+    rows = [summary(v, args) for v in variants.values()]
+    for ref in ("peft", "base"):
+        if ref in args.variants:
+            paired(rows, list(variants.values()), ref)
+    return rows
+
+
+def paired(rows: list[dict], variants: list[Variant], ref: str) -> None:
+    """Add ``x_<ref>_paired``: the speedup over ``ref`` within each round (both timed minutes apart at most, so a
+    slow spell of the machine cancels out), as the median and quartiles over rounds."""
+    ref_rounds = next(v.round_medians for v in variants if v.name == ref)
+    for row, v in zip(rows, variants):
+        ratios = [r / t for r, t in zip(ref_rounds, v.round_medians)]
+        q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+        row[f"x_{ref}_paired"] = {"median": med, "q1": q1, "q3": q3, "rounds": len(ratios)}
 
 
 def summary(v: Variant, args) -> dict:
@@ -165,14 +183,20 @@ def summary(v: Variant, args) -> dict:
 
 def table(rows: list[dict]) -> str:
     ref = {r["variant"]: r["tokens_per_s"] for r in rows}
-    lines = ["| variant | tokens/s | median step (s) | × PEFT eager | × base | peak GB |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | tokens/s | median step (s) | × PEFT eager | × base | × PEFT, paired by round (IQR) "
+             "| × base, paired by round (IQR) | peak GB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peft, base = ref.get("peft"), ref.get("base")
         lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['median_step_s']:.3f} | "
                      f"{r['tokens_per_s'] / peft:.2f} | {r['tokens_per_s'] / base:.2f} | "
+                     f"{_paired_cell(r.get('x_peft_paired'))} | {_paired_cell(r.get('x_base_paired'))} | "
                      f"{'-' if r['peak_gb'] is None else format(r['peak_gb'], '.1f')} |"
-                     if peft and base else f"| {r['variant']} | {r['tokens_per_s']:,.0f} | - | - | - | - |")
+                     if peft and base else f"| {r['variant']} | {r['tokens_per_s']:,.0f} | - | - | - | - | - | - |")
     return "\n".join(lines)
+
+
+def _paired_cell(p: dict | None) -> str:
+    return "-" if p is None else f"{p['median']:.2f} ({p['q1']:.2f}–{p['q3']:.2f})"
 
 
 def environment(variants=("peft",)) -> dict:

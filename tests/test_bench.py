@@ -28,9 +28,25 @@ def test_bench_step_times_every_variant_side_by_side(tiny_lm_dir, tmp_path, caps
     for r in rows.values():
         assert r["steps_timed"] == 4
         assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["median_step_s"])
+        assert r["x_peft_paired"]["rounds"] == r["x_base_paired"]["rounds"] == 2
+        assert r["x_peft_paired"]["q1"] <= r["x_peft_paired"]["median"] <= r["x_peft_paired"]["q3"]
+    assert rows["peft"]["x_peft_paired"]["median"] == 1.0 and rows["base"]["x_base_paired"]["q3"] == 1.0
     assert data["env"]["peft"] and data["env"]["torch"] == torch.__version__
     table = capsys.readouterr().out
-    assert "| loralab |" in table and "× PEFT eager" in table
+    assert "| loralab |" in table and "× PEFT eager" in table and "paired by round" in table
+
+
+def test_paired_ratios_cancel_a_slow_spell():
+    """A machine slow for a round slows both variants in it; the ratio within each round is what is reported."""
+    class V:
+        def __init__(self, name, rounds):
+            self.name, self.round_medians = name, rounds
+    ref, fast = V("peft", [2.0, 6.0, 2.0, 2.2]), V("loralab", [1.0, 3.0, 1.0, 1.0])   # round 2: 3x slower machine
+    rows = [{}, {}]
+    bench_step.paired(rows, [ref, fast], "peft")
+    assert rows[0]["x_peft_paired"] == {"median": 1.0, "q1": 1.0, "q3": 1.0, "rounds": 4}
+    assert rows[1]["x_peft_paired"]["median"] == pytest.approx(2.0)
+    assert rows[1]["x_peft_paired"]["q3"] == pytest.approx(2.05)
 
 
 def test_variants_train_the_same_adapters(tiny_lm_dir, one_thread):
