@@ -2,7 +2,8 @@
 
 Every variant trains the same model on the same batches: LoRA on ``--targets`` with AdamW and grad clipping.
 ``base`` is the ceiling: the frozen model's forward + backward down to the input embeddings (no adapter, no
-optimizer) with HF's loss. On CPU the variants are timed in interleaved rounds (so a noisy neighbour slows all of
+optimizer) with HF's loss; ``base-fused`` is the same with loralab's fused loss, the ceiling for loralab's own
+LoRA overhead. On CPU the variants are timed in interleaved rounds (so a noisy neighbour slows all of
 them alike) and the median step is reported; on CUDA they run one after another, each alone on the device, and the
 peak memory of its steps is reported too.
 
@@ -78,6 +79,21 @@ def base_variant(base, args, compile_: bool):
     return model, loss
 
 
+def base_fused_variant(base, args, compile_: bool):
+    """The frozen base with loralab's fused loss: the ceiling for loralab itself (same loss, no adapter)."""
+    from loralab.lab.loss import _fused_parts, _LinearCrossEntropy   # the lab's loss, minus the adapter
+
+    model = copy.deepcopy(base).requires_grad_(False)
+    backbone, weight = _fused_parts(model)
+    fwd = torch.compile(backbone) if compile_ else backbone
+    emb = model.get_input_embeddings()
+
+    def loss(ids):
+        hidden = fwd(inputs_embeds=emb(ids).detach().requires_grad_()).last_hidden_state[:, :-1]
+        return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, ids[:, 1:].flatten()).mean()
+    return model, loss
+
+
 class Variant:
     """A model, its loss and optimizer; ``step(ids)`` is one training step, synchronized."""
 
@@ -101,7 +117,8 @@ class Variant:
         return time.perf_counter() - t0
 
 
-VARIANTS = {"base": base_variant, "peft": peft_variant, "loralab": loralab_variant}
+VARIANTS = {"base": base_variant, "base-fused": base_fused_variant, "peft": peft_variant,
+            "loralab": loralab_variant}
 
 
 def random_batches(base, args, device, n: int = 4) -> list[torch.Tensor]:
@@ -223,7 +240,7 @@ def parse(argv=None):
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
-    p.add_argument("--variants", default="base,peft,loralab")
+    p.add_argument("--variants", default="base,base-fused,peft,loralab")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd PEFT / loralab / base")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=12)

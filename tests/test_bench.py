@@ -24,7 +24,7 @@ def test_bench_step_times_every_variant_side_by_side(tiny_lm_dir, tmp_path, caps
                             "--steps", "4", "--rounds", "2", "--warmup", "1", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = {r["variant"]: r for r in data["rows"]}
-    assert set(rows) == {"base", "peft", "loralab"}
+    assert set(rows) == {"base", "base-fused", "peft", "loralab"}
     for r in rows.values():
         assert r["steps_timed"] == 4
         assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["median_step_s"])
@@ -63,8 +63,14 @@ def test_variants_train_the_same_adapters(tiny_lm_dir, one_thread):
         v.step(ids)
         moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
         assert moved, name
-    model, _ = bench_step.VARIANTS["base"](base, args, False)
+    model, base_loss = bench_step.VARIANTS["base"](base, args, False)
     assert not any(p.requires_grad for p in model.parameters())
+    fused_model, fused_loss = bench_step.VARIANTS["base-fused"](base, args, False)
+    assert not any(p.requires_grad for p in fused_model.parameters())
+    # the two ceilings do the same work: HF's loss and the fused one agree, in value and in what backward reaches
+    a, b = base_loss(ids), fused_loss(ids)
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    assert a.grad_fn is not None and b.grad_fn is not None
 
 
 def test_bench_sweep_runs_both_modes(tiny_lm_dir, chat_jsonl, tmp_path, capsys, one_thread):
@@ -88,7 +94,7 @@ def test_profile_step_groups_every_variants_time(tiny_lm_dir, tmp_path, capsys, 
                               "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     table = data["seconds_per_step"]
-    assert data["steps"] == 2 and set(table) == {"base", "peft", "loralab"}
+    assert data["steps"] == 2 and set(table) == {"base", "base-fused", "peft", "loralab"}
     for name, secs in table.items():
         assert set(secs) <= {*profile_step.GROUPS, "other"} and secs["matmul"] > 0, name
     assert "dropout" not in table["base"]           # no adapter, no dropout
