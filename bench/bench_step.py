@@ -203,12 +203,10 @@ def table(rows: list[dict]) -> str:
     lines = ["| variant | tokens/s | median step (s) | × PEFT eager | × base | × PEFT, paired by round (IQR) "
              "| × base, paired by round (IQR) | peak GB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        peft, base = ref.get("peft"), ref.get("base")
-        lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['median_step_s']:.3f} | "
-                     f"{r['tokens_per_s'] / peft:.2f} | {r['tokens_per_s'] / base:.2f} | "
+        times = [f"{r['tokens_per_s'] / ref[k]:.2f}" if k in ref else "-" for k in ("peft", "base")]
+        lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['median_step_s']:.3f} | {' | '.join(times)} | "
                      f"{_paired_cell(r.get('x_peft_paired'))} | {_paired_cell(r.get('x_base_paired'))} | "
-                     f"{'-' if r['peak_gb'] is None else format(r['peak_gb'], '.1f')} |"
-                     if peft and base else f"| {r['variant']} | {r['tokens_per_s']:,.0f} | - | - | - | - | - | - |")
+                     f"{'-' if r['peak_gb'] is None else format(r['peak_gb'], '.1f')} |")
     return "\n".join(lines)
 
 

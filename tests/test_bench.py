@@ -100,3 +100,11 @@ def test_profile_step_groups_every_variants_time(tiny_lm_dir, tmp_path, capsys, 
     assert "dropout" not in table["base"]           # no adapter, no dropout
     assert table["peft"].get("dropout", 0) > 0 and table["loralab"].get("dropout", 0) > 0   # dropout 0.05
     assert "| loralab |" in capsys.readouterr().out
+
+
+def test_table_shows_ratios_only_against_variants_that_ran():
+    rows = [{"variant": "peft", "tokens_per_s": 100.0, "median_step_s": 1.0, "peak_gb": None},
+            {"variant": "loralab", "tokens_per_s": 125.0, "median_step_s": 0.8, "peak_gb": 2.0,
+             "x_peft_paired": {"median": 1.2, "q1": 1.1, "q3": 1.3, "rounds": 3}}]
+    lines = bench_step.table(rows).splitlines()
+    assert lines[3] == "| loralab | 125 | 0.800 | 1.25 | - | 1.20 (1.10–1.30) | - | 2.0 |"
