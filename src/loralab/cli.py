@@ -59,11 +59,14 @@ def _report(args) -> int:
 
 def _width(args) -> int:
     from .lab.store import check_out_dir
-    from .lab.width import load_width, run_width
+    from .lab.width import load_width, plan_width, run_width
     from .lab.width_report import write_width_report
 
     config = load_width(args.config, args.set)
     out = check_out_dir(args.out or config.out_dir, "--out" if args.out else "out_dir")   # before any training
+    if args.dry_run:
+        print(plan_width(config, out))
+        return 0
     run_width(config, out)
     for kind, path in write_width_report(out).items():
         print(f"{kind}: {path}")
@@ -98,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field (probe.steps=50, widths=[64,128], device=cuda)")
     w.add_argument("--out", default=None, help="results directory (default: the config's out_dir)")
+    w.add_argument("--dry-run", action="store_true", help="print the cells, check the config, device and store; "
+                                                          "train nothing")
     w.set_defaults(fn=_width)
     return p
 

@@ -267,6 +267,23 @@ def test_resume_refuses_other_settings(tiny, tmp_path):
         W.run_width(W.load_width(tiny, ["widths=[8,16]", "seeds=[0]", "probe.steps=7"]), tmp_path, log=lambda s: None)
 
 
+def test_dry_run_counts_cells_checks_the_store_and_trains_nothing(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(W, "search_cell", lambda *a: pytest.fail("a dry run searched"))
+    assert main(["width", str(tiny), "--set", "seeds=[0]", "--out", str(out), "--dry-run"]) == 0
+    assert "3 widths [8, 16, 32] x 1 seeds x 3 inits" in capsys.readouterr().out and not out.exists()
+    monkeypatch.undo()
+    W.run_width(W.load_width(tiny, ["widths=[8,16]", "seeds=[0]"]), out, log=lambda s: None)
+    assert main(["width", str(tiny), "--set", "seeds=[0,1]", "--out", str(out), "--dry-run"]) == 0
+    assert "= 18 cells, 6 already done, 12 to search on cpu" in capsys.readouterr().out
+    before = (out / W.RESULTS).read_bytes()
+    assert main(["width", str(tiny), "--set", "probe.steps=7", "--out", str(out), "--dry-run"]) == 2
+    assert "another --out" in capsys.readouterr().err and (out / W.RESULTS).read_bytes() == before
+    if not torch.cuda.is_available():
+        assert main(["width", str(tiny), "--set", "device=cuda", "--out", str(out), "--dry-run"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
 def test_cli_end_to_end_writes_table_and_figures(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["width", str(tiny), "--set", "seeds=[0]", "--out", str(out)]) == 0

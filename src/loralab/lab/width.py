@@ -240,6 +240,18 @@ def _session(device: torch.device) -> dict:
             "loralab": loralab.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
+def plan_width(cfg: WidthConfig, out: str | Path | None = None) -> str:
+    """What :func:`run_width` would do, checked as it would check it (device, store settings), training nothing."""
+    out, device = Path(out or cfg.out_dir), _device(cfg.device)
+    path = out / RESULTS
+    cells = _open(path, cfg, device)[0]["cells"] if path.exists() else {}
+    keys = [cell_key(i, n, s) for n in cfg.widths for s in cfg.seeds for i in cfg.inits]
+    todo = sum(k not in cells for k in keys)
+    return (f"width sweep '{cfg.name}' -> {path}: {len(cfg.widths)} widths {list(cfg.widths)} x "
+            f"{len(cfg.seeds)} seeds x {len(cfg.inits)} inits ({', '.join(cfg.inits)}) = {len(keys)} cells, "
+            f"{len(keys) - todo} already done, {todo} to search on {device}")
+
+
 def run_width(cfg: WidthConfig, out: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Find the max stable LR of every init × width × seed not yet in ``<out>/results.json``; returns the store."""
     out, device, started = Path(out or cfg.out_dir), _device(cfg.device), time.perf_counter()
