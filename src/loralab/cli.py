@@ -52,7 +52,8 @@ def _report(args) -> int:
     from .lab.store import check_out_dir
 
     out = args.out and check_out_dir(args.out, "--out")
-    for kind, path in write_report(args.run_dir, out=out).items():
+    axes = {"row_axis": args.rows, "col_axis": args.cols, "rep_axis": args.reps}
+    for kind, path in write_report(args.run_dir, out=out, **axes).items():
         print(f"{kind}: {path}")
     return 0
 
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="tables and plots from a sweep's store")
     r.add_argument("run_dir", help="the sweep's out_dir")
     r.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR/report)")
+    r.add_argument("--rows", default="lora.init", help="the axis compared (table rows; default lora.init)")
+    r.add_argument("--cols", default="train.lr", help="the axis tuned per row (columns; default train.lr)")
+    r.add_argument("--reps", default="train.seed", help="the axis averaged over (default train.seed); the grid's "
+                                                        "other axes give one table each")
     r.set_defaults(fn=_report)
     w = sub.add_parser("width", help="max stable LR vs width per init (Hayou et al. 2024 scaling); resumable")
     w.add_argument("config", help="a TOML file, e.g. configs/width.toml")

@@ -179,9 +179,25 @@ def test_missing_axes_give_one_row_or_column(tmp_path):
     md = write_report(tmp_path)["md"].read_text()
     tab = table(md, "Final eval loss")
     assert list(tab) == ["lora.init = standard"] and tab["lora.init = standard"] == ["2.1000 ± 0.1000"] * 2
-    md = write_report(tmp_path, col_axis="train.nope")["md"].read_text()  # train.lr becomes a grouping axis
+    md = write_report(tmp_path, col_axis="train.grad_clip")["md"].read_text()  # train.lr becomes a grouping axis
     assert table(md, "train.lr = 1e-2")["lora.init = standard"] == ["2.1000 ± 0.1000"]
-    assert "WARNING**: only one value of train.nope" in md
+    assert "WARNING**: only one value of train.grad_clip" in md
+
+
+def test_cli_report_pivots_on_any_axis_and_refuses_a_typo(tmp_path, capsys):
+    from loralab.cli import main
+
+    grid = {"lora.rank": [4, 16], "train.lr": [1e-4, 1e-3], "train.seed": [0, 1]}
+    build_grid_store(tmp_path, grid, lambda a: ("ok", 2 + a["lora.rank"] / 100 + a["train.lr"] * 10),
+                     base={"lora": {"init": "standard"}})
+    assert main(["report", str(tmp_path), "--rows", "lora.rank", "--out", str(tmp_path / "r")]) == 0
+    tab = table((tmp_path / "r" / "report.md").read_text(), "Final eval loss")
+    assert list(tab) == ["4", "16"] and tab["16"][1] == "2.1700 ± 0.0000"
+    assert main(["report", str(tmp_path), "--rows", "lora.rnak", "--out", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err
+    assert "--rows 'lora.rnak'" in err and "lora.rank" in err and err.count("\n") == 1
+    assert main(["report", str(tmp_path), "--rows", "train.lr"]) == 2   # rows and cols the same axis
+    assert "three different axes" in capsys.readouterr().err
 
 
 def test_report_can_be_written_elsewhere(tmp_path):

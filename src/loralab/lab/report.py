@@ -12,7 +12,6 @@ The document is built once as a list of blocks, then rendered twice (markdown an
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -250,20 +249,3 @@ def write_report(out_dir: str | Path, *, row_axis: str = "lora.init", col_axis: 
     paths["html"] = report_dir / "report.html"
     paths["html"].write_text(to_html(blocks, f"Sweep report: {name}"), encoding="utf-8")
     return paths
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m loralab.lab.report OUT_DIR``: write the report and print where it is."""
-    p = argparse.ArgumentParser(prog="python -m loralab.lab.report", description=write_report.__doc__.split("\n")[0])
-    p.add_argument("out_dir")
-    p.add_argument("--rows", default="lora.init")
-    p.add_argument("--cols", default="train.lr")
-    p.add_argument("--reps", default="train.seed")
-    p.add_argument("--out", default=None, help="report directory (default: OUT_DIR/report)")
-    args = p.parse_args(argv)
-    paths = write_report(args.out_dir, row_axis=args.rows, col_axis=args.cols, rep_axis=args.reps, out=args.out)
-    print(paths["html"])
-
-
-if __name__ == "__main__":
-    main()

@@ -16,7 +16,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from .config import RunConfig
 from .store import RunRecord
+from .typecheck import ConfigError, field_type
 
 DIAG_KEYS = ("grad_norm_a", "grad_norm_b", "var_a", "var_b")
 
@@ -149,8 +151,21 @@ def _axis(grid: Mapping[str, Sequence], base: Mapping, axis: str) -> tuple[tuple
 
 
 def make_layout(manifest: Mapping, row_axis: str, col_axis: str, rep_axis: str) -> Layout:
-    """The table layout of a sweep, from its manifest's grid (in grid order)."""
+    """The table layout of a sweep, from its manifest's grid (in grid order).
+
+    Raises:
+        ValueError: an axis names no run field (a typo would silently give a one-row table), or two are the same.
+    """
     grid, base = manifest.get("grid", {}), manifest.get("base", {})
+    for flag, axis in (("--rows", row_axis), ("--cols", col_axis), ("--reps", rep_axis)):
+        if axis not in grid:
+            try:
+                field_type(RunConfig, axis)
+            except ConfigError as e:
+                raise ValueError(f"{flag} {axis!r}: {e}; this sweep's grid axes: {', '.join(grid) or 'none'}") from None
+    if len({row_axis, col_axis, rep_axis}) < 3:
+        raise ValueError(f"--rows, --cols and --reps must be three different axes; got {row_axis}, {col_axis}, "
+                         f"{rep_axis}")
     rows, row_labels = _axis(grid, base, row_axis)
     cols, col_labels = _axis(grid, base, col_axis)
     others = tuple(a for a in grid if a not in (row_axis, col_axis, rep_axis))
