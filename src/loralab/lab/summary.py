@@ -157,15 +157,16 @@ def make_layout(manifest: Mapping, row_axis: str, col_axis: str, rep_axis: str) 
         ValueError: an axis names no run field (a typo would silently give a one-row table), or two are the same.
     """
     grid, base = manifest.get("grid", {}), manifest.get("base", {})
-    for flag, axis in (("--rows", row_axis), ("--cols", col_axis), ("--reps", rep_axis)):
+    for flag, axis in (("row axis (--rows)", row_axis), ("column axis (--cols)", col_axis),
+                       ("replicate axis (--reps)", rep_axis)):
         if axis not in grid:
             try:
                 field_type(RunConfig, axis)
             except ConfigError as e:
                 raise ValueError(f"{flag} {axis!r}: {e}; this sweep's grid axes: {', '.join(grid) or 'none'}") from None
     if len({row_axis, col_axis, rep_axis}) < 3:
-        raise ValueError(f"--rows, --cols and --reps must be three different axes; got {row_axis}, {col_axis}, "
-                         f"{rep_axis}")
+        raise ValueError(f"the row, column and replicate axes (--rows, --cols, --reps) must differ; got {row_axis}, "
+                         f"{col_axis}, {rep_axis}")
     rows, row_labels = _axis(grid, base, row_axis)
     cols, col_labels = _axis(grid, base, col_axis)
     others = tuple(a for a in grid if a not in (row_axis, col_axis, rep_axis))
