@@ -80,18 +80,16 @@ def base_variant(base, args, compile_: bool):
 
 
 def base_fused_variant(base, args, compile_: bool):
-    """The frozen base with loralab's fused loss: the ceiling for loralab itself (same loss, no adapter)."""
-    from loralab.lab.loss import _fused_parts, _LinearCrossEntropy   # the lab's loss, minus the adapter
+    """The frozen base with the lab's fused loss: the ceiling for loralab itself (same loss, no adapter)."""
+    from loralab.lab.loss import sequence_losses
+    from loralab.lab.train import compile_backbone
 
     model = copy.deepcopy(base).requires_grad_(False)
-    backbone, weight = _fused_parts(model)
-    fwd = torch.compile(backbone) if compile_ else backbone
-    emb = model.get_input_embeddings()
-
-    def loss(ids):
-        hidden = fwd(inputs_embeds=emb(ids).detach().requires_grad_()).last_hidden_state[:, :-1]
-        return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, ids[:, 1:].flatten()).mean()
-    return model, loss
+    # backward stops at the embeddings' output, as in `base`: input gradients only
+    model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
+    if compile_:
+        compile_backbone(model)
+    return model, lambda ids: sequence_losses(model, ids).mean()
 
 
 class Variant:

@@ -44,7 +44,9 @@ def _sweep(args) -> int:
                              pack=sweep.pack)
     if args.dry_run:
         return dry_run(sweep, executor)
-    return outcome(sweep, run_sweep(sweep, executor))[0]   # 1 when a run failed: scripts and CI see it
+    code, line = outcome(sweep, run_sweep(sweep, executor))   # 1 when a run failed: scripts and CI see it
+    print(line)
+    return code
 
 
 def _report(args) -> int:

@@ -26,8 +26,9 @@ class Dropout(nn.Module):
     """Inverted dropout (as ``nn.Dropout``) whose CPU mask comes from 16-bit random integers.
 
     Four mask entries per 64-bit draw make drawing the mask several times faster than ``nn.Dropout``'s float
-    Bernoulli on CPU, where PEFT's dropout is ~7% of a LoRA step. ``p`` is rounded to a multiple of 2⁻¹⁶ (error < 8·10⁻⁶) and the scale uses the
-    rounded value, so the output stays unbiased. On other devices it is ``F.dropout`` (a fused kernel there).
+    Bernoulli on CPU, where dropout is most of PEFT's cost over the frozen base (docs/benchmarks.md). ``p`` is
+    rounded to a multiple of 2⁻¹⁶ (error < 8·10⁻⁶) and the scale uses the rounded value, so the output stays
+    unbiased. On other devices it is ``F.dropout`` (a fused kernel there).
     """
 
     def __init__(self, p: float):

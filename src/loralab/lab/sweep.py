@@ -262,7 +262,6 @@ def run_sweep(sweep: SweepConfig, executor: Executor | None = None, log: Callabl
         log(f"sweep {sweep.name!r}: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run"
             + (f" ({failed} of them failed before: redoing them)" if failed else "") + f" -> {store.root}")
         executor.run(todo, store)
-    log(outcome(sweep, store)[1])
     return store
 
 

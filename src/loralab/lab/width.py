@@ -244,7 +244,7 @@ def plan_width(cfg: WidthConfig, out: str | Path | None = None) -> str:
     """What :func:`run_width` would do, checked as it would check it (device, store settings), training nothing."""
     out, device = Path(out or cfg.out_dir), _device(cfg.device)
     path = out / RESULTS
-    cells = _open(path, cfg, device)[0]["cells"] if path.exists() else {}
+    cells = _open(path, cfg, device)[0]["cells"]   # reads, never writes: a missing store is an empty one
     keys = [cell_key(i, n, s) for n in cfg.widths for s in cfg.seeds for i in cfg.inits]
     todo = sum(k not in cells for k in keys)
     return (f"width sweep '{cfg.name}' -> {path}: {len(cfg.widths)} widths {list(cfg.widths)} x "
