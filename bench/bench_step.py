@@ -38,8 +38,8 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype):
         torch.manual_seed(0)
         with torch.device(device):
             return Qwen2ForCausalLM(cfg).to(dtype)
-    from loralab.lab.config import ModelConfig
-    from loralab.lab.models import load_model
+    from loralab.lab.config.schema import ModelConfig
+    from loralab.lab.run.models import load_model
 
     return load_model(ModelConfig(name=name, dtype=str(dtype).removeprefix("torch.")), device)[0]
 
@@ -58,12 +58,12 @@ def peft_variant(base, args, compile_: bool):
 
 def loralab_variant(base, args, compile_: bool):
     from loralab import LoraConfig, inject
-    from loralab.lab.loss import sequence_losses
+    from loralab.lab.run.loss import sequence_losses
 
     model = inject(copy.deepcopy(base), LoraConfig(rank=args.rank, alpha=2 * args.rank, targets=args.targets,
                                                    dropout=args.dropout))
     if compile_:   # as the lab does with train.compile = true
-        from loralab.lab.train import compile_backbone
+        from loralab.lab.run.train import compile_backbone
 
         compile_backbone(model)
     return model, lambda ids: sequence_losses(model, ids).mean()
@@ -81,8 +81,8 @@ def base_variant(base, args, compile_: bool):
 
 def base_fused_variant(base, args, compile_: bool):
     """The frozen base with the lab's fused loss: the ceiling for loralab itself (same loss, no adapter)."""
-    from loralab.lab.loss import sequence_losses
-    from loralab.lab.train import compile_backbone
+    from loralab.lab.run.loss import sequence_losses
+    from loralab.lab.run.train import compile_backbone
 
     model = copy.deepcopy(base).requires_grad_(False)
     # backward stops at the embeddings' output, as in `base`: input gradients only

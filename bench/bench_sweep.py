@@ -23,11 +23,13 @@ import torch
 
 def run_mode(sweep, out_dir: Path, pack: int) -> tuple[float, dict]:
     from loralab.lab.store import SweepStore
-    from loralab.lab.sweep import LocalExecutor, run_sweep
+    from loralab.lab.sweep.local import LocalExecutor
+    from loralab.lab.sweep.plan import SweepPlan
+    from loralab.lab.sweep.run import run_sweep
 
     t0 = time.perf_counter()
-    run_sweep(replace(sweep, out_dir=str(out_dir)), LocalExecutor(progress=False, pack=pack, log=lambda s: None),
-              log=lambda s: None)
+    plan = SweepPlan.build(replace(sweep, out_dir=str(out_dir), pack=pack))
+    run_sweep(plan, LocalExecutor(plan, progress=False, log=lambda s: None), log=lambda s: None)
     wall = time.perf_counter() - t0
     results = {r.run_id: r.result for r in SweepStore(out_dir).records()}
     return wall, results
@@ -41,20 +43,21 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
 
-    from loralab.lab.config import load_sweep
-    from loralab.lab.sweep import _Assets, plan_jobs
+    from loralab.lab.config.grid import plan_runs
+    from loralab.lab.config.toml import load_sweep
+    from loralab.lab.run.assets import Assets
 
     sweep = load_sweep(args.config, args.set)
-    jobs = plan_jobs(sweep)
+    jobs = plan_runs(sweep)
     pack = args.pack or len(jobs)
-    _Assets().get(jobs[0].run)   # converts/caches model and data, so neither mode pays for it
+    Assets().get(jobs[0].run)   # converts/caches model and data, so neither mode pays for it
     with tempfile.TemporaryDirectory() as tmp:
         solo_s, solo = run_mode(sweep, Path(tmp) / "solo", 1)
         pack_s, packed = run_mode(sweep, Path(tmp) / "packed", pack)
-    gaps = [abs(solo[k]["final_eval_loss"] - packed[k]["final_eval_loss"]) for k in solo
-            if solo[k]["status"] == packed[k]["status"] == "ok"]
-    statuses = {k: (solo[k]["status"], packed[k]["status"]) for k in solo}
-    losses = {k: (solo[k]["final_eval_loss"], packed[k]["final_eval_loss"]) for k in solo}
+    gaps = [abs(solo[k].final_eval_loss - packed[k].final_eval_loss) for k in solo
+            if solo[k].status == packed[k].status == "ok"]
+    statuses = {k: (solo[k].status, packed[k].status) for k in solo}
+    losses = {k: (solo[k].final_eval_loss, packed[k].final_eval_loss) for k in solo}
     row = {"runs": len(jobs), "pack": pack, "one_by_one_s": solo_s, "packed_s": pack_s, "speedup": solo_s / pack_s,
            "max_final_loss_gap": max(gaps, default=None),
            "same_status": all(a == b for a, b in statuses.values()),

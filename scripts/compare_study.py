@@ -35,11 +35,11 @@ def ours(out_dir: str) -> dict[tuple[str, float], dict]:
         if rec.result is None:
             continue
         cell = cells[(rec.axes["lora.init"], float(rec.axes["train.lr"]))]
-        if rec.result["status"] == "diverged":
+        if rec.result.status == "diverged":
             cell["diverged"] += 1
-        elif rec.result["status"] == "ok":
+        elif rec.result.status == "ok":
             cell["ok"] += 1
-            cell["losses"].append(rec.result["final_eval_loss"])
+            cell["losses"].append(rec.result.final_eval_loss)
     return {k: {**v, "mean": statistics.fmean(v["losses"]) if v["losses"] else None} for k, v in cells.items()}
 
 

@@ -133,9 +133,9 @@ def one_thread_module():
 @pytest.fixture(scope="module")
 def tiny_assets(tiny_lm_dir, chat_jsonl):
     """``(frozen tiny base model, packed data)`` as a sweep would load them: 32-token chunks, 16 train, 4 eval."""
-    from loralab.lab.config import DataConfig, ModelConfig
-    from loralab.lab.data import load_data
-    from loralab.lab.models import load_model
+    from loralab.lab.config.schema import DataConfig, ModelConfig
+    from loralab.lab.run.data import load_data
+    from loralab.lab.run.models import load_model
 
     model, tokenizer = load_model(ModelConfig(name=str(tiny_lm_dir)), "cpu")
     model.requires_grad_(False)

@@ -118,7 +118,7 @@ def test_check_fails_on_a_broken_promise(capsys, tiny_lm_dir, one_thread, monkey
 
 def test_check_strips_spaces_around_targets(capsys, tiny_lm_dir, one_thread, monkeypatch):
     """``--targets "q_proj, v_proj"`` names two modules, not q_proj and a " v_proj" that matches nothing."""
-    from loralab.lab import check
+    from loralab.lab.studies import identity as check
 
     seen, original = [], check.identity_table
     monkeypatch.setattr(check, "identity_table", lambda model, lora: seen.append(lora.targets) or original(model, lora))
@@ -127,7 +127,7 @@ def test_check_strips_spaces_around_targets(capsys, tiny_lm_dir, one_thread, mon
 
 
 def test_ctrl_c_in_check_does_not_talk_about_resuming(capsys, monkeypatch):
-    from loralab.lab import check
+    from loralab.lab.studies import identity as check
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -162,7 +162,7 @@ def test_width_out_that_is_a_file(tmp_path, capsys):
 
 def test_os_errors_name_the_path(tmp_path, capsys, monkeypatch):
     """Any other OSError (a full disk, a permission) is one line naming the path, not a traceback."""
-    from loralab.lab import report
+    from loralab.lab.report import write as report
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "s" / "report"))

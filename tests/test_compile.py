@@ -34,8 +34,8 @@ def test_injected_backbone_is_one_graph(tiny_llama, dropout):
 
 
 def test_packed_backbone_is_one_graph(tiny_llama):
-    from loralab.lab.config import RunConfig, TrainConfig
-    from loralab.lab.pack import Pack
+    from loralab.lab.config.schema import RunConfig, TrainConfig
+    from loralab.lab.run.pack import Pack
 
     runs = [RunConfig(lora=LoraConfig(rank=4, targets=ALL_LINEAR, init=i), train=TrainConfig(seed=s))
             for s, i in enumerate(["standard", "reversed", "orthogonal-qr-match"])]

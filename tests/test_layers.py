@@ -266,10 +266,10 @@ def _autograd_nodes(t):
 def test_lora_forward_writes_no_view_in_place():
     """An in-place add into a view makes autograd replay the view by copy in backward (CopySlices): the fast path
     must avoid it for 3-D inputs and biased bases, solo and packed."""
-    from loralab.lab.pack import PackedLayer
+    from loralab.lab.run.pack import PackedLayer
 
     layer = _linear_layer(bias=True)
     x = torch.randn(2, 3, 12, requires_grad=True)
     assert not {"CopySlices", "AsStridedBackward0"} & _autograd_nodes(layer(x))
-    packed = PackedLayer(layer.base_layer, [layer, _linear_layer(bias=True)])
+    packed = PackedLayer([layer, Linear(layer.base_layer, 4, 8.0)])
     assert not {"CopySlices", "AsStridedBackward0"} & _autograd_nodes(packed(torch.randn(4, 3, 12, requires_grad=True)))

@@ -21,8 +21,9 @@ from core_helpers import LAYER_CASES, make_case, perturb, tiny_llama
 from loralab import LoraConfig, check_identity, init_schemes, inject, load_adapter, lora_layers, merge, save_adapter, unmerge
 from loralab.inject import validate
 from loralab.layers import Dropout, Linear
-from loralab.lab import loss as loss_mod
-from loralab.lab.loss import fused_loss_ok, sequence_losses
+from loralab.lab.run import loss as loss_mod
+from loralab.lab.run.loss import fused_loss_ok, sequence_losses
+from loralab.lab.config.grid import RunSpec
 
 HALF = [torch.bfloat16, torch.float16]
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}   # unit roundoff
@@ -174,11 +175,11 @@ def test_non_cpu_dropout_branch_keeps_shape_and_dtype():
 def test_lora_under_autocast_saves_its_input_without_a_copy():
     """Under autocast a half input goes to the matmul as it is: no float32 round trip that autocast would turn into
     a fresh bf16 copy for autograd to keep (one per adapted layer, q/k/v each their own), solo or packed."""
-    from loralab.lab.pack import PackedLayer
+    from loralab.lab.run.pack import PackedLayer
 
     base = nn.Linear(64, 64).to(torch.bfloat16).requires_grad_(False)
     solo = Linear(base, 4, 8.0)
-    packed = PackedLayer(base, [Linear(base, 4, 8.0) for _ in range(2)])
+    packed = PackedLayer([Linear(base, 4, 8.0) for _ in range(2)])
     for layer in (solo, packed):
         x = torch.randn(8, 5, 64, dtype=torch.bfloat16, requires_grad=True)
         saved = []
@@ -285,9 +286,9 @@ def test_fused_loss_ok_accepts_a_half_model(dtype):
 @pytest.fixture(scope="module")
 def half_assets(tiny_lm_dir, chat_jsonl):
     """``{dtype: (frozen tiny model in dtype, packed data)}``, loaded as a sweep loads them (model.dtype=...)."""
-    from loralab.lab.config import DataConfig, ModelConfig
-    from loralab.lab.data import load_data
-    from loralab.lab.models import load_model
+    from loralab.lab.config.schema import DataConfig, ModelConfig
+    from loralab.lab.run.data import load_data
+    from loralab.lab.run.models import load_model
 
     out = {}
     for name in ("bfloat16", "float16"):
@@ -299,11 +300,15 @@ def half_assets(tiny_lm_dir, chat_jsonl):
 
 
 def _run_cfg(init="standard", lr=2e-3, seed=0, **train_kw):
-    from loralab.lab.config import RunConfig, TrainConfig
+    from loralab.lab.config.schema import RunConfig, TrainConfig
 
     return RunConfig(lora=LoraConfig(rank=4, alpha=8.0, init=init, targets=("q_proj", "v_proj", "down_proj")),
                      train=TrainConfig(**{"max_steps": 3, "batch_size": 2, "eval_every": 2, "device": "cpu",
                                           "lr": lr, "seed": seed, **train_kw}))
+
+
+def _specs(cfgs):
+    return [RunSpec(f"p{k}", {}, c) for k, c in enumerate(cfgs)]
 
 
 def _losses(store):
@@ -313,12 +318,12 @@ def _losses(store):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_model_lab_run_trains_with_finite_losses(half_assets, tmp_path, dtype):
     from loralab.lab.store import RunStore
-    from loralab.lab.train import train_pack, train_run
+    from loralab.lab.run.train import train_pack, train_run
 
     model, data = half_assets[dtype]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     solo_store = RunStore(tmp_path / "solo")
-    solo = train_run(_run_cfg(), solo_store, base_model=model, data=data, run_id="solo", axes={}, progress=False)
+    solo = train_run(RunSpec("solo", {}, _run_cfg()), solo_store, base_model=model, data=data, progress=False)
     assert solo.status == "ok" and solo.steps == 3
     losses = _losses(solo_store)
     assert len(losses) == 3 + 3 and all(math.isfinite(x) for x in losses)   # 3 train + evals at 0, 2, 3
@@ -327,25 +332,26 @@ def test_half_model_lab_run_trains_with_finite_losses(half_assets, tmp_path, dty
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # the base is never touched
     # a pack of two (dropout 0) in half precision: run 0 trains exactly as alone
     stores = [RunStore(tmp_path / f"pack{k}") for k in range(2)]
-    packed = train_pack([_run_cfg(), _run_cfg("reversed", seed=1)], stores, base_model=model, data=data,
-                        run_ids=["p0", "p1"], axes=[{}, {}], progress=False)
+    packed = train_pack(_specs([_run_cfg(), _run_cfg("reversed", seed=1)]), stores, base_model=model, data=data,
+                        progress=False)
     assert [r.status for r in packed] == ["ok", "ok"]
     torch.testing.assert_close(torch.tensor(_losses(stores[0])), torch.tensor(losses), rtol=4 * EPS[getattr(torch, dtype)],
                                atol=0)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_lab_run_under_autocast_as_on_cuda(half_assets, tiny_assets, tmp_path, monkeypatch, dtype):
+def test_lab_run_under_autocast_as_on_cuda(half_assets, tiny_assets, tmp_path, dtype):
     """The loop as CUDA runs it (bf16 autocast around every forward, the fused loss, the in-GEMM update), on CPU."""
-    from loralab.lab import train
+    from loralab.lab.run import train
     from loralab.lab.store import RunStore
 
-    monkeypatch.setattr(train, "_no_amp", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     model, data = half_assets[dtype] if dtype != "float32" else tiny_assets
     stores = [RunStore(tmp_path / f"r{k}") for k in range(3)]
-    solo = train.train_run(_run_cfg(), stores[0], base_model=model, data=data, run_id="s", axes={}, progress=False)
-    packed = train.train_pack([_run_cfg(), _run_cfg("reversed", seed=1)], stores[1:], base_model=model, data=data,
-                              run_ids=["p0", "p1"], axes=[{}, {}], progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # as a bf16 model runs anyway: around every forward
+        solo = train.train_run(RunSpec("s", {}, _run_cfg()), stores[0], base_model=model, data=data, progress=False)
+        packed = train.train_pack(_specs([_run_cfg(), _run_cfg("reversed", seed=1)]), stores[1:], base_model=model,
+                                  data=data,
+                              progress=False)
     assert [r.status for r in (solo, *packed)] == ["ok"] * 3
     assert all(math.isfinite(x) for s in stores for x in _losses(s))
     assert solo.final_eval_loss != solo.initial_eval_loss
@@ -356,20 +362,21 @@ def test_lab_run_under_autocast_as_on_cuda(half_assets, tiny_assets, tmp_path, m
 @pytest.mark.parametrize("init", MOVES)
 def test_step0_identity_of_a_base_modifying_init_is_rounding_only(half_assets, tmp_path, init):
     from loralab.lab.store import RunStore
-    from loralab.lab.train import train_run
+    from loralab.lab.run.train import train_run
 
     model, data = half_assets["bfloat16"]
     store = RunStore(tmp_path)
-    train_run(_run_cfg(init, max_steps=1), store, base_model=model, data=data, run_id="r", axes={}, progress=False)
+    train_run(RunSpec("r", {}, _run_cfg(init, max_steps=1)), store, base_model=model, data=data, progress=False)
     with torch.no_grad():
         scale = model(input_ids=data.eval[:2]).logits.abs().max().item()
     assert store.diagnostics()["identity_max_abs"] <= 8 * EPS[torch.bfloat16] * scale
 
 
 def test_a_pack_that_ran_out_of_memory_is_freed_before_its_halves_train(half_assets, tmp_path, monkeypatch):
-    from loralab.lab import train
+    from loralab.lab.run import train
     from loralab.lab.store import SweepStore
-    from loralab.lab.sweep import Job, _Assets, run_pack
+    from loralab.lab.run.assets import Assets
+    from loralab.lab.sweep.local import run_pack
 
     real, held, alive = train.train_pack, [], []
 
@@ -382,9 +389,9 @@ def test_a_pack_that_ran_out_of_memory_is_freed_before_its_halves_train(half_ass
         return real(runs, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_pack", oom_for_packs)
-    assets = _Assets()
+    assets = Assets()
     assets.get = lambda run: half_assets["bfloat16"]
-    jobs = [Job(f"j{k}", {}, _run_cfg(lr=lr, max_steps=1)) for k, lr in enumerate([1e-3, 2e-3])]
+    jobs = [RunSpec(f"j{k}", {}, _run_cfg(lr=lr, max_steps=1)) for k, lr in enumerate([1e-3, 2e-3])]
     store = SweepStore(tmp_path)
     results = run_pack(jobs, [store.run(j.run_id) for j in jobs], assets, progress=False)
     assert [r.status for r in results] == ["ok", "ok"] and len(alive) == 2
@@ -450,7 +457,7 @@ def test_gpu_autocast_step_with_fused_adamw():
 
 @pytest.mark.gpu
 def test_gpu_packed_forward_does_not_synchronize():
-    from loralab.lab.pack import PackedLayer
+    from loralab.lab.run.pack import PackedLayer
 
     base = nn.Linear(64, 64, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
     layer = PackedLayer(base, [Linear(base, 4, 8.0) for _ in range(3)])
@@ -468,11 +475,11 @@ def test_gpu_packed_forward_does_not_synchronize():
 
 @pytest.mark.gpu
 def test_gpu_lab_run_in_auto_dtype(tiny_lm_dir, chat_jsonl, tmp_path):
-    from loralab.lab.config import DataConfig, ModelConfig
-    from loralab.lab.data import load_data
-    from loralab.lab.models import load_model
+    from loralab.lab.config.schema import DataConfig, ModelConfig
+    from loralab.lab.run.data import load_data
+    from loralab.lab.run.models import load_model
     from loralab.lab.store import RunStore
-    from loralab.lab.train import train_pack
+    from loralab.lab.run.train import train_pack
 
     model, tokenizer = load_model(ModelConfig(name=str(tiny_lm_dir)), "cuda")   # auto -> bfloat16 on CUDA
     assert next(model.parameters()).dtype == torch.bfloat16
@@ -480,19 +487,18 @@ def test_gpu_lab_run_in_auto_dtype(tiny_lm_dir, chat_jsonl, tmp_path):
     data = load_data(DataConfig(source=str(chat_jsonl), seq_len=32, max_train_chunks=16, max_eval_chunks=4), tokenizer)
     cfgs = [_run_cfg(device="cuda"), _run_cfg("reversed", seed=1, device="cuda")]
     stores = [RunStore(tmp_path / f"r{k}") for k in range(2)]
-    results = train_pack(cfgs, stores, base_model=model, data=data, run_ids=["a", "b"], axes=[{}, {}],
-                         progress=False)
+    results = train_pack(_specs(cfgs), stores, base_model=model, data=data, progress=False)
     assert [r.status for r in results] == ["ok", "ok"] and all(r.device.startswith("cuda") for r in results)
     assert all(math.isfinite(x) for s in stores for x in _losses(s))
 
 
 @pytest.mark.gpu
 def test_gpu_float16_model_trains_in_float16(tiny_lm_dir, chat_jsonl, tmp_path):
-    from loralab.lab.config import DataConfig, ModelConfig
-    from loralab.lab.data import load_data
-    from loralab.lab.models import load_model
+    from loralab.lab.config.schema import DataConfig, ModelConfig
+    from loralab.lab.run.data import load_data
+    from loralab.lab.run.models import load_model
     from loralab.lab.store import RunStore
-    from loralab.lab.train import train_run
+    from loralab.lab.run.train import train_run
 
     model, tokenizer = load_model(ModelConfig(name=str(tiny_lm_dir), dtype="float16"), "cuda")
     model.requires_grad_(False)
@@ -503,8 +509,9 @@ def test_gpu_float16_model_trains_in_float16(tiny_lm_dir, chat_jsonl, tmp_path):
     hook = nn.modules.module.register_module_forward_hook(
         lambda m, args, out: seen.add(out.last_hidden_state.dtype) if isinstance(m, llama.LlamaModel) else None)
     try:
-        result = train_run(_run_cfg(device="cuda", max_steps=1), RunStore(tmp_path), base_model=model, data=data,
-                           run_id="r", axes={}, progress=False)
+        result = train_run(RunSpec("r", {}, _run_cfg(device="cuda", max_steps=1)), RunStore(tmp_path),
+                           base_model=model, data=data,
+                           progress=False)
     finally:
         hook.remove()
     assert result.status == "ok" and seen == {torch.float16}

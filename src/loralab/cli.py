@@ -18,11 +18,11 @@ def _inits(args) -> int:
 def _check(args) -> int:
     from loralab.config import LoraConfig
 
-    from .lab.check import format_identity_table, identity_table
-    from .lab.config import ModelConfig
+    from .lab.config.schema import ModelConfig
+    from .lab.studies.identity import format_identity_table, identity_table
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]   # "q_proj, v_proj" names two modules
-    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets)
+    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(targets))
     rows = identity_table(ModelConfig(name=args.model), lora)
     print(format_identity_table(rows))
     if all(r["ok"] is None for r in rows):
@@ -31,27 +31,28 @@ def _check(args) -> int:
 
 
 def _sweep(args) -> int:
-    from .lab.config import load_sweep
-    from .lab.dry_run import dry_run
-    from .lab.sweep import make_executor, outcome, run_sweep
+    from .lab.config.toml import load_sweep
+    from .lab.sweep.dry_run import dry_run
+    from .lab.sweep.plan import SweepPlan
+    from .lab.sweep.run import make_executor, outcome, run_sweep
 
     sweep = load_sweep(args.config, args.set)
     name = args.executor or sweep.executor
     if args.address is not None and name != "ray":
         raise ValueError(f"--address needs --executor ray (the executor is {name!r}, which would ignore it)")
+    plan = SweepPlan.build(sweep)
     # Made before the dry run, so that an executor this install cannot run fails the dry run, not the real one.
-    executor = make_executor(name, progress=not args.no_progress, address=args.address, resources=sweep.resources,
-                             pack=sweep.pack)
+    executor = make_executor(plan, name, progress=not args.no_progress, address=args.address)
     if args.dry_run:
-        return dry_run(sweep, executor)
-    code, line = outcome(sweep, run_sweep(sweep, executor))   # 1 when a run failed: scripts and CI see it
+        return dry_run(plan, executor)
+    code, line = outcome(sweep, run_sweep(plan, executor))   # 1 when a run failed: scripts and CI see it
     print(line)
     return code
 
 
 def _report(args) -> int:
-    from .lab.report import write_report
-    from .lab.store import check_out_dir
+    from .lab.report.write import write_report
+    from .lab.runtime import check_out_dir
 
     out = args.out and check_out_dir(args.out, "--out")
     axes = {"row_axis": args.rows, "col_axis": args.cols, "rep_axis": args.reps}
@@ -61,9 +62,9 @@ def _report(args) -> int:
 
 
 def _width(args) -> int:
-    from .lab.store import check_out_dir
-    from .lab.width import load_width, plan_width, run_width
-    from .lab.width_report import write_width_report
+    from .lab.runtime import check_out_dir
+    from .lab.studies.width.report import write_width_report
+    from .lab.studies.width.study import load_width, plan_width, run_width
 
     config = load_width(args.config, args.set)
     out = check_out_dir(args.out or config.out_dir, "--out" if args.out else "out_dir")   # before any training

@@ -12,6 +12,7 @@ Adding a scheme is one decorated function here; tests are parametrized over :fun
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -89,6 +90,13 @@ def get_scheme(name: str) -> InitScheme:
     except KeyError:
         valid = ", ".join(sorted(_REGISTRY))
         raise ValueError(f"unknown init scheme {name!r}; valid schemes: {valid}") from None
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts`` (joined by ``:``); stable across runs, machines and Python versions (unlike
+    ``hash``). Every seed loralab derives (per module, per split, per width cell) comes from here."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _ku(rows: int, cols: int, fan_in: int, g: torch.Generator) -> Tensor:

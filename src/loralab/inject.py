@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .inits import Factors, get_scheme
+from .inits import Factors, get_scheme, stable_seed
 from .layers import SUPPORTED_TYPES, LoraLayer, LoraStateError, layer_type_for
 
 
@@ -36,8 +35,20 @@ class _Planned:
 
 def module_seed(seed: int, name: str) -> int:
     """A 63-bit seed for module ``name``; stable across runs, machines and Python versions."""
-    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return stable_seed(int(seed), name)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Put ``modules`` in eval mode for the block and give each back the mode it had (also on error)."""
+    modes = [(m, m.training) for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.train(training)
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -284,12 +295,8 @@ def check_identity(model: nn.Module, *args, **kwargs) -> float:
 
     0 for an output-preserving init (up to float rounding for pissa/olora); call it before training.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = _main_tensor(model(*args, **kwargs)).float()
         with adapters_disabled(model):
             ref = _main_tensor(model(*args, **kwargs)).float()
-    finally:
-        model.train(was_training)
     return (out - ref).abs().max().item()

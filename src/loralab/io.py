@@ -18,7 +18,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -146,21 +146,38 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, portable: bool = 
         raise AdapterError(f"cannot save the adapter to {str(out)!r}: it is a file, and an adapter is a directory "
                            f"(adapter_config.json + adapter_model.safetensors); give a directory path")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
-    _atomic(out / SIDECAR_FILE, lambda p: p.write_text(json.dumps(sidecar, indent=2)))
+    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
+    atomic_write(out / SIDECAR_FILE, lambda p: p.write_text(json.dumps(sidecar, indent=2)))
     return out
 
 
-def _atomic(dest: Path, write) -> None:
+def atomic_write(dest: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """Write ``dest`` so readers see the old file or the new one, never part of one.
+
+    ``write(tmp)`` fills a temp file beside ``dest`` (same file system, so the rename is atomic), which is fsynced
+    and ``os.replace``-d onto ``dest``; on any error the temp file is removed and ``dest`` is untouched. The file
+    gets the mode an ordinary new file would (the process umask), not ``mkstemp``'s 0600.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _read_json(path: Path) -> dict:

@@ -10,6 +10,7 @@ types override ``lora_delta`` with a factored form that never builds ΔW (and th
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -188,6 +189,18 @@ class LoraLayer(nn.Module):
             return out + self.lora_delta(x, self.lora_A0, self.lora_B0).to(out.dtype)
         return out + self.lora_delta(self.dropout(x), self.lora_A, self.lora_B).to(out.dtype)
 
+    @classmethod
+    def packed_forward(cls, runs: Sequence[LoraLayer], x: Tensor, *args, **kwargs) -> Tensor:
+        """One shared frozen base with K runs' adapters on it: the rows of ``x`` belong to runs, run-major (K·n, ...).
+
+        Each run's update is added to its own rows only, so each run's factors get the gradient of its own loss.
+        Generic form: each run's ``lora_delta`` on its rows; a layer type may give a batched one.
+        """
+        out = runs[0].base_layer(x, *args, **kwargs)
+        parts = x.chunk(len(runs))
+        delta = torch.cat([r.lora_delta(r.dropout(p), r.lora_A, r.lora_B) for r, p in zip(runs, parts)])
+        return out + delta.to(out.dtype)
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, merged={self.merged}"
 
@@ -210,6 +223,18 @@ class Linear(LoraLayer):
         hooked = bool(self.base_layer._forward_hooks)   # a hook may keep the base output: never write into it
         out = add_update(self.base_layer(x2), down(xd, self.lora_A, self.scale * unbias), self.lora_B,
                          inplace=not hooked)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @classmethod
+    def packed_forward(cls, runs: Sequence[LoraLayer], x: Tensor, *args, **kwargs) -> Tensor:
+        """The K updates as two batched matmuls (``bmm``) when the runs share a rank; else the generic form."""
+        if len({r.rank for r in runs}) != 1 or any(type(r) is not type(runs[0]) for r in runs):
+            return super().packed_forward(runs, x, *args, **kwargs)
+        x3 = x.reshape(len(runs), -1, x.shape[-1])              # (K, n, d_in): rows of run k, as a 3-D base input
+        a = torch.stack([r.lora_A * r.scale for r in runs])     # (K, r, d_in); scales as Python floats: no device copy
+        b = torch.stack([r.lora_B for r in runs])               # (K, d_out, r)
+        xd, unbias = runs[0].dropout.masked(x3)
+        out = add_update(runs[0].base_layer(x3, *args, **kwargs), down(xd, a, unbias), b)   # (K, n, d_out)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 

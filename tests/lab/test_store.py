@@ -9,8 +9,8 @@ import os
 import pytest
 
 from loralab.lab import store as store_mod
-from loralab.lab.store import (CorruptFileError, ManifestMismatchError, RunResult, RunStore, SweepStore,
-                               atomic_write_json, check_out_dir, read_json, to_strict_json)
+from loralab.lab.store import CorruptFileError, ManifestMismatchError, RunResult, RunStore, SweepStore, atomic_write_json, read_json, to_strict_json
+from loralab.lab.runtime import check_out_dir
 
 
 def _strict_load(path):
@@ -100,10 +100,10 @@ def test_result_is_written_once_and_marks_the_run_finished(tmp_path):
     run.write_config("r", {"lora.init": "standard"}, {"lora": {"rank": 8}})
     assert not run.is_finished()
     run.write_result(RunResult("r", "ok", final_eval_loss=2.2))
-    assert run.is_finished() and run.result()["final_eval_loss"] == 2.2
+    assert run.is_finished() and run.result().final_eval_loss == 2.2
     with pytest.raises(FileExistsError):
         run.write_result(RunResult("r", "failed"))
-    assert run.result()["status"] == "ok"
+    assert run.result().status == "ok"
 
 
 def test_reset_removes_an_unfinished_run_and_refuses_a_finished_one(tmp_path):
@@ -154,9 +154,10 @@ def test_records_cover_every_run_in_manifest_order(tmp_path):
     assert [r.run_id for r in recs] == ids + ["stray"]
     assert [r.status for r in recs] == ["ok", "diverged", "failed", "unfinished", "pending", "pending"]
     assert [r.axes for r in recs[:5]] == axes
-    assert recs[1].get("final_eval_loss") is None and recs[2].get("error") == "boom"
+    assert recs[1].final_eval_loss is None and recs[2].result.error == "boom"
     assert recs[3].eval_curve() == [(0, 2.5)] and recs[4].metrics == ()
-    assert sweep.finished_ids() == ["ok1", "div"]   # a failed run is recorded, but a resumed sweep redoes it
+    # a failed run is recorded, but a resumed sweep redoes it
+    assert [r for r in sweep.run_ids() if sweep.run(r).is_finished()] == ["ok1", "div"]
 
 
 # ---- failed and unreadable results: redone, the old file moved aside, never deleted --------------------------------

@@ -5,8 +5,10 @@ with ``config.json``, ``metrics.jsonl``, ``diagnostics.json`` and ``result.json`
 ``result.json`` reads back with status ``ok`` or ``diverged`` (those are results); a ``failed`` or unreadable one is
 redone by the next sweep, after :meth:`RunStore.reset` moved the old file aside (never deleted: results are data).
 
-Every JSON file except metrics.jsonl is written atomically, as strict JSON (``jsonfiles.py``); a diverged loss is
-recorded as ``null``. metrics.jsonl is appended line by line, so a crash can truncate its last line; readers skip it.
+Every JSON file except metrics.jsonl is written atomically (the library's :func:`loralab.io.atomic_write`), as
+strict JSON: NaN and ±inf become ``null`` (a diverged loss is recorded as ``null``), so any JSON reader can load the
+files. metrics.jsonl is appended line by line, so a crash can truncate its last line; readers skip it. Results are
+read back as :class:`RunResult` through the config's type-checked path, so a damaged field is named, not propagated.
 
 Deviation from the spec, additive: ``sweep.json`` may hold ``"run_axes"`` (the axes of each run, parallel to
 ``run_ids``) so that runs never started still have axes in :meth:`SweepStore.records`.
@@ -15,19 +17,87 @@ Deviation from the spec, additive: ``sweep.json`` may hold ``"run_axes"`` (the a
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from .jsonfiles import CorruptFileError, atomic_write_json, flat, move_aside, read_json, read_object, to_strict_json
-from .records import RunRecord, load_record
+from loralab.io import atomic_write
 
-# The JSON helpers now live in jsonfiles.py; they stay importable from here.
+from .config.typecheck import ConfigError, from_dict
+
 __all__ = ["CorruptFileError", "ManifestMismatchError", "RunRecord", "RunResult", "RunStore", "SweepStore",
-           "atomic_write_json", "check_out_dir", "load_record", "read_json", "to_strict_json"]
+           "atomic_write_json", "read_json", "to_strict_json"]
+
+def to_strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (tuples become lists), ready for ``allow_nan=False``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): to_strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_strict_json(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return to_strict_json(obj.item())
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as strict JSON to ``path`` so that readers see the old file or the new one, never a part.
+
+    The text is serialized before any file is touched (a non-serializable object leaves nothing behind).
+    """
+    text = json.dumps(to_strict_json(obj), allow_nan=False, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+class CorruptFileError(ValueError):
+    """A store file exists but cannot be read as what it should hold; the message names the file and the fix."""
+
+
+def read_json(path: str | os.PathLike, fix: str = "restore it from a copy, or move it aside") -> Any:
+    """Parse the JSON file at ``path`` (``FileNotFoundError`` if it is missing).
+
+    Raises:
+        CorruptFileError: the file is not valid JSON (truncated, overwritten, not UTF-8), naming it and ``fix``.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}); {fix}") from None
+
+
+def read_object(path: Path, fix: str = "restore it from a copy, or move it aside") -> Any:
+    """The parsed file, ``None`` when it is missing; a file that is there must hold a JSON object."""
+    if not path.exists():
+        return None
+    obj = read_json(path, fix)
+    if not isinstance(obj, dict):
+        raise CorruptFileError(f"{path} holds {type(obj).__name__} {str(obj)[:40]}, not a JSON object; {fix}")
+    return obj
+
+
+def move_aside(path: Path, suffix: str) -> Path:
+    """Rename ``path`` to the first free ``<path><suffix>[-k]`` and return the new path (nothing is deleted)."""
+    k, target = 1, path.with_name(path.name + suffix)
+    while target.exists():
+        k += 1
+        target = path.with_name(f"{path.name}{suffix}-{k}")
+    os.replace(path, target)
+    return target
+
+
+def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``, values in JSON form (tuples as lists)."""
+    if isinstance(obj, Mapping) and obj:
+        return {k: v for key, val in obj.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): json.loads(json.dumps(to_strict_json(obj)))}
+
 
 STATUSES = ("ok", "diverged", "failed")
 FINISHED = ("ok", "diverged")   # results; a failed run is recorded, but a resumed sweep tries it again
@@ -79,9 +149,15 @@ class RunResult:
         return to_strict_json(d)
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "RunResult":
-        """Build from a ``result.json`` object; unknown keys are an error (the format is versioned by its fields)."""
-        return cls(**d)
+    def from_json(cls, d: Mapping[str, Any]) -> RunResult:
+        """Build from a ``result.json`` object through the type-checked path: an unknown key, a missing status or a
+        value of the wrong type (``"final_eval_loss": "abc"``) is a ``ConfigError`` naming the field."""
+        result = from_dict(cls, dict(d))
+        for name in ("final_eval_loss", "best_eval_loss", "initial_eval_loss"):
+            value = getattr(result, name)
+            if value is not None and not math.isfinite(value):   # NaN written by hand or by another writer
+                object.__setattr__(result, name, None)
+        return result
 
 
 class RunStore:
@@ -121,19 +197,25 @@ class RunStore:
             raise FileExistsError(f"{self.root / RESULT} exists: a run's result is written once")
         atomic_write_json(self.root / RESULT, result.to_json())
 
-    def result(self) -> dict | None:
-        """``result.json`` parsed, ``None`` when missing.
+    def result(self) -> RunResult | None:
+        """``result.json`` read back as a :class:`RunResult`, ``None`` when missing.
 
         Raises:
-            CorruptFileError: it exists but is not a result (bad JSON, not an object, an unknown status).
+            CorruptFileError: it exists but is not a result (bad JSON, not an object, an unknown status, a field of
+                the wrong type), naming the file, the field and the fix.
         """
         path = self.root / RESULT
         fix = (f"rerun the sweep to redo the run (it moves the file aside to {RESULT}.corrupt), or restore the file "
                "from a copy")
-        result = read_object(path, fix)
-        if result is not None and result.get("status") not in STATUSES:
-            raise CorruptFileError(f"{path} has status {result.get('status')!r}, not one of {STATUSES}; {fix}")
-        return result
+        data = read_object(path, fix)
+        if data is None:
+            return None
+        if data.get("status") not in STATUSES:
+            raise CorruptFileError(f"{path} has status {data.get('status')!r}, not one of {STATUSES}; {fix}")
+        try:
+            return RunResult.from_json(data)
+        except (ConfigError, TypeError, ValueError) as e:
+            raise CorruptFileError(f"{path} is not a run result ({e}); {fix}") from None
 
     def status(self) -> str | None:
         """The status in ``result.json``; ``"corrupt"`` when it cannot be read, ``None`` when there is none."""
@@ -141,7 +223,7 @@ class RunStore:
             result = self.result()
         except CorruptFileError:
             return "corrupt"
-        return None if result is None else result["status"]
+        return None if result is None else result.status
 
     def config(self) -> dict | None:
         return read_object(self.root / CONFIG)
@@ -191,19 +273,6 @@ class RunStore:
         return moved
 
 
-def check_out_dir(path: str | os.PathLike, what: str = "out_dir") -> Path:
-    """``path`` (``~`` expanded) if it is, or can be made, a writable directory; else ``ValueError`` naming it."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} {path} is an existing file, not a directory; choose another {what}")
-    parent = next(p for p in (path, *path.parents) if p.exists())   # the root always exists
-    if not parent.is_dir():
-        raise ValueError(f"{what} {path} cannot be created: {parent} is a file; choose another {what}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path} cannot be written: no write permission on {parent}; choose another {what}")
-    return path
-
-
 class ManifestMismatchError(ValueError):
     """The sweep in ``out_dir`` was made from a different config (its run ids differ)."""
 
@@ -247,8 +316,9 @@ class SweepStore:
         """Write ``sweep.json``, or keep the existing one if it lists the same runs (see :meth:`check_manifest`)."""
         if self.check_manifest(name, grid, run_ids, base) is not None:
             return
-        manifest = {"name": name, "grid": {k: list(v) for k, v in grid.items()}, "run_ids": list(run_ids),
-                    "base": dict(base), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        manifest: dict[str, Any] = {"name": name, "grid": {k: list(v) for k, v in grid.items()},
+                                    "run_ids": list(run_ids), "base": dict(base),
+                                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if run_axes is not None:
             manifest["run_axes"] = [dict(a) for a in run_axes]
         atomic_write_json(self.root / MANIFEST, manifest)
@@ -276,12 +346,68 @@ class SweepStore:
         """``run_id -> RunStore.status()``: ``ok``/``diverged``/``failed``, ``corrupt`` or ``None`` (no result)."""
         return {r: self.run(r).status() for r in run_ids}
 
-    def finished_ids(self) -> list[str]:
-        """Ids of finished runs (an ``ok`` or ``diverged`` result), in :meth:`run_ids` order."""
-        return [r for r in self.run_ids() if self.run(r).is_finished()]
-
     def records(self) -> list[RunRecord]:
         """Every run joined with its files, in manifest order, including runs never started or unfinished."""
         manifest = self.manifest() or {}
         axes_by_id = dict(zip(manifest.get("run_ids", []), manifest.get("run_axes", [])))
         return [load_record(self.run(r), axes_by_id.get(r)) for r in self.run_ids()]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as read back from the store: its files joined, for reports.
+
+    Attributes:
+        run_id: the run's id.
+        status: ``"ok"``, ``"diverged"``, ``"failed"`` (from result.json), ``"unfinished"`` (files but no result:
+            crashed, killed or running) or ``"pending"`` (never started).
+        axes: the run's grid values (from result.json, else config.json, else the manifest's ``run_axes``).
+        path: the run directory.
+        config, result, diagnostics: the parsed files, ``None`` when missing or unreadable.
+        metrics: the metric records, in order.
+        problem: why a file could not be read (the run then counts as unfinished), else ``None``.
+    """
+
+    run_id: str
+    status: str
+    axes: Mapping[str, Any]
+    path: Path
+    config: dict | None = None
+    result: RunResult | None = None
+    diagnostics: dict | None = None
+    metrics: tuple[dict, ...] = ()
+    problem: str | None = None
+
+    @property
+    def final_eval_loss(self) -> float | None:
+        """The run's final eval loss, ``None`` without a result or when it was not finite."""
+        return None if self.result is None else self.result.final_eval_loss
+
+    def eval_curve(self) -> list[tuple[int, float]]:
+        """``(step, eval_loss)`` pairs with a finite loss, in order."""
+        return [(int(m["step"]), float(m["eval_loss"])) for m in self.metrics
+                if m.get("kind") == "eval" and isinstance(m.get("eval_loss"), (int, float))]
+
+
+def load_record(run: RunStore, axes: Mapping[str, Any] | None = None) -> RunRecord:
+    """Read one run's files into a :class:`RunRecord`; ``axes`` is the fallback when no file holds them.
+
+    An unreadable file is read as missing and named in ``problem``: a report lists the run, it does not crash.
+    """
+    problems: list[str] = []
+
+    def read(method):
+        try:
+            return method()
+        except CorruptFileError as e:
+            problems.append(str(e))
+            return None
+
+    result, config, diagnostics, metrics = read(run.result), read(run.config), read(run.diagnostics), run.metrics()
+    if result is not None:
+        status = result.status
+    else:
+        status = "unfinished" if config is not None or metrics or problems else "pending"
+    found = (result.axes if result else None) or (config or {}).get("axes") or axes or {}
+    return RunRecord(run.run_id, status, dict(found), run.root, config, result, diagnostics, tuple(metrics),
+                     "; ".join(problems) or None)

@@ -1,0 +1,172 @@
+"""The experiment schema: frozen dataclasses for one run (``RunConfig``) and for a sweep (``SweepConfig``).
+
+A new config field goes here, with a commented default and its check in ``__post_init__``; if it changes only how
+fast a run trains, or may differ between runs trained together in one pack, say so with its role (:data:`EXECUTION`,
+:data:`PER_RUN`) in the field's metadata: run ids (``grid.py``) and packing (``run/pack.py``) read the roles, so no
+other list needs editing. Files and overrides (``toml.py``) and grids (``grid.py``) all build these through
+``typecheck.from_dict``.
+
+``RunConfig``'s sections default to their defaults, so a TOML file may omit any table. ``SweepConfig.grid`` holds the
+*checked* values in JSON form (``train.lr = [1, 2]`` becomes ``(1.0, 2.0)``), so axes in the store and in run ids are
+what the runs really used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from loralab.config import FrozenMap, LoraConfig
+
+__all__ = ["EXECUTION", "PER_RUN", "DataConfig", "ModelConfig", "ResourcesConfig", "RunConfig", "SweepConfig",
+           "TrainConfig", "fields_with_role", "require"]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+EXECUTORS = ("local", "ray")
+
+
+EXECUTION = "execution"   # changes how fast a run trains, not what it computes: left out of run ids
+PER_RUN = "per_run"       # may differ between runs trained together in one pack (one shared frozen base)
+
+# The library's LoraConfig carries no lab metadata: its fields' roles are declared here.
+LORA_ROLES = {"init": PER_RUN, "alpha": PER_RUN, "init_kwargs": PER_RUN, "init_pattern": PER_RUN,
+              "alpha_pattern": PER_RUN}
+
+
+def _role(role: str) -> dict[str, Any]:
+    return {"role": role}
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``ok``: every config check, here and in the width sweep's configs."""
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m"   # "smollm2-135m" = the offline default; else a HF hub id or a local directory
+    dtype: str = "auto"          # auto | float32 | bfloat16 | float16 ; auto = bfloat16 on cuda, float32 otherwise
+    #                              (float16 trains without loss scaling: prefer bfloat16)
+    cache_dir: str = ""          # "" -> $LORALAB_CACHE or ~/.cache/loralab
+
+    def __post_init__(self):
+        require(bool(self.name), "ModelConfig.name is empty: use 'smollm2-135m', a hub id or a local directory")
+        require(self.dtype in DTYPES, f"ModelConfig.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "chitchat"     # "chitchat" (offline) | "HuggingFaceH4/no_robots" | .jsonl/.parquet file or dir
+    seq_len: int = 256           # packed chunk length in tokens
+    eval_fraction: float = 0.05  # used when the source has no test split
+    max_train_chunks: int = 0    # 0 = all
+    max_eval_chunks: int = 0     # 0 = all
+    split_seed: int = 0          # seeds the train/eval split when the source has none
+    cache_dir: str = ""          # "" -> $LORALAB_CACHE or ~/.cache/loralab
+
+    def __post_init__(self):
+        require(bool(self.source), "DataConfig.source is empty: use 'chitchat', a hub dataset id or a file path")
+        require(self.seq_len >= 2, f"DataConfig.seq_len must be >= 2 (an input and its next token); got "
+                                    f"{self.seq_len}; try 256")
+        require(0.0 < self.eval_fraction < 1.0, f"DataConfig.eval_fraction must be in (0, 1); got "
+                                                 f"{self.eval_fraction!r}; try 0.05")
+        for name, value in [("max_train_chunks", self.max_train_chunks), ("max_eval_chunks", self.max_eval_chunks)]:
+            require(value >= 0, f"DataConfig.{name} must be >= 0 (0 = all); got {value}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = field(default=1e-3, metadata=_role(PER_RUN))   # peak learning rate (AdamW), reached after warmup
+    epochs: float = 1.0          # passes over the train chunks; fractions allowed
+    max_steps: int = 0           # optimizer steps; 0 = from epochs
+    batch_size: int = 4          # sequences per micro-batch
+    grad_accum: int = 1          # micro-batches per optimizer step
+    # fraction of steps warming up linearly, then linear decay to 0
+    warmup_ratio: float = field(default=0.1, metadata=_role(PER_RUN))
+    weight_decay: float = field(default=0.01, metadata=_role(PER_RUN))  # AdamW's decoupled weight decay
+    grad_clip: float = field(default=1.0, metadata=_role(PER_RUN))  # max global grad norm; 0 = off
+    eval_every: int = 10         # optimizer steps
+    seed: int = field(default=0, metadata=_role(PER_RUN))  # adapter init, dropout and batch order
+    device: str = "auto"         # auto | cpu | cuda | mps
+    # loss > factor * initial loss (or NaN/inf) -> diverged; ln(vocab) caps a blow-up
+    diverge_factor: float = field(default=2.0, metadata=_role(PER_RUN))
+    # torch.compile the backbone: faster steps after minutes of compiling; long runs only
+    compile: bool = field(default=False, metadata=_role(EXECUTION))
+
+    def __post_init__(self):
+        require(self.lr > 0 and math.isfinite(self.lr), f"TrainConfig.lr must be a positive number; got "
+                                                         f"{self.lr!r}; try 1e-4 to 1e-3")
+        require(self.max_steps >= 0, f"TrainConfig.max_steps must be >= 0 (0 = from epochs); got {self.max_steps}")
+        require(self.epochs >= 0, f"TrainConfig.epochs must be >= 0; got {self.epochs!r}")
+        require(self.epochs > 0 or self.max_steps > 0, f"TrainConfig: epochs={self.epochs!r} and max_steps=0 "
+                                                         "train nothing: set epochs > 0 (e.g. 1.0) or max_steps > 0")
+        for name, value in [("batch_size", self.batch_size), ("grad_accum", self.grad_accum),
+                            ("eval_every", self.eval_every)]:
+            require(value >= 1, f"TrainConfig.{name} must be >= 1; got {value}")
+        require(0.0 <= self.warmup_ratio < 1.0, f"TrainConfig.warmup_ratio must be in [0, 1); got "
+                                                 f"{self.warmup_ratio!r}; try 0.1")
+        for name, value in [("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip)]:
+            require(value >= 0, f"TrainConfig.{name} must be >= 0 (0 = off); got {value!r}")
+        require(self.diverge_factor > 1, f"TrainConfig.diverge_factor must be > 1 (a loss above factor x the "
+                                          f"initial loss is divergence); got {self.diverge_factor!r}; try 2.0")
+        require(self.device in DEVICES, f"TrainConfig.device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run, fully resolved."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)   # the library's own: rank, alpha, init, targets, ...
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What each run (or pack of runs) asks a distributed executor for; the local executor ignores it."""
+
+    cpus: float = 1.0            # CPU cores per task
+    gpus: float = 0.0            # GPUs per task; a fraction shares one GPU between tasks
+    max_retries: int = 2         # a task whose worker dies is retried this often, then recorded as failed
+
+    def __post_init__(self):
+        require(self.cpus > 0, f"resources.cpus must be > 0; got {self.cpus!r}; try 1")
+        require(self.gpus >= 0, f"resources.gpus must be >= 0; got {self.gpus!r}; try 0 (CPU) or 1")
+        require(self.max_retries >= 0, f"resources.max_retries must be >= 0; got {self.max_retries!r}; try 2")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A grid of runs: ``base`` with each combination of the ``grid`` axes' values (see :func:`expand`)."""
+
+    name: str                    # shown in reports and recorded in sweep.json
+    out_dir: str                 # where the store goes, e.g. "runs/quick"
+    base: RunConfig = field(default_factory=RunConfig)
+    grid: Mapping[str, tuple] = field(default_factory=dict)   # "lora.init" -> values; first axis outermost
+    executor: str = "local"      # local | ray
+    pack: int = 0                # runs trained together in one process on one shared base; 0 = auto, 1 = off
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self):
+        require(bool(self.name), "SweepConfig.name is empty: set name = \"...\" at the top of the file")
+        require(bool(self.out_dir), "SweepConfig.out_dir is empty: set out_dir = \"runs/<name>\"")
+        require(self.executor in EXECUTORS, f"SweepConfig.executor must be one of {EXECUTORS}; got {self.executor!r}")
+        require(self.pack >= 0, f"SweepConfig.pack must be >= 0 (0 = auto, 1 = one run at a time); got {self.pack}")
+        object.__setattr__(self, "grid", FrozenMap({k: tuple(v) for k, v in self.grid.items()}))
+
+
+
+
+def fields_with_role(role: str) -> list[tuple[str, str]]:
+    """``[(section, field), ...]`` of ``RunConfig`` whose declared role is ``role``."""
+    sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+    out = [("lora", name) for name, r in LORA_ROLES.items() if r == role]
+    for section, cls in sections.items():
+        out += [(section, f.name) for f in dataclasses.fields(cls) if f.metadata.get("role") == role]
+    return out

@@ -1,0 +1,1 @@
+"""The width study: how the largest stable learning rate of each init moves with the adapted layer's width."""

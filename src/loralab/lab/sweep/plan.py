@@ -1,0 +1,109 @@
+"""A sweep's plan, built once and used by the sweep and by its dry run: the runs, their packs, the manifest, and the
+checks of what no single run can get past.
+
+Errors that are not one run's fault (the configured device is missing, the data cannot fill one step's batches, the
+out_dir is a file, another config's store) would fail every run alike: they raise :class:`SweepAbort` (or a
+``ValueError`` naming the problem) and stop the sweep, and ``--dry-run`` runs the same checks before any training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..config.grid import RunSpec, plan_runs
+from ..config.schema import RunConfig, SweepConfig
+from ..config.typecheck import to_dict
+from ..run.pack import pack_key
+from ..runtime import DeviceUnavailable, check_out_dir, pick_device
+from ..store import SweepStore
+
+__all__ = ["AUTO_PACK_TOKENS", "Executor", "SweepAbort", "SweepPlan", "check_batches", "check_device"]
+
+AUTO_PACK_TOKENS = 16384   # tokens per packed micro-batch on CUDA (a pack that does not fit is split)
+
+
+class SweepAbort(ValueError):
+    """An error that is not one run's fault and would fail every run alike: the sweep stops, naming the fix."""
+
+
+class Executor(Protocol):
+    """Trains runs and writes each one's result into ``store``; finished runs are never passed in.
+
+    ``check(runs)`` raises :class:`SweepAbort` or ``ValueError`` for what can be known before training (devices, a
+    cluster's address); the sweep and its dry run call it first.
+    """
+
+    def check(self, runs: Sequence[RunSpec]) -> None: ...
+
+    def run(self, runs: Sequence[RunSpec], store: SweepStore) -> None: ...
+
+
+def check_device(name: str) -> None:
+    """Raise :class:`SweepAbort` when ``train.device`` names a device this machine does not have."""
+    try:
+        pick_device(name, "train.device")
+    except DeviceUnavailable as e:
+        raise SweepAbort(str(e)) from None
+
+
+def check_batches(run: RunConfig, n_train: int, what: str = "the training data has") -> None:
+    """Raise :class:`SweepAbort` when ``n_train`` chunks cannot fill one micro-batch (steps cycle through epochs, so
+    that is all a run needs)."""
+    need = run.train.batch_size
+    if n_train < need:
+        raise SweepAbort(f"{what} {n_train} chunks of {run.data.seq_len} tokens, fewer than one micro-batch needs "
+                         f"(train.batch_size = {need}); raise data.max_train_chunks (0 = all), or lower "
+                         "train.batch_size or data.seq_len")
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """Every run of a sweep in grid order, and what the store's manifest records about it."""
+
+    sweep: SweepConfig
+    runs: tuple[RunSpec, ...]
+
+    @classmethod
+    def build(cls, sweep: SweepConfig) -> SweepPlan:
+        return cls(sweep, tuple(plan_runs(sweep)))
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [r.run_id for r in self.runs]
+
+    def manifest(self) -> dict[str, Any]:
+        """What ``sweep.json`` records (and is checked against)."""
+        s = self.sweep
+        return {"name": s.name, "grid": {k: list(v) for k, v in s.grid.items()}, "run_ids": self.run_ids,
+                "base": to_dict(s.base)}
+
+    def packs(self, runs: Sequence[RunSpec]) -> list[list[RunSpec]]:
+        """Split ``runs`` into packs: runs that may share a base (equal :func:`..run.pack.pack_key`), in grid order,
+        at most ``sweep.pack`` per pack (0 = auto: as many as :data:`AUTO_PACK_TOKENS` tokens per micro-batch allow
+        on CUDA, one run at a time elsewhere, where packing gains nothing)."""
+        groups: dict[str, list[RunSpec]] = {}
+        for spec in runs:
+            groups.setdefault(pack_key(spec.run), []).append(spec)
+        packs = []
+        for group in groups.values():
+            size = self.sweep.pack
+            if size == 0:
+                cfg = group[0].run
+                on_cuda = pick_device(cfg.train.device).type == "cuda"
+                size = max(1, AUTO_PACK_TOKENS // (cfg.train.batch_size * cfg.data.seq_len)) if on_cuda else 1
+            packs += [group[i:i + size] for i in range(0, len(group), size)]
+        return packs
+
+    def check(self, executor: Executor) -> SweepStore:
+        """What the sweep and its dry run check before any training; returns the store (not written to)."""
+        store = SweepStore(self.sweep.out_dir)
+        check_out_dir(store.root)
+        store.check_manifest(**self.manifest())
+        # The real chunk count needs tokenizing (the sweep checks it); a cap below one step fails already.
+        for spec in self.runs:
+            if spec.run.data.max_train_chunks:
+                check_batches(spec.run, spec.run.data.max_train_chunks, "data.max_train_chunks keeps")
+        executor.check(self.runs)
+        return store

@@ -1,0 +1,262 @@
+"""Tests of the sweep report, on synthetic stores whose expected numbers the tests compute themselves."""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+
+import pytest
+from matplotlib import image as mpimg
+
+from loralab.lab.report.markup import to_html, to_markdown
+from loralab.lab.report.write import write_report
+from loralab.lab.report.cells import Cell, fmt_value
+
+try:  # tests/lab may or may not be a package, depending on the rest of the suite
+    from .synthetic_store import ERROR, FAILED, INITS, LRS, PARTLY_DIVERGED, build_grid_store, build_study_store
+except ImportError:
+    from synthetic_store import ERROR, FAILED, INITS, LRS, PARTLY_DIVERGED, build_grid_store, build_study_store
+
+
+def md_tables(text: str) -> list[tuple[str, list[str], list[list[str]]]]:
+    """``(nearest heading above, header, rows)`` of every markdown table."""
+    out, heading, lines = [], "", text.splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("#"):
+            heading = lines[i].lstrip("# ")
+        if lines[i].startswith("| ") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            split = lambda s: [c.strip() for c in re.split(r"(?<!\\)\|", s)[1:-1]]  # noqa: E731
+            header, rows, i = split(lines[i]), [], i + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(split(lines[i]))
+                i += 1
+            out.append((heading, header, rows))
+        i += 1
+    return out
+
+
+def table(text: str, heading: str) -> dict[str, list[str]]:
+    """The first table under ``heading`` as row label → cells."""
+    _, header, rows = next(t for t in md_tables(text) if t[0] == heading)
+    return {r[0].strip("`"): r[1:] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    written = build_study_store(root)
+    paths = write_report(root)
+    return root, written, paths, paths["md"].read_text()
+
+
+def expected_cells(written) -> dict[tuple[str, float], dict]:
+    """Per (init, lr): the ok finals, the number of diverged / failed seeds — computed from what was written."""
+    cells = {}
+    for axes, status, final in written.runs.values():
+        c = cells.setdefault((axes["lora.init"], axes["train.lr"]), {"ok": [], "diverged": 0, "failed": 0, "n": 0})
+        c["n"] += 1
+        if status == "ok":
+            c["ok"].append(final)
+        elif status in ("diverged", "failed"):
+            c[status] += 1
+    return cells
+
+
+def test_table_values_are_mean_and_std_over_ok_seeds(study):
+    _, written, _, md = study
+    tab = table(md, "Final eval loss")
+    for (init, lr), c in expected_cells(written).items():
+        text = tab[init][LRS.index(lr)].strip("*")
+        if c["ok"]:
+            want = f"{statistics.mean(c['ok']):.4f}"
+            if len(c["ok"]) > 1:
+                want += f" ± {statistics.stdev(c['ok']):.4f}"
+            assert text.startswith(want), (init, lr, text)
+        elif c["diverged"]:
+            assert text.startswith(f"diverged ({c['diverged']}/{c['n']})"), (init, lr, text)
+        assert ("†" in text) == bool(c["ok"] and c["diverged"]), text
+        assert ("‡" in text) == bool(c["failed"]), text
+
+
+def test_partly_diverged_and_failed_cells_are_marked(study):
+    _, written, _, md = study
+    tab = table(md, "Final eval loss")
+    init, lr, _ = PARTLY_DIVERGED
+    assert tab[init][LRS.index(lr)].endswith("†1")
+    assert tab[FAILED[0]][LRS.index(FAILED[1])].endswith("‡1")
+    assert tab["standard"][LRS.index(1e-2)] == "diverged (2/2)"  # the study: everything diverges at 1e-2
+
+
+def test_best_cell_per_column_is_bold(study):
+    _, written, _, md = study
+    tab, cells = table(md, "Final eval loss"), expected_cells(written)
+    for j, lr in enumerate(LRS):
+        clean = {i: statistics.mean(cells[i, lr]["ok"]) for i in INITS
+                 if cells[i, lr]["ok"] and not cells[i, lr]["diverged"]}
+        bold = {i for i in INITS if tab[i][j].startswith("**")}
+        assert bold == ({min(clean, key=clean.get)} if clean else set()), lr
+    assert tab["standard"][LRS.index(2e-3)].startswith("**")  # the study's headline: standard wins from 5e-4 up
+
+
+def test_relative_table_is_percent_of_standard(study):
+    _, written, _, md = study
+    rel, cells = table(md, "Relative to `standard`"), expected_cells(written)
+    for (init, lr), c in cells.items():
+        ref = cells["standard", lr]["ok"]
+        if c["ok"] and ref:
+            want = 100 * (statistics.mean(c["ok"]) / statistics.mean(ref) - 1)
+            assert rel[init][LRS.index(lr)].strip("*").startswith(f"{want:+.2f}%"), (init, lr)
+    assert rel["reversed"][LRS.index(5e-3)] == "diverged (2/2)"
+
+
+def test_no_edge_warning_when_every_optimum_is_inside_the_grid(study):
+    md = study[3]
+    assert "WARNING" not in md.replace("orthogonal-qr-match", "")  # qr-match's best (2e-4) is inside too
+    assert "`standard`: best train.lr = 2e-3" in md
+
+
+def test_edge_warning_when_the_best_lr_is_on_the_grid_edge(tmp_path):
+    build_study_store(tmp_path, lrs=(2e-4, 5e-4, 1e-3, 2e-3), incomplete=False)
+    md = write_report(tmp_path)["md"].read_text()
+    warned = set(re.findall(r"WARNING\*\*: `([^`]+)`: the best train\.lr \(\S+\) is the (\w+)", md))
+    # standard's best 2e-3 is now the highest value; reversed and qr-match are best at 2e-4, the lowest
+    assert warned == {("standard", "highest"), ("reversed", "lowest"), ("orthogonal-qr-match", "lowest")}
+
+
+def test_failed_run_is_listed_with_its_error_and_traceback_location(study):
+    _, _, _, md = study
+    section = md.split("## Failed runs (1)")[1].split("##")[0]
+    assert ERROR in section and "more detail" not in section  # first line of the error only
+    assert "runs/orthogonal-eye__lr0.001__s1/result.json" in section
+
+
+def test_every_run_is_listed_with_its_status(study):
+    _, written, _, md = study
+    _, header, rows = next(t for t in md_tables(md) if t[0].startswith("All runs"))
+    listed = {r[0].strip("`"): r[header.index("status")] for r in rows}
+    assert listed == {rid: status for rid, (_, status, _) in written.runs.items()}
+    counts = {s: sum(v == s for v in listed.values()) for s in set(listed.values())}
+    header_line = md.splitlines()[2]
+    assert all(f"{n} {s}" in header_line for s, n in counts.items()) and f"**{len(listed)} runs**" in header_line
+
+
+def test_diagnostics_table_shows_exact_zeros(study):
+    diag = table(study[3], "Step-0 diagnostics")
+    assert diag["standard"][2] == "0" and diag["reversed"][3] == "0"  # ∇A = 0 under standard, ∇B = 0 under reversed
+    assert float(diag["reversed"][5]) == pytest.approx(1 / 24, rel=1e-3)  # Var(B) = 1/(3r)
+
+
+def test_files_exist_and_pngs_are_valid(study):
+    _, _, paths, _ = study
+    assert set(paths) == {"md", "html", "loss_vs_lr", "loss_vs_lr_zoom", "curves", "diagnostics"}
+    for key in ("loss_vs_lr", "loss_vs_lr_zoom", "curves", "diagnostics"):
+        img = mpimg.imread(paths[key])
+        assert paths[key].parent.name == "report" and paths[key].stat().st_size > 20_000
+        assert img.shape[0] >= 400 and img.shape[1] >= 800 and img.std() > 0.05, key  # not blank
+
+
+def test_html_is_self_contained(study):
+    html = study[2]["html"].read_text()
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)""", html)
+    assert len(refs) == 4 and all(r.startswith("data:image/png;base64,") for r in refs)
+    assert "http://" not in html and "https://" not in html and "<link" not in html and "@import" not in html
+    assert html.count("<table>") == len(md_tables(study[3]))
+
+
+def test_other_axes_give_one_table_per_combination(tmp_path):
+    grid = {"lora.init": ["standard", "reversed"], "lora.rank": [4, 16], "train.lr": [1e-4, 1e-3], "train.seed": [0, 1]}
+    build_grid_store(tmp_path, grid, lambda a: ("ok", 2 + a["lora.rank"] / 100 + a["train.seed"] / 1000))
+    md = write_report(tmp_path)["md"].read_text()
+    assert table(md, "lora.rank = 4")["standard"][0].strip("*") == f"2.0405 ± {statistics.stdev([2.04, 2.041]):.4f}"
+    assert table(md, "lora.rank = 16")["reversed"][1] == f"2.1605 ± {statistics.stdev([2.16, 2.161]):.4f}"
+
+
+def test_missing_axes_give_one_row_or_column(tmp_path):
+    build_grid_store(tmp_path, {"train.lr": [1e-3, 1e-2], "train.seed": [0, 1, 2]},
+                     lambda a: ("ok", 2 + a["train.seed"] / 10), base={"lora": {"init": "standard"}})
+    md = write_report(tmp_path)["md"].read_text()
+    tab = table(md, "Final eval loss")
+    assert list(tab) == ["lora.init = standard"] and tab["lora.init = standard"] == ["2.1000 ± 0.1000"] * 2
+    md = write_report(tmp_path, col_axis="train.grad_clip")["md"].read_text()  # train.lr becomes a grouping axis
+    assert table(md, "train.lr = 1e-2")["lora.init = standard"] == ["2.1000 ± 0.1000"]
+    assert "WARNING**: only one value of train.grad_clip" in md
+
+
+def test_cli_report_pivots_on_any_axis_and_refuses_a_typo(tmp_path, capsys):
+    from loralab.cli import main
+
+    grid = {"lora.rank": [4, 16], "train.lr": [1e-4, 1e-3], "train.seed": [0, 1]}
+    build_grid_store(tmp_path, grid, lambda a: ("ok", 2 + a["lora.rank"] / 100 + a["train.lr"] * 10),
+                     base={"lora": {"init": "standard"}})
+    assert main(["report", str(tmp_path), "--rows", "lora.rank", "--out", str(tmp_path / "r")]) == 0
+    tab = table((tmp_path / "r" / "report.md").read_text(), "Final eval loss")
+    assert list(tab) == ["4", "16"] and tab["16"][1] == "2.1700 ± 0.0000"
+    assert main(["report", str(tmp_path), "--rows", "lora.rnak", "--out", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err
+    assert "(--rows) 'lora.rnak'" in err and "lora.rank" in err and err.count("\n") == 1
+    assert main(["report", str(tmp_path), "--rows", "train.lr"]) == 2   # rows and cols the same axis
+    assert "(--rows, --cols, --reps) must differ" in capsys.readouterr().err
+
+
+def test_report_can_be_written_elsewhere(tmp_path):
+    build_grid_store(tmp_path / "s", {"train.lr": [1e-3]}, lambda a: ("ok", 2.0))
+    paths = write_report(tmp_path / "s", out=tmp_path / "elsewhere")
+    assert all(p.parent == tmp_path / "elsewhere" and p.exists() for p in paths.values())
+    assert not (tmp_path / "s" / "report").exists()
+
+
+def test_report_needs_a_sweep(tmp_path):
+    with pytest.raises(FileNotFoundError, match="sweep.json"):
+        write_report(tmp_path)
+
+
+def test_cell_text_rules():
+    class R:  # the fields of a RunRecord that Cell reads
+        def __init__(self, status, loss=None):
+            self.status, self.final_eval_loss = status, loss
+
+    assert Cell((R("ok", 2.0),)).text() == "2.0000"
+    assert Cell((R("diverged", 8.0),) * 4).text() == "diverged (4/4)"
+    assert Cell((R("ok", 2.0), R("ok", 2.2), R("diverged", None))).text() == f"2.1000 ± {math.sqrt(0.02):.4f} †1"
+    assert Cell((R("failed"), R("pending"))).text() == "failed (1/2) (1 not run)"
+    assert Cell((R("pending"),)).text() == "pending" and Cell(()).text() == "—"
+    assert Cell((R("ok", 2.2),)).relative_text(Cell((R("ok", 2.0),))) == "+10.00%"
+
+
+def test_axis_values_are_formatted_for_humans():
+    assert [fmt_value(v) for v in (1e-4, 2.5e-3, 1e-2, 0.5, 3, "standard")] == [
+        "1e-4", "2.5e-3", "1e-2", "0.5", "3", "standard"]
+
+
+def test_markup_escapes_text_in_html():
+    blocks = [("h", 1, "a <b>"), ("table", ["x|y"], [["**1**"]]), ("warn", "w & z")]
+    html = to_html(blocks, "t")
+    assert "a &lt;b&gt;" in html and "<strong>1</strong>" in html and "w &amp; z" in html
+    assert "| x\\|y |" in to_markdown(blocks)
+
+
+@pytest.mark.parametrize("text", ['{"run_id": "x", "status": "ok", "final_eval_loss": 2.\x01', "[1, 2]"],
+                         ids=["truncated", "a list"])
+def test_unreadable_result_is_listed_as_unfinished_with_its_path(tmp_path, text):
+    build_grid_store(tmp_path, {"train.lr": [1e-3, 1e-2]}, lambda a: ("ok", 2.0))
+    bad = tmp_path / "runs" / "lr0.01" / "result.json"
+    bad.write_text(text)
+    md = write_report(tmp_path)["md"].read_text()
+    assert "**2 runs**: 1 ok · 1 unfinished" in md
+    (line,) = [x for x in md.splitlines() if x.startswith("- `lr0.01`")]
+    assert "unfinished" in line and str(bad) in line and "rerun the sweep" in line
+    assert bad.read_text() == text   # the report only reads
+
+
+def test_unreadable_manifest_is_named(tmp_path, capsys):
+    from loralab.cli import main
+    from loralab.lab.store import CorruptFileError
+
+    (tmp_path / "sweep.json").write_text('{"name": "s", "grid": {"train.lr": [0.1, 0.')
+    with pytest.raises(CorruptFileError, match="sweep.json is not valid JSON"):
+        write_report(tmp_path)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'sweep.json'} is not valid JSON" in err

