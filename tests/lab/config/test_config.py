@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from loralab import LoraConfig
 from loralab.lab.config.typecheck import ConfigError, from_dict, to_dict
 from loralab.lab.config.schema import EXECUTION, fields_with_role, DataConfig, ModelConfig, RunConfig, SweepConfig, TrainConfig
-from loralab.lab.config.grid import expand, run_id
+from loralab.lab.config.grid import expand, plan_runs, run_id
 from loralab.lab.config.toml import load_sweep, parse_sweep
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "configs" / "example.toml"
@@ -458,3 +458,11 @@ def test_pack_and_resources_are_sweep_settings():
         parse_sweep(sweep_dict(resources={"gpus": -1}))
     with pytest.raises(ConfigError, match="did you mean 'gpus'"):
         parse_sweep(sweep_dict(resources={"gpu": 1}))
+
+
+def test_the_committed_study_store_resumes_with_todays_run_ids():
+    """Run ids are the store's keys: the committed SmolLM2 study's manifest lists exactly the ids its config plans."""
+    root = Path(__file__).resolve().parents[3]
+    manifest = json.loads((root / "docs/results/study-smollm2/store/sweep.json").read_text())
+    sweep = load_sweep(root / "configs/study-smollm2.toml")
+    assert [r.run_id for r in plan_runs(sweep)] == manifest["run_ids"]
