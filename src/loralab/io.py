@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
 from .config import LoraConfig
 from .inject import commit, lora_layers, plan
 from .layers import Conv, Embedding, Linear, LoraLayer
+from .version import __version__
 
 CONFIG_FILE, WEIGHTS_FILE, SIDECAR_FILE = "adapter_config.json", "adapter_model.safetensors", "loralab.json"
 PREFIX = "base_model.model."
