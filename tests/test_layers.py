@@ -43,6 +43,27 @@ def test_output_at_init(case, init):
         assert diff > 1e-3
 
 
+BASE_ATTRS = ("weight", "bias", "in_features", "out_features", "num_embeddings", "embedding_dim", "padding_idx",
+              "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode", "nf")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_lora_layer_reads_like_its_base_without_holding_its_parameters_twice(case):
+    """Models read their layers' attributes (T5: ``wo.weight.dtype``, Whisper: ``conv1.stride``): the wrapper
+    answers them from its base, while the base's tensors stay registered once, under ``base_layer``."""
+    model, _, _ = adapted(case)
+    layer = lora_layers(model)["0"]
+    read = [a for a in BASE_ATTRS if hasattr(layer.base_layer, a)]
+    assert "weight" in read and len(read) >= 3
+    for attr in read:
+        assert getattr(layer, attr) is getattr(layer.base_layer, attr), attr
+    names = [n for n, _ in model.named_parameters()]
+    assert "0.base_layer.weight" in names and "0.weight" not in names and len(names) == len(set(names))
+    assert "0.weight" not in model.state_dict()
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        layer.no_such_thing
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_factored_forward_equals_generic_delta_forward(case):
     model, _, x = adapted(case)

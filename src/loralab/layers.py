@@ -91,6 +91,11 @@ def add_update(out: Tensor, h: Tensor, b: Tensor, *, inplace: bool = True) -> Te
 class LoraLayer(nn.Module):
     """A frozen module plus a trainable low-rank update (the base of every LoRA layer type).
 
+    To the model's own code the layer looks like its base: attributes it does not have itself (``weight``, ``bias``,
+    ``in_features``, ``stride``, ``padding_idx``, ...) are read from ``base_layer``, so a model that reads
+    ``self.wo.weight.dtype`` or ``self.conv1.stride`` runs unchanged; the base's parameters stay registered only
+    under ``base_layer``, so they appear once in ``named_parameters()`` and the state dict.
+
     Args:
         base: the module to adapt; kept as ``base_layer`` and never copied.
         rank: r.
@@ -116,6 +121,15 @@ class LoraLayer(nn.Module):
         self.register_buffer("lora_B0", None, persistent=False)
         self.merged = False
         self.disabled = False
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)   # own parameters, buffers and submodules
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None:   # still being built (or unpickled)
+                raise
+            return getattr(base, name)
 
     # -- what a layer type says ------------------------------------------------------------------------------------
     @staticmethod
