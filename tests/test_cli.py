@@ -41,7 +41,10 @@ def test_inits_lists_every_scheme_with_its_properties(capsys):
     for name, s in schemes.items():
         preserves, moves, even = (parse_bool(v) for v in table[name][1:4])
         assert (preserves, moves, even) == (s.preserves_output, s.modifies_base, s.even_rank), name
-        assert s.summary.split()[0] == table[name][4], name   # the summary follows
+        assert table[name][4] == (s.one_hot or "same"), name   # what the scheme does on an embedding
+        assert s.one_hot is None or s.one_hot in schemes, name
+        assert s.summary.split()[0] == table[name][5], name   # the summary follows
+    assert table["standard"][4] == "reversed-normal"   # PEFT's embedding default, not A ~ KU(vocabulary size)
     assert not parse_bool(table["random-both"][1])
     assert {n for n in table if parse_bool(table[n][2])} >= {"pissa", "olora"}
 

@@ -197,7 +197,7 @@ def test_tied_weights_refuse_base_rewriting_inits_and_merging():
     assert model.lm_head.weight is model.transformer.wte.weight
     snap = snapshot(model)
     with pytest.raises(ValueError, match=r"'pissa' rewrites the weight of 'transformer.wte'.*shared with 'lm_head'"):
-        inject(model, LoraConfig(rank=4, init="pissa", targets=["wte", "c_attn"]))
+        inject(model, LoraConfig(rank=4, init_pattern={"wte": "pissa"}, targets=["wte", "c_attn"]))
     assert_unchanged(model, snap)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     inject(model, LoraConfig(rank=4, init="reversed", targets=["wte", "c_attn"]))
@@ -211,3 +211,19 @@ def test_tied_weights_refuse_base_rewriting_inits_and_merging():
     model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())   # untied: merging is exact again
     merge(model)
     assert torch.allclose(model(ids).logits, y, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["standard", "gaussian"])
+def test_an_embedding_under_the_default_init_gets_pefts_default_and_init_pattern_wins(init):
+    """standard on an embedding would draw A ~ KU(fan-in = vocabulary size) with B = 0: a near-dead adapter. It gets
+    loralib's/PEFT's A = 0, B ~ N(0, 1) instead; a scheme named for the module in init_pattern is applied as written."""
+    model = inject(tiny_llama(vocab=4096), LoraConfig(rank=8, init=init, targets=["embed_tokens", "q_proj"]))
+    layers = lora_layers(model)
+    emb, q = layers["model.embed_tokens"], layers["model.layers.0.self_attn.q_proj"]
+    assert emb.init == "reversed-normal" and q.init == init
+    assert torch.count_nonzero(emb.lora_A) == 0 and torch.count_nonzero(q.lora_B) == 0
+    assert emb.lora_B.std().item() == pytest.approx(1.0, abs=0.1)   # (32 x 8) draws from N(0, 1)
+    literal = inject(tiny_llama(vocab=4096), LoraConfig(rank=8, init=init, targets=["embed_tokens"],
+                                                        init_pattern={"embed_tokens": init}))
+    emb = lora_layers(literal)["model.embed_tokens"]
+    assert emb.init == init and torch.count_nonzero(emb.lora_B) == 0 and torch.count_nonzero(emb.lora_A) > 0

@@ -95,7 +95,7 @@ def test_portable_rslora_scales_alpha_by_sqrt2(tmp_path):
 
 
 def test_non_linear_pissa_must_be_portable(tmp_path):
-    base, model = adapted(targets=["q_proj", "embed_tokens"], init="pissa")
+    base, model = adapted(targets=["q_proj", "embed_tokens"], init="pissa", init_pattern={"embed_tokens": "pissa"})
     with pytest.raises(AdapterError, match="not Linear.*portable=True"):
         save_adapter(model, tmp_path)
     save_adapter(model, tmp_path, portable=True)

@@ -25,7 +25,9 @@ def adapted(case, init="standard", seed=0, **kw):
     original = copy.deepcopy(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        inject(model, LoraConfig(rank=RANK, alpha=8, init=init, targets=["0"], **kw), seed=seed)
+        # init_pattern names the scheme literally: an embedding gets it too, not its scheme's one_hot variant
+        inject(model, LoraConfig(rank=RANK, alpha=8, init=init, init_pattern={"0": init}, targets=["0"], **kw),
+               seed=seed)
     warned = any(issubclass(w.category, IdentityWarning) for w in caught)
     assert warned == (not init_schemes()[init].preserves_output)
     return model, original, x
@@ -44,7 +46,8 @@ def test_output_at_init(case, init):
 
 
 BASE_ATTRS = ("weight", "bias", "in_features", "out_features", "num_embeddings", "embedding_dim", "padding_idx",
-              "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode", "nf")
+              "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
+              "nf")
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -56,8 +56,9 @@ class LoraConfig:
         init_kwargs: options of the init scheme, e.g. ``{"std": 0.02}`` for ``gaussian``.
         rank_pattern: per-module rank overrides, ``{suffix-or-regex: rank}`` (as PEFT's).
         alpha_pattern: per-module α overrides, ``{suffix-or-regex: alpha}`` (as PEFT's).
-        init_pattern: per-module init scheme overrides, ``{suffix-or-regex: scheme}``; e.g. ``{"embed_tokens":
-            "reversed"}`` since an embedding sees one-hot inputs.
+        init_pattern: per-module init scheme overrides, ``{suffix-or-regex: scheme}``, applied as written (``init``
+            itself becomes its scheme's ``one_hot`` variant on an embedding, e.g. PEFT's A = 0, B ~ N(0, 1) for
+            ``standard``; an ``init_pattern`` entry is never replaced).
     """
 
     rank: int = 8
@@ -129,10 +130,16 @@ class LoraConfig:
             return re.fullmatch(self.targets, name) is not None
         return any(name == t or name.endswith("." + t) for t in self.targets)
 
-    def for_module(self, name: str) -> tuple[int, float, str]:
-        """``(rank, alpha, init)`` for module ``name`` after the patterns."""
-        return (_lookup(self.rank_pattern, name, self.rank), float(_lookup(self.alpha_pattern, name, self.alpha)),
-                _lookup(self.init_pattern, name, self.init))
+    def for_module(self, name: str, *, one_hot: bool = False) -> tuple[int, float, str]:
+        """``(rank, alpha, init)`` for module ``name`` after the patterns.
+
+        ``one_hot``: the module's input is one-hot (an embedding); ``init`` then becomes its scheme's declared
+        ``one_hot`` variant, unless an ``init_pattern`` entry names the module's scheme explicitly.
+        """
+        init = _lookup(self.init_pattern, name, None)
+        if init is None:
+            init = (get_scheme(self.init).one_hot or self.init) if one_hot else self.init
+        return _lookup(self.rank_pattern, name, self.rank), float(_lookup(self.alpha_pattern, name, self.alpha)), init
 
 
 def _compile(pattern: str, what: str) -> re.Pattern:

@@ -102,7 +102,7 @@ def validate(model: nn.Module, config: LoraConfig) -> list[_Target]:
                             f"(supported: {SUPPORTED_TYPES}); narrow targets so it does not match this module")
         if not module.weight.is_floating_point():
             raise TypeError(f"target {name!r} has a {module.weight.dtype} weight; load the model in a float dtype")
-        rank, alpha, init = config.for_module(name)
+        rank, alpha, init = config.for_module(name, one_hot=cls.one_hot_input)
         d_out, d_in = cls.to_matrix(module.weight).shape
         if rank > min(d_in, d_out):
             raise ValueError(f"rank {rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} of {name!r} "
@@ -131,6 +131,7 @@ def plan(model: nn.Module, config: LoraConfig, seed: int = 0) -> list[_Planned]:
         w = w.to(device="cpu", dtype=torch.float32) if scheme.reads_weight else torch.empty(w.shape, device="meta")
         kwargs = config.init_kwargs if t.init == config.init else {}
         factors = scheme(w, t.rank, scale=layer.scale, g=g, **kwargs)
+        layer.init = t.init
         planned.append(_Planned(t.name, layer, factors))
     return planned
 
@@ -168,7 +169,7 @@ def inject(model: nn.Module, config: LoraConfig, seed: int = 0) -> nn.Module:
 
 def warn_identity(planned: list[_Planned], config: LoraConfig, stacklevel: int = 2) -> None:
     """Warn (:class:`IdentityWarning`) when an init used by ``planned`` changes the model's output at step 0."""
-    used = {config.for_module(p.name)[2] for p in planned}
+    used = {p.layer.init for p in planned}
     broken = sorted(n for n in used if not get_scheme(n).preserves_output)
     if broken:
         warnings.warn(f"init {', '.join(broken)} does not preserve the model's output: the adapted model differs "

@@ -76,7 +76,7 @@ def _portable_tensors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _adapter_config(model: nn.Module, cfg: LoraConfig, layers: dict[str, LoraLayer], portable: bool,
                     base_name: str | None) -> dict[str, Any]:
-    inits = {cfg.for_module(n)[2] for n in layers}
+    inits = {layer.init for layer in layers.values()}
     moved = {n for n, layer in layers.items() if layer.lora_A0 is not None}
     rank, alpha = cfg.rank, cfg.alpha
     rank_pattern, alpha_pattern = dict(cfg.rank_pattern), dict(cfg.alpha_pattern)

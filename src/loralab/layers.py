@@ -104,6 +104,8 @@ class LoraLayer(nn.Module):
         dtype: dtype of A and B.
     """
 
+    one_hot_input = False   # an embedding's input is one-hot: inits take their scheme's `one_hot` variant there
+
     def __init__(self, base: nn.Module, rank: int, alpha: float, *, rslora: bool = False, dropout: float = 0.0,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -121,6 +123,7 @@ class LoraLayer(nn.Module):
         self.register_buffer("lora_B0", None, persistent=False)
         self.merged = False
         self.disabled = False
+        self.init: str | None = None   # the init scheme that made the factors (set by inject.plan)
 
     def __getattr__(self, name: str):
         try:
@@ -244,8 +247,11 @@ class GPT2Conv1D(Linear):
 class Embedding(LoraLayer):
     """LoRA on ``nn.Embedding``: the weight ``(num, dim)`` is the matrix ``(dim, num)`` acting on one-hot inputs.
 
-    Inputs are one-hot, so dropout does not apply; ``reversed`` (A = 0) is the usual choice here (PEFT's default).
+    Inputs are one-hot, so dropout does not apply, and inits take their scheme's ``one_hot`` variant (for PEFT's
+    schemes, PEFT's A = 0, B ~ N(0, 1)).
     """
+
+    one_hot_input = True
 
     def __init__(self, base: nn.Embedding, rank: int, alpha: float, **kwargs):
         if base.max_norm is not None:
