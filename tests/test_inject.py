@@ -9,7 +9,8 @@ from torch import nn
 
 from core_helpers import perturb, tiny_gpt2, tiny_llama
 from loralab import (IdentityWarning, LoraConfig, LoraLayer, LoraStateError, check_identity, init_schemes, inject,
-                     lora_layers, lora_param_groups, merge, trainable_parameters, unload)
+                     lora_layers, lora_param_groups, merge, trainable_parameters, trainable_summary, unload)
+from loralab.config import name_matches
 from loralab.inject import module_seed
 
 QV = ["q_proj", "v_proj"]
@@ -159,7 +160,6 @@ def test_config_errors(cfg, err, match):
     (dict(targets=["q_proj", "v_porj"]), ValueError, r"matched no module: 'v_porj' \(did you mean 'v_proj'\?\)"),
     (dict(targets="q_proj"), ValueError, r"a string is one regex .*whole module name.*targets=\['q_proj'\]"),
     (dict(targets=["input_layernorm"]), TypeError, r"LlamaRMSNorm, which loralab cannot adapt \(supported: nn.Linear"),
-    (dict(rank=40, targets=["q_proj", "k_proj"]), ValueError, r"rank 40 exceeds min\(d_in, d_out\) = 32"),
     (dict(rank=20, init="pissa", targets=["q_proj", "k_proj"]), ValueError, r"k_proj.*rank_pattern=\{'k_proj': 16\}"),
 ])
 def test_bad_targets_raise_and_change_nothing(cfg, err, match):
@@ -168,6 +168,25 @@ def test_bad_targets_raise_and_change_nothing(cfg, err, match):
     with pytest.raises(err, match=match):
         inject(model, LoraConfig(**cfg))
     assert_unchanged(model, snap)
+
+
+def test_rank_above_a_layers_dimensions_warns_and_works_unless_the_init_reads_the_weight():
+    """PEFT allows r > min(d_in, d_out) (its adapters have it, e.g. r = 8 on a 3-class head), so inject does too,
+    with a warning; pissa/olora cannot take r directions from such a weight and refuse, naming the fix."""
+    x = torch.randint(0, 64, (2, 5))
+    model = tiny_llama()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inject(model, LoraConfig(rank=40, targets=["q_proj", "k_proj"]))
+    said = [str(w.message) for w in caught]
+    assert len(said) == 4 and "rank 40 exceeds min(d_in, d_out) = 16 of 'model.layers.0.self_attn.k_proj'" in said[1]
+    assert "rank_pattern={'k_proj': 16}" in said[1]
+    assert lora_layers(model)["model.layers.0.self_attn.k_proj"].lora_A.shape == (40, 32)
+    assert check_identity(model, x) == 0.0
+    fix = LoraConfig(rank=40, init="pissa", targets=["q_proj", "k_proj"], rank_pattern={"k_proj": 16, "q_proj": 32})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # the hint the error gives is a config that works, without a warning
+        inject(tiny_llama(), fix)
 
 
 def test_multihead_attention_out_proj_is_refused():
@@ -227,3 +246,116 @@ def test_an_embedding_under_the_default_init_gets_pefts_default_and_init_pattern
                                                         init_pattern={"embed_tokens": init}))
     emb = lora_layers(literal)["model.embed_tokens"]
     assert emb.init == init and torch.count_nonzero(emb.lora_B) == 0 and torch.count_nonzero(emb.lora_A) > 0
+
+
+# ---- which modules: PEFT's rules, one name rule ---------------------------------------------------------------------
+
+def test_name_matches_is_peft_rule_for_every_name_list():
+    assert name_matches("model.layers.0.self_attn.q_proj", ["q_proj"]) and name_matches("q_proj", ["q_proj"])
+    assert not name_matches("model.layers.0.self_attn.xq_proj", ["q_proj"])
+    assert name_matches("model.layers.0.self_attn.q_proj", ["self_attn.q_proj"])
+    assert name_matches("model.layers.0.q_proj", r".*\.(q|k)_proj") and not name_matches("model.q_proj.x", r".*q_proj")
+
+
+SELECTIONS = [   # loralab config (PEFT's config: the same keys under PEFT's names)
+    dict(targets="all-linear"),
+    dict(targets=["q_proj", "v_proj", "down_proj"], exclude=["layers.1.self_attn.v_proj"]),
+    dict(targets=["q_proj", "v_proj", "o_proj"], exclude=r".*\.layers\.0\..*"),
+    dict(targets=["q_proj", "v_proj"], layers_to_transform=[1]),
+    dict(targets=["q_proj", "up_proj"], layers_to_transform=0, layers_pattern="layers"),
+    dict(targets=r".*\.(q|k)_proj"),
+    dict(targets=["q_proj", "lm_head"], modules_to_save=["lm_head"]),   # a module to save is never adapted
+]
+PEFT_NAMES = {"targets": "target_modules", "exclude": "exclude_modules"}
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_selection_and_trainable_count_equal_pefts(selection):
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, **{PEFT_NAMES.get(k, k): v
+                                                                        for k, v in selection.items()}))
+    model = inject(tiny_llama(), LoraConfig(rank=4, **selection))
+    assert sorted(lora_layers(model)) == sorted(pm.targeted_module_names)
+    assert trainable_summary(model).trainable == pm.get_nb_trainable_parameters()[0]
+
+
+def test_all_linear_is_every_linear_layer_but_the_head_and_takes_a_layer_filter():
+    model = inject(tiny_llama(), LoraConfig(rank=4, targets="ALL-LINEAR", layers_to_transform=[1]))   # PEFT's case rule
+    names = sorted(lora_layers(model))
+    assert len(names) == 7 and all(".layers.1." in n for n in names) and "lm_head" not in names
+    assert model.lora_config.targets == "all-linear"
+
+
+@pytest.mark.parametrize("targets, match, fixed", [
+    (["all-linear"], r"for every linear layer write targets='all-linear'", "all-linear"),
+    ("q_proj", r"for suffix matching give a list, e.g. targets=\['q_proj'\]", ["q_proj"]),
+    ("qproj", r"or targets='all-linear' for every linear layer", "all-linear"),
+])
+def test_target_errors_give_a_fix_that_works(targets, match, fixed):
+    with pytest.raises(ValueError, match=match):
+        inject(tiny_llama(), LoraConfig(rank=4, targets=targets))
+    assert lora_layers(inject(tiny_llama(), LoraConfig(rank=4, targets=fixed)))
+
+
+def test_all_linear_refuses_a_multihead_attention_out_proj_with_a_fix_that_works():
+    """PEFT's all-linear includes nn.MultiheadAttention's out_proj, whose weight the attention reads directly, so an
+    adapter there would be ignored; loralab says so, and its hint leaves it out."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+
+    with pytest.raises(TypeError, match=r"'0.out_proj' is a NonDynamicallyQuantizableLinear.*exclude=\['out_proj'\]"):
+        inject(model(), LoraConfig(rank=2, targets="all-linear"))
+    assert sorted(lora_layers(inject(model(), LoraConfig(rank=2, targets="all-linear", exclude=["out_proj"])))) == ["1"]
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (dict(layers_to_transform=[0], targets="q_proj"), "layers_to_transform needs targets as a list"),
+    (dict(layers_pattern="layers"), "give layers_to_transform too"),
+    (dict(layers_to_transform=[-1]), "ints >= 0"),
+    (dict(modules_to_save="lm_head"), "modules_to_save must be a list"),
+    (dict(exclude="([bad"), "exclude '\\(\\[bad' is not a valid regex"),
+])
+def test_selection_config_errors(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        LoraConfig(**cfg)
+
+
+def test_selection_that_leaves_nothing_raises_and_an_unused_exclude_warns():
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"matched 2 modules, but .* left none.*'model.layers.0.self_attn.q_proj' is in "
+                                         r"layer 0"):
+        inject(model, LoraConfig(rank=4, targets=["q_proj"], layers_to_transform=[5]))
+    assert_unchanged(model, snap)
+    with pytest.warns(UserWarning, match=r"exclude=\('vproj',\) excluded no module"):
+        inject(model, LoraConfig(rank=4, targets=["q_proj"], exclude=["vproj"]))
+
+
+# ---- modules_to_save ------------------------------------------------------------------------------------------------
+
+def test_modules_to_save_train_in_full_and_reach_the_optimizer():
+    model = inject(tiny_llama(), LoraConfig(rank=4, targets=QV, modules_to_save=["lm_head", "norm"]))
+    head = model.lm_head
+    assert head.weight.requires_grad and model.model.norm.weight.requires_grad and "lm_head" not in lora_layers(model)
+    assert not model.model.layers[0].input_layernorm.weight.requires_grad   # "norm" is a name, not a substring
+    grouped = {id(p) for g in lora_param_groups(model, 1e-3) for p in g["params"]}
+    assert grouped == {id(p) for p in trainable_parameters(model)} and id(head.weight) in grouped
+    summary = trainable_summary(model)
+    assert summary.by_type["modules_to_save"] == (2, 64 * 32 + 32)
+    assert summary.trainable == sum(p.numel() for p in trainable_parameters(model))
+    assert str(summary).startswith(f"trainable params: {summary.trainable:,d} || all params: {summary.total:,d}")
+
+
+def test_modules_to_save_typos_and_tied_modules_are_refused_and_change_nothing():
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"modules_to_save entries matched no module: 'lm_haed' \(did you mean "
+                                         r"'lm_head'\?\)"):
+        inject(model, LoraConfig(rank=4, targets=QV, modules_to_save=["lm_haed"]))
+    assert_unchanged(model, snap)
+    gpt2 = tiny_gpt2()   # lm_head is tied to wte: training it would train the embedding too
+    with pytest.raises(ValueError, match=r"training 'lm_head', whose weight is shared with 'transformer.wte'"):
+        inject(gpt2, LoraConfig(rank=4, targets=["c_attn"], modules_to_save=["lm_head"]))

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import LoraConfig, name_matches
 from .inject import commit, lora_layers, plan
 from .layers import Conv, Embedding, Linear, LoraLayer
 from .version import __version__
@@ -246,7 +246,7 @@ def _present_targets(cfg: LoraConfig, model: nn.Module) -> LoraConfig:
     if isinstance(cfg.targets, str):
         return cfg
     names = [n for n, _ in model.named_modules() if n]
-    kept = tuple(t for t in cfg.targets if any(n == t or n.endswith("." + t) for n in names))
+    kept = tuple(t for t in cfg.targets if any(name_matches(n, [t]) for n in names))
     return dataclasses.replace(cfg, targets=kept) if kept else cfg
 
 
