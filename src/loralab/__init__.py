@@ -4,12 +4,12 @@ from .config import LoraConfig
 from .inits import Factors, InitScheme, get_scheme, init_schemes, register
 from .inject import (IdentityWarning, TrainableSummary, adapters_disabled, check_identity, inject, lora_layers,
                      lora_param_groups, merge, select_targets, trainable_parameters, trainable_summary, unload, unmerge)
-from .io import AdapterError, load_adapter, save_adapter
+from .io import AdapterError, AdapterFormatWarning, load_adapter, save_adapter
 from .layers import LoraLayer, LoraStateError
 from .version import __version__
 
 __all__ = [
-    "AdapterError", "Factors", "IdentityWarning", "InitScheme", "LoraConfig", "LoraLayer", "LoraStateError",
+    "AdapterError", "AdapterFormatWarning", "Factors", "IdentityWarning", "InitScheme", "LoraConfig", "LoraLayer", "LoraStateError",
     "TrainableSummary", "adapters_disabled", "check_identity", "get_scheme", "init_schemes", "inject", "load_adapter",
     "lora_layers", "lora_param_groups", "merge", "register", "save_adapter", "select_targets", "trainable_parameters",
     "trainable_summary", "unload", "unmerge",
