@@ -248,7 +248,8 @@ class Embedding(LoraLayer):
     """LoRA on ``nn.Embedding``: the weight ``(num, dim)`` is the matrix ``(dim, num)`` acting on one-hot inputs.
 
     Inputs are one-hot, so dropout does not apply, and inits take their scheme's ``one_hot`` variant (for PEFT's
-    schemes, PEFT's A = 0, B ~ N(0, 1)).
+    schemes, PEFT's A = 0, B ~ N(0, 1)). A scaled embedding (transformers' Gemma-style ``embed_scale``, which
+    multiplies the looked-up rows) scales the update too, so unmerged equals merged.
     """
 
     one_hot_input = True
@@ -268,10 +269,15 @@ class Embedding(LoraLayer):
         return m.T
 
     def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.embedding(x, weight, self.base_layer.padding_idx)
+        return self._embed_scaled(F.embedding(x, weight, self.base_layer.padding_idx))
 
     def lora_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        return F.embedding(x, a.T, self.base_layer.padding_idx) @ b.T * self.scale  # (..., r) @ (r, dim)
+        h = F.embedding(x, a.T, self.base_layer.padding_idx)  # (..., r)
+        return self._embed_scaled(h @ b.T * self.scale)       # (..., r) @ (r, dim)
+
+    def _embed_scaled(self, h: Tensor) -> Tensor:
+        scale = getattr(self.base_layer, "embed_scale", None)
+        return h if scale is None else h * (scale.to(h.dtype) if isinstance(scale, Tensor) else scale)
 
 
 class Conv(LoraLayer):
