@@ -326,8 +326,8 @@ def test_selection_config_errors(cfg, match):
 def test_selection_that_leaves_nothing_raises_and_an_unused_exclude_warns():
     model = tiny_llama()
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"matched 2 modules, but .* left none.*'model.layers.0.self_attn.q_proj' is in "
-                                         r"layer 0"):
+    with pytest.raises(ValueError, match=r"matched 2 modules, but .* left none.*'model.layers.0.self_attn.q_proj' "
+                                         r"is in layer 0"):
         inject(model, LoraConfig(rank=4, targets=["q_proj"], layers_to_transform=[5]))
     assert_unchanged(model, snap)
     with pytest.warns(UserWarning, match=r"exclude=\('vproj',\) excluded no module"):

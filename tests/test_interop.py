@@ -178,14 +178,15 @@ def test_wrapped_layers_answer_the_models_attribute_reads():
     assert whisper.model.encoder.conv1.stride == (1,)
     t5 = inject(build(BY_NAME["t5"]), ours(BY_NAME["t5"]))
     wo = t5.encoder.block[0].layer[1].DenseReluDense.wo
-    assert wo.weight.dtype == torch.float32 and "encoder.block.0.layer.1.DenseReluDense.wo.weight" not in t5.state_dict()
+    assert wo.weight.dtype == torch.float32
+    assert "encoder.block.0.layer.1.DenseReluDense.wo.weight" not in t5.state_dict()
     vit = inject(build(BY_NAME["vit-classifier"]), ours(BY_NAME["vit-classifier"]))
     assert vit.vit.embeddings.patch_embeddings.projection.weight.shape == (32, 3, 4, 4)
 
 
 def test_the_adapter_config_names_the_models_task(tmp_path):
-    for name, task in [("t5", "SEQ_2_SEQ_LM"), ("whisper", None), ("bert-classifier", "SEQ_CLS"), ("llama", "CAUSAL_LM"),
-                       ("vit-classifier", None)]:
+    for name, task in [("t5", "SEQ_2_SEQ_LM"), ("whisper", None), ("bert-classifier", "SEQ_CLS"),
+                       ("llama", "CAUSAL_LM"), ("vit-classifier", None)]:
         arch = BY_NAME[name]
         save_adapter(inject(build(arch), ours(arch, arch.same_in_peft)), tmp_path / name)
         assert json.loads((tmp_path / name / "adapter_config.json").read_text())["task_type"] == task, name
@@ -199,6 +200,7 @@ def test_a_depthwise_peft_adapter_is_refused_as_pefts_meaning():
     with tempfile.TemporaryDirectory() as d:
         pm.save_pretrained(d)
         target = build(arch)
-        with pytest.raises(ValueError, match=r"PEFT weights for conv .*dwconv.*'groups': 8.*load this adapter with PEFT"):
+        with pytest.raises(ValueError, match=r"PEFT weights for conv .*dwconv.*'groups': 8.*load this adapter "
+                                             r"with PEFT"):
             load_adapter(target, d)
     assert not lora_layers(target)

@@ -284,7 +284,8 @@ def test_a_broad_peft_target_list_loads(tmp_path):
 
 def head_changed(model, by=0.05):
     with torch.no_grad():
-        model.lm_head.weight.add_(by * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(3)))
+        g = torch.Generator().manual_seed(3)
+        model.lm_head.weight.add_(by * torch.randn(model.lm_head.weight.shape, generator=g))
     return model
 
 

@@ -200,7 +200,7 @@ def name_matches(name: str, patterns: str | Iterable[str]) -> bool:
 
 
 def within(name: str, outer: str) -> bool:
-    """Whether module ``name`` is ``outer`` or sits inside it (``"a.b.c"`` is within ``"a.b"``, not within ``"a.bc"``)."""
+    """Whether module ``name`` is ``outer`` or inside it (``"a.b.c"`` is within ``"a.b"``, not within ``"a.bc"``)."""
     return name == outer or name.startswith(outer + ".")
 
 

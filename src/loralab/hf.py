@@ -36,8 +36,8 @@ class _SavePretrained:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def __call__(self, save_directory: str | os.PathLike, *, is_main_process: bool = True, state_dict: dict | None = None,
-                 push_to_hub: bool = False, **kwargs) -> None:
+    def __call__(self, save_directory: str | os.PathLike, *, is_main_process: bool = True,
+                 state_dict: dict | None = None, push_to_hub: bool = False, **kwargs) -> None:
         # kwargs such as safe_serialization or max_shard_size do not apply: an adapter is one safetensors file.
         if push_to_hub:
             raise AdapterError("save_pretrained(push_to_hub=True) is not supported for a loralab adapter; save it "

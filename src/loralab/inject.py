@@ -442,7 +442,8 @@ class TrainableSummary:
     def __str__(self) -> str:
         lines = [f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
                  f"trainable%: {self.percent:.4f}"]
-        lines += [f"  {kind}: {n} module{'s' * (n != 1)}, {count:,d} params" for kind, (n, count) in self.by_type.items()]
+        lines += [f"  {kind}: {n} module{'s' * (n != 1)}, {count:,d} params"
+                  for kind, (n, count) in self.by_type.items()]
         return "\n".join(lines)
 
 
@@ -468,6 +469,7 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         add("modules_to_save", [p for p in module.parameters() if p.requires_grad and id(p) not in seen])
     other = {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen}   # unfrozen by hand
     if other:
-        by_type["other trainable"] = (len({n.rpartition(".")[0] for n in other}), sum(p.numel() for p in other.values()))
+        owners = {n.rpartition(".")[0] for n in other}
+        by_type["other trainable"] = (len(owners), sum(p.numel() for p in other.values()))
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     return TrainableSummary(trainable, sum(p.numel() for p in params.values()), by_type)

@@ -233,11 +233,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, portable: bool = 
                            f"(adapter_config.json + adapter_model.safetensors); give a directory path")
     saved = _modules_to_save(model, cfg, layers)
     init, problem = _peft_init(layers, portable)
+    problems = [problem] if problem else []
     convs = {n: odd for n, layer in layers.items() if (odd := conv_peft_differs(layer.base_layer))}
     if convs:
-        problem = (f"conv {next(iter(convs))!r} has {next(iter(convs.values()))}, which PEFT's LoRA conv cannot "
-                   f"represent (it runs A as a dense conv without groups, dilation or padding_mode)")
-    peft = problem is None
+        problems.insert(0, f"conv {next(iter(convs))!r} has {next(iter(convs.values()))}, which PEFT's LoRA conv "
+                           f"cannot represent (it runs A as a dense conv without groups, dilation or padding_mode)")
+    peft = not problems
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         a, b = _portable_tensors(layer) if portable and peft else (layer.lora_A.detach(), layer.lora_B.detach())
@@ -254,12 +255,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, portable: bool = 
                                               base_model_name_or_path),
                  SIDECAR_FILE: _sidecar(cfg, layers, portable, seed)}
     else:
-        warnings.warn(f"save_adapter wrote {out} in loralab's own form, which PEFT cannot load: {problem}. "
+        warnings.warn(f"save_adapter wrote {out} in loralab's own form, which PEFT cannot load: {'; '.join(problems)}. "
                       f"loralab.load_adapter loads it", AdapterFormatWarning, stacklevel=2)
         own = _config_json(dataclasses.replace(cfg, modules_to_save=cfg.modules_to_save + tuple(by_hand)))
         files = {OWN_WEIGHTS_FILE: tensors,
                  OWN_CONFIG_FILE: {"format": 1, "loralab_version": __version__, "seed": seed, "config": own,
-                                   "not_peft_because": problem}}
+                                   "not_peft_because": problems}}
     _write(out, files)
     return out
 
@@ -268,7 +269,8 @@ def _sidecar(cfg: LoraConfig, layers: dict[str, LoraLayer], portable: bool, seed
     exported = portable and any(layer.lora_A0 is not None for layer in layers.values())
     return {"format": 1, "loralab_version": __version__, "seed": seed,
             "init": "standard" if exported else cfg.init, "init_kwargs": {} if exported else dict(cfg.init_kwargs),
-            "init_pattern": {} if exported else dict(cfg.init_pattern), "portable_export_of": cfg.init if exported else None}
+            "init_pattern": {} if exported else dict(cfg.init_pattern),
+            "portable_export_of": cfg.init if exported else None}
 
 
 def _write(out: Path, files: dict[str, Any]) -> None:
@@ -332,7 +334,8 @@ def config_from_peft(data: dict, sidecar: dict | None = None) -> LoraConfig:
                           dropout=data.get("lora_dropout", 0.0) or 0.0, rslora=bool(data.get("use_rslora")),
                           init_kwargs=kwargs, rank_pattern=data.get("rank_pattern") or {},
                           alpha_pattern=data.get("alpha_pattern") or {}, init_pattern=pattern,
-                          exclude=data.get("exclude_modules") or (), layers_to_transform=data.get("layers_to_transform"),
+                          exclude=data.get("exclude_modules") or (),
+                          layers_to_transform=data.get("layers_to_transform"),
                           layers_pattern=data.get("layers_pattern") or None,
                           modules_to_save=data.get("modules_to_save") or ())
     except KeyError as e:
@@ -447,7 +450,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, seed: int = 0) ->
         if w.shape != layers[n].base_layer.weight.shape:
             raise AdapterError(f"adapter's base weight for {n!r} has shape {tuple(w.shape)}, the model's is "
                                f"{tuple(layers[n].base_layer.weight.shape)}")
-    used = {k for n, layer in layers.items() for k in _keys(n, layer)} | {f"{PREFIX}{n}.base_layer.weight" for n in layers}
+    used = {k for n, layer in layers.items() for k in _keys(n, layer)}
+    used |= {f"{PREFIX}{n}.base_layer.weight" for n in base_updates}
     used |= {f"{PREFIX}{m}.{k}" for m, state in in_file.items() for k in state}
     extra = sorted(set(tensors) - used)
     if extra:
