@@ -8,8 +8,9 @@ does not: PEFT runs A as a dense conv). A model this transformers version cannot
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch

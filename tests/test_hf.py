@@ -7,10 +7,20 @@ import warnings
 
 import pytest
 import torch
-
 from core_helpers import perturb, tiny_gpt2, tiny_llama
-from loralab import (AdapterError, IdentityWarning, LoraConfig, init_peft, init_schemes, inject, load_adapter,
-                     lora_layers, merge, unload)
+
+from loralab import (
+    AdapterError,
+    IdentityWarning,
+    LoraConfig,
+    init_peft,
+    init_schemes,
+    inject,
+    load_adapter,
+    lora_layers,
+    merge,
+    unload,
+)
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -5,11 +5,24 @@ import warnings
 
 import pytest
 import torch
+from core_helpers import perturb, tiny_gpt2, tiny_llama
 from torch import nn
 
-from core_helpers import perturb, tiny_gpt2, tiny_llama
-from loralab import (IdentityWarning, LoraConfig, LoraLayer, LoraStateError, check_identity, init_schemes, inject,
-                     lora_layers, lora_param_groups, merge, trainable_parameters, trainable_summary, unload)
+from loralab import (
+    IdentityWarning,
+    LoraConfig,
+    LoraLayer,
+    LoraStateError,
+    check_identity,
+    init_schemes,
+    inject,
+    lora_layers,
+    lora_param_groups,
+    merge,
+    trainable_parameters,
+    trainable_summary,
+    unload,
+)
 from loralab.config import name_matches
 from loralab.inject import module_seed
 
@@ -139,16 +152,16 @@ def test_loraplus_param_groups():
 
 
 @pytest.mark.parametrize("cfg, err, match", [
-    (dict(rank=0), ValueError, "rank must be a positive integer"),
-    (dict(rank=-2), ValueError, "rank must be a positive integer"),
-    (dict(alpha=0), ValueError, "alpha must be a positive number"),
-    (dict(dropout=1.0), ValueError, "dropout must be in"),
-    (dict(targets=[]), ValueError, "targets is empty"),
-    (dict(targets=None), ValueError, r"targets must be a list of module-name suffixes or one regex string, got None"),
-    (dict(targets=[0]), ValueError, r"targets must be a list .* got \[0\]"),
-    (dict(rslora="no"), ValueError, r"rslora must be True or False, got 'no'"),
-    (dict(dropout="0.1"), ValueError, r"dropout must be in \[0, 1\), got '0.1'"),
-    (dict(targets="([bad"), ValueError, "not a valid regex"),
+    ({"rank": 0}, ValueError, "rank must be a positive integer"),
+    ({"rank": -2}, ValueError, "rank must be a positive integer"),
+    ({"alpha": 0}, ValueError, "alpha must be a positive number"),
+    ({"dropout": 1.0}, ValueError, "dropout must be in"),
+    ({"targets": []}, ValueError, "targets is empty"),
+    ({"targets": None}, ValueError, r"targets must be a list of module-name suffixes or one regex string, got None"),
+    ({"targets": [0]}, ValueError, r"targets must be a list .* got \[0\]"),
+    ({"rslora": "no"}, ValueError, r"rslora must be True or False, got 'no'"),
+    ({"dropout": "0.1"}, ValueError, r"dropout must be in \[0, 1\), got '0.1'"),
+    ({"targets": "([bad"}, ValueError, "not a valid regex"),
 ])
 def test_config_errors(cfg, err, match):
     with pytest.raises(err, match=match):
@@ -156,11 +169,12 @@ def test_config_errors(cfg, err, match):
 
 
 @pytest.mark.parametrize("cfg, err, match", [
-    (dict(targets=["nonexistent"]), ValueError, r"targets entries matched no module: 'nonexistent'; .*embed_tokens"),
-    (dict(targets=["q_proj", "v_porj"]), ValueError, r"matched no module: 'v_porj' \(did you mean 'v_proj'\?\)"),
-    (dict(targets="q_proj"), ValueError, r"a string is one regex .*whole module name.*targets=\['q_proj'\]"),
-    (dict(targets=["input_layernorm"]), TypeError, r"LlamaRMSNorm, which loralab cannot adapt \(supported: nn.Linear"),
-    (dict(rank=20, init="pissa", targets=["q_proj", "k_proj"]), ValueError, r"k_proj.*rank_pattern=\{'k_proj': 16\}"),
+    ({"targets": ["nonexistent"]}, ValueError, r"targets entries matched no module: 'nonexistent'; .*embed_tokens"),
+    ({"targets": ["q_proj", "v_porj"]}, ValueError, r"matched no module: 'v_porj' \(did you mean 'v_proj'\?\)"),
+    ({"targets": "q_proj"}, ValueError, r"a string is one regex .*whole module name.*targets=\['q_proj'\]"),
+    ({"targets": ["input_layernorm"]}, TypeError, r"LlamaRMSNorm, which loralab cannot adapt \(supported: nn.Linear"),
+    ({"rank": 20, "init": "pissa", "targets": ["q_proj", "k_proj"]}, ValueError,
+     r"k_proj.*rank_pattern=\{'k_proj': 16\}"),
 ])
 def test_bad_targets_raise_and_change_nothing(cfg, err, match):
     model = tiny_llama()
@@ -258,13 +272,13 @@ def test_name_matches_is_peft_rule_for_every_name_list():
 
 
 SELECTIONS = [   # loralab config (PEFT's config: the same keys under PEFT's names)
-    dict(targets="all-linear"),
-    dict(targets=["q_proj", "v_proj", "down_proj"], exclude=["layers.1.self_attn.v_proj"]),
-    dict(targets=["q_proj", "v_proj", "o_proj"], exclude=r".*\.layers\.0\..*"),
-    dict(targets=["q_proj", "v_proj"], layers_to_transform=[1]),
-    dict(targets=["q_proj", "up_proj"], layers_to_transform=0, layers_pattern="layers"),
-    dict(targets=r".*\.(q|k)_proj"),
-    dict(targets=["q_proj", "lm_head"], modules_to_save=["lm_head"]),   # a module to save is never adapted
+    {"targets": "all-linear"},
+    {"targets": ["q_proj", "v_proj", "down_proj"], "exclude": ["layers.1.self_attn.v_proj"]},
+    {"targets": ["q_proj", "v_proj", "o_proj"], "exclude": r".*\.layers\.0\..*"},
+    {"targets": ["q_proj", "v_proj"], "layers_to_transform": [1]},
+    {"targets": ["q_proj", "up_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+    {"targets": r".*\.(q|k)_proj"},
+    {"targets": ["q_proj", "lm_head"], "modules_to_save": ["lm_head"]},   # a module to save is never adapted
 ]
 PEFT_NAMES = {"targets": "target_modules", "exclude": "exclude_modules"}
 
@@ -312,11 +326,11 @@ def test_all_linear_refuses_a_multihead_attention_out_proj_with_a_fix_that_works
 
 
 @pytest.mark.parametrize("cfg, match", [
-    (dict(layers_to_transform=[0], targets="q_proj"), "layers_to_transform needs targets as a list"),
-    (dict(layers_pattern="layers"), "give layers_to_transform too"),
-    (dict(layers_to_transform=[-1]), "ints >= 0"),
-    (dict(modules_to_save="lm_head"), "modules_to_save must be a list"),
-    (dict(exclude="([bad"), "exclude '\\(\\[bad' is not a valid regex"),
+    ({"layers_to_transform": [0], "targets": "q_proj"}, "layers_to_transform needs targets as a list"),
+    ({"layers_pattern": "layers"}, "give layers_to_transform too"),
+    ({"layers_to_transform": [-1]}, "ints >= 0"),
+    ({"modules_to_save": "lm_head"}, "modules_to_save must be a list"),
+    ({"exclude": "([bad"}, "exclude '\\(\\[bad' is not a valid regex"),
 ])
 def test_selection_config_errors(cfg, match):
     with pytest.raises(ValueError, match=match):

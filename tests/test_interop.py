@@ -10,11 +10,19 @@ import warnings
 
 import pytest
 import torch
-
-from loralab import (AdapterFormatWarning, LoraConfig, check_identity, inject, load_adapter, lora_layers, save_adapter,
-                     trainable_summary)
-from loralab.inject import saved_modules
 from model_zoo import ARCHS, BY_NAME, build, main_output
+
+from loralab import (
+    AdapterFormatWarning,
+    LoraConfig,
+    check_identity,
+    inject,
+    load_adapter,
+    lora_layers,
+    save_adapter,
+    trainable_summary,
+)
+from loralab.inject import saved_modules
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")

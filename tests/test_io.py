@@ -6,11 +6,19 @@ import warnings
 
 import pytest
 import torch
+from core_helpers import perturb, tiny_gpt2, tiny_llama
 from torch import nn
 
-from core_helpers import perturb, tiny_gpt2, tiny_llama
-from loralab import (AdapterError, AdapterFormatWarning, LoraConfig, inject, load_adapter, lora_layers, merge,
-                     save_adapter)
+from loralab import (
+    AdapterError,
+    AdapterFormatWarning,
+    LoraConfig,
+    inject,
+    load_adapter,
+    lora_layers,
+    merge,
+    save_adapter,
+)
 
 peft = pytest.importorskip("peft")
 X = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -111,8 +119,8 @@ def test_pissa_leaves_an_embedding_base_alone_as_peft_does(tmp_path):
 
 
 @pytest.mark.parametrize("factory, targets, cfg", [
-    (tiny_llama, ["q_proj", "embed_tokens"], dict(init="pissa", init_pattern={"embed_tokens": "pissa"})),
-    (tiny_gpt2, ["c_attn", "c_fc"], dict(init="olora")),   # PEFT's OLoRA ignores Conv1D's transposed weight
+    (tiny_llama, ["q_proj", "embed_tokens"], {"init": "pissa", "init_pattern": {"embed_tokens": "pissa"}}),
+    (tiny_gpt2, ["c_attn", "c_fc"], {"init": "olora"}),   # PEFT's OLoRA ignores Conv1D's transposed weight
 ])
 def test_a_base_move_peft_cannot_redo_is_saved_in_loralabs_form(tmp_path, factory, targets, cfg):
     """Non-portable pissa/olora whose residual PEFT would not rebuild (pissa on an embedding, olora on GPT-2 Conv1D):
@@ -155,7 +163,7 @@ def test_conv_round_trip_with_peft(tmp_path):
     assert torch.allclose(load_adapter(ConvNet(), tmp_path)(CONV_X), model(CONV_X), atol=1e-6)
 
 
-@pytest.mark.parametrize("kw", [dict(groups=4), dict(dilation=2), dict(padding_mode="reflect")])
+@pytest.mark.parametrize("kw", [{"groups": 4}, {"dilation": 2}, {"padding_mode": "reflect"}])
 def test_a_conv_peft_cannot_represent_is_saved_in_loralabs_form(tmp_path, kw):
     """A grouped (depthwise-like), dilated or reflect-padded conv: PEFT's conv LoRA would be another function, so
     save_adapter writes loralab's own form (it used to crash on groups), says PEFT cannot load it, and loralab
@@ -318,7 +326,7 @@ def test_a_head_unfrozen_by_hand_is_saved_with_a_warning_not_dropped(tmp_path):
 
 
 def test_a_trainable_tensor_inside_a_lora_layer_is_refused_with_a_fix_that_works(tmp_path):
-    base, model = adapted(factory=tiny_gpt2, targets=["c_attn"])
+    _, model = adapted(factory=tiny_gpt2, targets=["c_attn"])
     name = "transformer.h.0.attn.c_attn.base_layer.bias"
     model.get_parameter(name).requires_grad_(True)
     with pytest.raises(AdapterError, match=rf"'{name}' is trainable.*model.get_parameter\('{name}'\)"
@@ -330,10 +338,10 @@ def test_a_trainable_tensor_inside_a_lora_layer_is_refused_with_a_fix_that_works
 
 
 @pytest.mark.parametrize("selection", [
-    dict(target_modules=["q_proj", "v_proj", "o_proj"], layers_to_transform=[1], layers_pattern="layers"),
-    dict(target_modules=["q_proj", "down_proj"], exclude_modules=["layers.0.mlp.down_proj"]),
-    dict(target_modules="all-linear"),
-    dict(target_modules=["q_proj", "k_proj"], r=40),   # r above k_proj's min(d_in, d_out) = 16: PEFT allows it
+    {"target_modules": ["q_proj", "v_proj", "o_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+    {"target_modules": ["q_proj", "down_proj"], "exclude_modules": ["layers.0.mlp.down_proj"]},
+    {"target_modules": "all-linear"},
+    {"target_modules": ["q_proj", "k_proj"], "r": 40},   # r above k_proj's min(d_in, d_out) = 16: PEFT allows it
 ])
 def test_peft_adapters_with_selection_keys_and_large_ranks_load(tmp_path, selection):
     base = tiny_llama()
@@ -359,7 +367,12 @@ def test_all_linear_is_saved_as_the_modules_it_selected(tmp_path):
 
 def test_task_type_is_the_models_auto_class_or_none(tmp_path):
     """It was CAUSAL_LM for anything with generate (T5, Whisper: then PEFT's loader wraps them wrongly)."""
-    from transformers import T5Config, T5ForConditionalGeneration, WhisperConfig, WhisperForConditionalGeneration
+    from transformers import (
+        T5Config,
+        T5ForConditionalGeneration,
+        WhisperConfig,
+        WhisperForConditionalGeneration,
+    )
 
     from loralab.io import task_type
 

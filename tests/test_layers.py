@@ -5,13 +5,23 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from core_helpers import LAYER_CASES, make_case, perturb
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from torch import nn
 
-from core_helpers import LAYER_CASES, make_case, perturb
-from loralab import IdentityWarning, LoraConfig, LoraLayer, LoraStateError, init_schemes, inject, lora_layers, merge, unmerge
+from loralab import (
+    IdentityWarning,
+    LoraConfig,
+    LoraLayer,
+    LoraStateError,
+    init_schemes,
+    inject,
+    lora_layers,
+    merge,
+    unmerge,
+)
 from loralab.layers import Linear
 
 SCHEMES = sorted(init_schemes())
@@ -64,7 +74,7 @@ def test_a_lora_layer_reads_like_its_base_without_holding_its_parameters_twice(c
     assert "0.base_layer.weight" in names and "0.weight" not in names and len(names) == len(set(names))
     assert "0.weight" not in model.state_dict()
     with pytest.raises(AttributeError, match="no_such_thing"):
-        layer.no_such_thing
+        _ = layer.no_such_thing
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -110,7 +120,7 @@ def test_step0_gradients_standard_vs_reversed(case):
 
 
 def test_dropout_only_in_training():
-    model, original, x = adapted("linear", dropout=0.5)
+    model, _, x = adapted("linear", dropout=0.5)
     perturb(model)
     model.eval()
     assert torch.equal(model(x), model(x))
@@ -147,7 +157,7 @@ def test_dropout_masks_are_independent_of_position():
 
 
 def test_embedding_ignores_dropout_and_rejects_max_norm():
-    model, _, x = adapted("embedding", dropout=0.5)
+    model, _, _ = adapted("embedding", dropout=0.5)
     assert lora_layers(model)["0"].dropout.p == 0.0
     m = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0))
     with pytest.raises(ValueError, match="max_norm"):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from .inits import get_scheme
 
@@ -99,8 +100,8 @@ class LoraConfig:
         if isinstance(self.targets, str) and self.targets.lower() == ALL_LINEAR:
             set_(self, "targets", ALL_LINEAR)
         self._check_selection()
-        if not isinstance(self.rslora, bool):
-            raise ValueError(f"LoraConfig.rslora must be True or False, got {self.rslora!r}")
+        if not isinstance(self.rslora, bool):   # a ValueError, as every config error (the lab names the key)
+            raise ValueError(f"LoraConfig.rslora must be True or False, got {self.rslora!r}")  # noqa: TRY004
         for name in ("init_kwargs", "rank_pattern", "alpha_pattern", "init_pattern"):
             set_(self, name, _frozen_map(getattr(self, name)))
         if not self.targets:
@@ -113,10 +114,12 @@ class LoraConfig:
         for where, rank in [("rank", self.rank), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 raise ValueError(f"LoraConfig.{where} must be a positive integer, got {rank!r}; try 8 or 16")
-        for where, alpha in [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
+        alphas = [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]
+        for where, alpha in alphas:
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
                 raise ValueError(f"LoraConfig.{where} must be a positive number, got {alpha!r}; α = 2·rank is common")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for key in (*self.rank_pattern, *self.alpha_pattern, *self.init_pattern):
             _compile(key, "a pattern key")

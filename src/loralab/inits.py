@@ -13,9 +13,9 @@ Adding a scheme is one decorated function here; tests are parametrized over :fun
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -137,7 +137,7 @@ def _orthogonal(w: Tensor, rank: int, g: torch.Generator, *, eye: bool, ca: floa
 @register("orthogonal-qr-match", even_rank=True, reads_weight=False)
 def orthogonal_qr_match(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
     """Orthogonal (QR) pairs scaled like the standard init: A·d_in^-1/2, B·r^-1/2 (the study's "QR (Match)")."""
-    d_out, d_in = w.shape
+    d_in = w.shape[1]
     return _orthogonal(w, rank, g, eye=False, ca=d_in**-0.5, cb=rank**-0.5)
 
 
@@ -150,7 +150,7 @@ def orthogonal_qr_const(w: Tensor, rank: int, *, scale: float, g: torch.Generato
 @register("orthogonal-eye", even_rank=True, reads_weight=False)
 def orthogonal_eye(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
     """As qr-match with Q = I: r/2 standard pairs (B col 0) plus r/2 reversed pairs (A row 0); the study's "Eye"."""
-    d_out, d_in = w.shape
+    d_in = w.shape[1]
     return _orthogonal(w, rank, g, eye=True, ca=d_in**-0.5, cb=rank**-0.5)
 
 

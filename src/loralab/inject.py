@@ -18,8 +18,8 @@ import contextlib
 import difflib
 import hashlib
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -440,8 +440,8 @@ class TrainableSummary:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        lines = [f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
-                 f"trainable%: {self.percent:.4f}"]
+        lines = [(f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
+                  f"trainable%: {self.percent:.4f}")]
         lines += [f"  {kind}: {n} module{'s' * (n != 1)}, {count:,d} params"
                   for kind, (n, count) in self.by_type.items()]
         return "\n".join(lines)

@@ -29,8 +29,9 @@ import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
