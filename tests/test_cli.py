@@ -96,17 +96,15 @@ def test_check_skips_even_rank_schemes_at_an_odd_rank(capsys, tiny_lm_dir, one_t
 
 
 def test_check_names_a_rank_no_target_can_hold(capsys, tiny_lm_dir, one_thread):
-    """Rank 64 on a 32-wide q_proj: allowed (as in PEFT) for schemes that need only shapes, which are measured; the
-    ones that take r directions from the weight (pissa, olora) are skipped, saying why."""
-    assert main(["check", "--model", str(tiny_lm_dir), "--targets", "q_proj", "--rank", "64"]) == 0
-    table = rows(capsys.readouterr().out)
+    """Rank 64 on a 32-wide q_proj: no scheme is measured, each row says why, and the command fails (exit 2)."""
+    assert main(["check", "--model", str(tiny_lm_dir), "--targets", "q_proj", "--rank", "64"]) == 2
+    captured = capsys.readouterr()
+    assert "no scheme could be checked" in captured.err
+    table = rows(captured.out)
     assert set(table) == set(init_schemes())
-    for name, cells in table.items():
+    for cells in table.values():
         line = " ".join(cells)
-        if init_schemes()[name].reads_weight:
-            assert "skipped: init" in line and "rank 64" in line and "q_proj" in line, line
-        else:
-            assert cells[-1] == "ok", line
+        assert "skipped: rank 64 exceeds" in line and "q_proj" in line, line
 
 
 def test_check_fails_on_a_broken_promise(capsys, tiny_lm_dir, one_thread, monkeypatch):

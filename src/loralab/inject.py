@@ -167,9 +167,15 @@ class _Target:
     init: str
 
 
-def validate(model: nn.Module, config: LoraConfig) -> list[_Target]:
+def validate(model: nn.Module, config: LoraConfig, *, loading: bool = False) -> list[_Target]:
     """Check every target (match, type, dtype, rank) and every module to save, without touching weights; works on a
-    ``meta``-device model."""
+    ``meta``-device model.
+
+    A rank above a layer's ``min(d_in, d_out)`` is refused for a new adapter (B·A cannot have a higher rank, so the
+    extra directions would be parameters that train nothing; the error names the ``rank_pattern`` that fixes it) but
+    accepted when ``loading`` one that PEFT made so (PEFT allows it, e.g. r = 8 on a 3-class head). An init that
+    takes r directions from the weight (pissa, olora) cannot do either.
+    """
     if lora_layers(model):
         raise LoraStateError("model already has LoRA layers; call unload(model) before injecting again")
     targets, shared = [], _weight_sharers(model)
@@ -183,9 +189,11 @@ def validate(model: nn.Module, config: LoraConfig) -> list[_Target]:
             raise TypeError(f"target {name!r} has a {module.weight.dtype} weight; load the model in a float dtype")
         rank, alpha, init = config.for_module(name, one_hot=cls.one_hot_input)
         d_out, d_in = cls.to_matrix(module.weight).shape
-        if rank > min(d_in, d_out) and get_scheme(init).reads_weight:
-            raise ValueError(f"init {init!r} takes rank {rank} directions from the weight of {name!r}, which has only "
-                             f"min(d_in, d_out) = {min(d_in, d_out)} (d_out={d_out}, d_in={d_in}); lower rank or set "
+        if rank > min(d_in, d_out) and (get_scheme(init).reads_weight or not loading):
+            why = (f"init {init!r} cannot take {rank} directions from it" if get_scheme(init).reads_weight else
+                   "B·A cannot have a higher rank, so the extra directions would train nothing")
+            raise ValueError(f"rank {rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} of {name!r} (d_out={d_out}, "
+                             f"d_in={d_in}): {why}; lower rank or set "
                              f"rank_pattern={{{name.rsplit('.', 1)[-1]!r}: {min(d_in, d_out)}}}")
         if get_scheme(init).modifies_base and id(module.weight) in shared:
             raise ValueError(_tied_error(name, shared[id(module.weight)], f"init {init!r} rewrites the weight of") +
@@ -210,10 +218,13 @@ def _check_saved_modules(model: nn.Module, config: LoraConfig, shared: dict[int,
                 raise ValueError(_tied_error(name, others, "training") + ", or leave it out of modules_to_save")
 
 
-def plan(model: nn.Module, config: LoraConfig, seed: int = 0) -> list[_Planned]:
-    """Build (but do not insert) a LoRA layer with initial factors for every target; the model is not changed."""
+def plan(model: nn.Module, config: LoraConfig, seed: int = 0, *, loading: bool = False) -> list[_Planned]:
+    """Build (but do not insert) a LoRA layer with initial factors for every target; the model is not changed.
+
+    ``loading``: the layers will receive a saved adapter's factors (see :func:`validate`).
+    """
     planned = []
-    for t in validate(model, config):
+    for t in validate(model, config, loading=loading):
         layer = t.cls(t.module, t.rank, t.alpha, rslora=config.rslora, dropout=config.dropout,
                       dtype=_adapter_dtype(t.module.weight))
         g = torch.Generator().manual_seed(module_seed(seed, t.name))
@@ -275,18 +286,10 @@ def inject(model: nn.Module, config: LoraConfig, seed: int = 0) -> nn.Module:
 
     Warns:
         IdentityWarning: an init changes the model's output at step 0.
-        UserWarning: a rank above a layer's ``min(d_in, d_out)``: allowed (as in PEFT, whose adapters may have
-            it, e.g. rank 8 on a 3-class head), but B·A cannot use the extra directions.
     """
     planned = plan(model, config, seed)
     commit(model, planned, config, seed)
     warn_identity(planned, config, stacklevel=3)
-    for p in planned:
-        if p.layer.rank > min(p.layer.d_in, p.layer.d_out):
-            warnings.warn(f"rank {p.layer.rank} exceeds min(d_in, d_out) = {min(p.layer.d_in, p.layer.d_out)} of "
-                          f"{p.name!r}: B·A cannot have a higher rank, so the extra directions only add parameters; "
-                          f"set rank_pattern={{{p.name.rsplit('.', 1)[-1]!r}: {min(p.layer.d_in, p.layer.d_out)}}} "
-                          f"to drop them", UserWarning, stacklevel=2)
     return model
 
 

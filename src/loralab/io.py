@@ -442,7 +442,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, seed: int = 0) ->
     in_file = _saved_in_file(model, cfg.modules_to_save, tensors)
     cfg = _present(cfg, model, in_file)
     existing = lora_layers(model)
-    planned = None if existing else plan(model, cfg, seed)
+    planned = None if existing else plan(model, cfg, seed, loading=True)
     layers = existing or {p.name: p.layer for p in planned}
     matched = _match_tensors(layers, tensors, peft)
     base_updates = {n: tensors[f"{PREFIX}{n}.base_layer.weight"] for n in layers
