@@ -9,9 +9,11 @@ import sys
 def _inits(args) -> int:
     from loralab import init_schemes
 
-    print(f"{'name':<22}{'preserves output':>17}{'moves base':>11}{'even rank':>10}  summary")
+    # "on embedding": the scheme an embedding target gets under `init` (its input is one-hot; see docs/library.md)
+    print(f"{'name':<22}{'preserves output':>17}{'moves base':>11}{'even rank':>10}  {'on embedding':<16}  summary")
     for name, s in init_schemes().items():
-        print(f"{name:<22}{str(s.preserves_output):>17}{str(s.modifies_base):>11}{str(s.even_rank):>10}  {s.summary}")
+        print(f"{name:<22}{s.preserves_output!s:>17}{s.modifies_base!s:>11}{s.even_rank!s:>10}  "
+              f"{s.one_hot or 'same':<16}  {s.summary}")
     return 0
 
 

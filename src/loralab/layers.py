@@ -92,6 +92,11 @@ def add_update(out: Tensor, h: Tensor, b: Tensor, *, inplace: bool = True) -> Te
 class LoraLayer(nn.Module):
     """A frozen module plus a trainable low-rank update (the base of every LoRA layer type).
 
+    To the model's own code the layer looks like its base: attributes it does not have itself (``weight``, ``bias``,
+    ``in_features``, ``stride``, ``padding_idx``, ...) are read from ``base_layer``, so a model that reads
+    ``self.wo.weight.dtype`` or ``self.conv1.stride`` runs unchanged; the base's parameters stay registered only
+    under ``base_layer``, so they appear once in ``named_parameters()`` and the state dict.
+
     Args:
         base: the module to adapt; kept as ``base_layer`` and never copied.
         rank: r.
@@ -99,6 +104,8 @@ class LoraLayer(nn.Module):
         dropout: dropout probability on the LoRA branch's input (no op when 0).
         dtype: dtype of A and B.
     """
+
+    one_hot_input = False   # an embedding's input is one-hot: inits take their scheme's `one_hot` variant there
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, *, rslora: bool = False, dropout: float = 0.0,
                  dtype: torch.dtype = torch.float32):
@@ -117,6 +124,16 @@ class LoraLayer(nn.Module):
         self.register_buffer("lora_B0", None, persistent=False)
         self.merged = False
         self.disabled = False
+        self.init: str | None = None   # the init scheme that made the factors (set by inject.plan)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)   # own parameters, buffers and submodules
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None:   # still being built (or unpickled)
+                raise
+            return getattr(base, name)
 
     # -- what a layer type says ------------------------------------------------------------------------------------
     @staticmethod
@@ -255,8 +272,12 @@ class GPT2Conv1D(Linear):
 class Embedding(LoraLayer):
     """LoRA on ``nn.Embedding``: the weight ``(num, dim)`` is the matrix ``(dim, num)`` acting on one-hot inputs.
 
-    Inputs are one-hot, so dropout does not apply; ``reversed`` (A = 0) is the usual choice here (PEFT's default).
+    Inputs are one-hot, so dropout does not apply, and inits take their scheme's ``one_hot`` variant (for PEFT's
+    schemes, PEFT's A = 0, B ~ N(0, 1)). A scaled embedding (transformers' Gemma-style ``embed_scale``, which
+    multiplies the looked-up rows) scales the update too, so unmerged equals merged.
     """
+
+    one_hot_input = True
 
     def __init__(self, base: nn.Embedding, rank: int, alpha: float, **kwargs):
         if base.max_norm is not None:
@@ -273,10 +294,15 @@ class Embedding(LoraLayer):
         return m.T
 
     def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.embedding(x, weight, self.base_layer.padding_idx)
+        return self._embed_scaled(F.embedding(x, weight, self.base_layer.padding_idx))
 
     def lora_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        return F.embedding(x, a.T, self.base_layer.padding_idx) @ b.T * self.scale  # (..., r) @ (r, dim)
+        h = F.embedding(x, a.T, self.base_layer.padding_idx)  # (..., r)
+        return self._embed_scaled(h @ b.T * self.scale)       # (..., r) @ (r, dim)
+
+    def _embed_scaled(self, h: Tensor) -> Tensor:
+        scale = getattr(self.base_layer, "embed_scale", None)
+        return h if scale is None else h * (scale.to(h.dtype) if isinstance(scale, Tensor) else scale)
 
 
 class Conv(LoraLayer):

@@ -356,7 +356,8 @@ _CHANGES = {
              "max_eval_chunks": 5, "split_seed": 1, "cache_dir": "/c"},
     "lora": {"rank": 4, "alpha": 8.0, "init": "reversed", "targets": ("q_proj",), "dropout": 0.1, "rslora": True,
              "init_kwargs": {"std": 0.1}, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"q_proj": 4.0},
-             "init_pattern": {"q_proj": "reversed"}},
+             "init_pattern": {"q_proj": "reversed"}, "exclude": ("v_proj",), "layers_to_transform": (0,),
+             "modules_to_save": ("lm_head",)},
     "train": {"lr": 1e-4, "epochs": 2.0, "max_steps": 5, "batch_size": 8, "grad_accum": 2, "warmup_ratio": 0.0,
               "weight_decay": 0.0, "grad_clip": 0.0, "eval_every": 5, "seed": 1, "device": "cpu",
               "diverge_factor": 2.5},
@@ -364,9 +365,20 @@ _CHANGES = {
 _BASE = RunConfig(lora=LoraConfig(init="gaussian"))   # so both init and init_kwargs can change alone
 
 
+_TOGETHER = {"layers_pattern": {"layers_to_transform": (0,)}}   # a field only valid beside another: changed with it
+
+
 def test_every_field_is_covered_by_the_change_table():
     covered = {s: set(c) | {f for sec, f in fields_with_role(EXECUTION) if sec == s} for s, c in _CHANGES.items()}
+    covered["lora"] |= set(_TOGETHER)
     assert covered == {s: set(to_dict(_BASE)[s]) for s in to_dict(_BASE)}
+
+
+def test_a_field_added_later_changes_the_id_only_away_from_its_default():
+    """``layers_pattern`` needs ``layers_to_transform``: the pair differs from ``layers_to_transform`` alone."""
+    alone = dataclasses.replace(_BASE, lora=dataclasses.replace(_BASE.lora, layers_to_transform=(0,)))
+    pair = dataclasses.replace(_BASE, lora=dataclasses.replace(alone.lora, layers_pattern="layers"))
+    assert len({run_id(_BASE, {}), run_id(alone, {}), run_id(pair, {})}) == 3
 
 
 @pytest.mark.parametrize("section, key", fields_with_role(EXECUTION))

@@ -1,7 +1,8 @@
 """Grids: every point of a sweep as a :class:`RunSpec` (its id, its axes' values, its resolved config).
 
 Run ids are a readable prefix from a run's grid axes and a hash of its whole resolved config (fields whose role is
-:data:`~.schema.EXECUTION` left out), so the same config gets the same id in any process and a store resumes.
+:data:`~.schema.EXECUTION` left out, and fields added later left out while at their default), so the same config
+gets the same id in any process and a store resumes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import EXECUTION, RunConfig, SweepConfig, fields_with_role
+from .schema import EXECUTION, RunConfig, SweepConfig, added_fields, fields_with_role
 from .typecheck import ConfigError, from_dict, set_path, to_dict
 
 __all__ = ["RunSpec", "expand", "plan_runs", "run_id"]
@@ -39,6 +40,9 @@ def run_id(run: RunConfig, axes: Mapping[str, Any]) -> str:
     d = to_dict(run)
     for section, name in fields_with_role(EXECUTION):   # how fast a run trains is not what it is: same id
         d[section].pop(name)
+    for section, name, default in added_fields():   # stores made before the field existed keep their ids
+        if d[section][name] == to_dict(default):
+            d[section].pop(name)
     canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:8]
     prefix = "_".join(_label(axis, value) for axis, value in axes.items())

@@ -3,7 +3,8 @@
 A new config field goes here, with a commented default and its check in ``__post_init__``; if it changes only how
 fast a run trains, or may differ between runs trained together in one pack, say so with its role (:data:`EXECUTION`,
 :data:`PER_RUN`) in the field's metadata: run ids (``grid.py``) and packing (``run/pack.py``) read the roles, so no
-other list needs editing. Files and overrides (``toml.py``) and grids (``grid.py``) all build these through
+other list needs editing. A field added after stores existed is marked ``added`` (:func:`added`): run ids leave it
+out while it holds its default, so every store made before it keeps its ids. Files and overrides (``toml.py``) and grids (``grid.py``) all build these through
 ``typecheck.from_dict``.
 
 ``RunConfig``'s sections default to their defaults, so a TOML file may omit any table. ``SweepConfig.grid`` holds the
@@ -21,7 +22,7 @@ from typing import Any
 
 from loralab.config import FrozenMap, LoraConfig
 
-__all__ = ["EXECUTION", "PER_RUN", "DataConfig", "ModelConfig", "ResourcesConfig", "RunConfig", "SweepConfig",
+__all__ = ["EXECUTION", "PER_RUN", "added", "added_fields", "DataConfig", "ModelConfig", "ResourcesConfig", "RunConfig", "SweepConfig",
            "TrainConfig", "fields_with_role", "require"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -35,10 +36,16 @@ PER_RUN = "per_run"       # may differ between runs trained together in one pack
 # The library's LoraConfig carries no lab metadata: its fields' roles are declared here.
 LORA_ROLES = {"init": PER_RUN, "alpha": PER_RUN, "init_kwargs": PER_RUN, "init_pattern": PER_RUN,
               "alpha_pattern": PER_RUN}
+LORA_ADDED = ("exclude", "layers_to_transform", "layers_pattern", "modules_to_save")   # after the first stores
 
 
-def _role(role: str) -> dict[str, Any]:
-    return {"role": role}
+def _role(role: str, added: bool = False) -> dict[str, Any]:
+    return {"role": role, "added": added}
+
+
+def added() -> dict[str, Any]:
+    """Metadata of a field added after stores existed: left out of run ids while it holds its default."""
+    return {"added": True}
 
 
 def require(ok: bool, message: str) -> None:
@@ -163,10 +170,23 @@ class SweepConfig:
 
 
 
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
+
+
 def fields_with_role(role: str) -> list[tuple[str, str]]:
     """``[(section, field), ...]`` of ``RunConfig`` whose declared role is ``role``."""
-    sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
     out = [("lora", name) for name, r in LORA_ROLES.items() if r == role]
-    for section, cls in sections.items():
+    for section, cls in _SECTIONS.items():
         out += [(section, f.name) for f in dataclasses.fields(cls) if f.metadata.get("role") == role]
+    return out
+
+
+def added_fields() -> list[tuple[str, str, Any]]:
+    """``[(section, field, default), ...]`` of the fields added after stores existed (see the module docstring)."""
+    out = []
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("added") or (cls is LoraConfig and f.name in LORA_ADDED):
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                out.append((section, f.name, default))
     return out
