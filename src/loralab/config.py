@@ -17,6 +17,7 @@ class FrozenMap(Mapping):
     """A read-only, hashable, picklable mapping (configs cross process boundaries; MappingProxyType cannot)."""
 
     __slots__ = ("_d",)
+    _d: dict
 
     def __init__(self, data: Mapping | None = None):
         object.__setattr__(self, "_d", dict(data or {}))

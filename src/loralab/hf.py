@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ class _SavePretrained:
 
 def _attach(model: nn.Module) -> None:
     if callable(getattr(type(model), "save_pretrained", None)):   # a transformers model (or alike)
-        model.save_pretrained = _SavePretrained(model)
+        model.__dict__["save_pretrained"] = _SavePretrained(model)   # an instance attribute: the model alone
 
 
 def _detach(model: nn.Module) -> None:
@@ -78,6 +79,13 @@ class AdapterTrainerMixin:
     and seed) before the Trainer. Other models are left to the Trainer.
     """
 
+    # What the Trainer it is mixed into provides (transformers types none of it for a mixin).
+    accelerator: Any
+    model: Any
+    args: Any
+    processing_class: Any
+    state: Any
+
     def _lora_model(self, model: nn.Module | None = None) -> nn.Module | None:
         inner = self.accelerator.unwrap_model(self.model if model is None else model, keep_torch_compile=False)
         return inner if lora_layers(inner) else None
@@ -85,7 +93,7 @@ class AdapterTrainerMixin:
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self._lora_model()
         if model is None or callable(getattr(type(model), "save_pretrained", None)):
-            return super()._save(output_dir, state_dict)   # a transformers model's save_pretrained writes the adapter
+            return super()._save(output_dir, state_dict)  # type: ignore[misc]  # a transformers model's save_pretrained writes the adapter
         # A plain nn.Module: the Trainer would write its whole state dict.
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
@@ -98,14 +106,14 @@ class AdapterTrainerMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         target = self._lora_model(model)
         if target is None or not _is_adapter_dir(resume_from_checkpoint):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
         load_adapter(target, resume_from_checkpoint)
         return None
 
     def _load_best_model(self) -> None:
         target = self._lora_model()
         if target is None or not _is_adapter_dir(self.state.best_model_checkpoint):
-            return super()._load_best_model()
+            return super()._load_best_model()  # type: ignore[misc]
         load_adapter(target, self.state.best_model_checkpoint)
         return None
 
@@ -149,8 +157,9 @@ def init_peft(peft_model: nn.Module, init: str, *, seed: int = 0, adapter_name: 
     if scheme.modifies_base:
         raise ValueError(f"init_peft: {init!r} rewrites the base weight, which a PEFT adapter file would not record "
                          f"(it would load on the wrong base); use PEFT's own init_lora_weights={init!r}")
-    adapter = adapter_name or getattr(peft_model, "active_adapter", "default")
-    root = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    adapter = str(adapter_name or getattr(peft_model, "active_adapter", "default"))
+    get_base = getattr(peft_model, "get_base_model", None)
+    root = get_base() if callable(get_base) else peft_model
     writes = []
     for name, module in root.named_modules():
         if not isinstance(module, PeftLoraLayer) or adapter not in module.r:
@@ -167,7 +176,7 @@ def init_peft(peft_model: nn.Module, init: str, *, seed: int = 0, adapter_name: 
     return peft_model
 
 
-def _peft_factors(name: str, module: nn.Module, adapter: str, init: str, seed: int, init_kwargs: dict):
+def _peft_factors(name: str, module: Any, adapter: str, init: str, seed: int, init_kwargs: dict):
     """``(A parameter, B parameter, factors)`` for one PEFT LoRA layer, checked."""
     base = module.get_base_layer()
     cls = layer_type_for(base)

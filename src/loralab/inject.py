@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig, layer_index, name_matches, within
 from .inits import Factors, get_scheme, stable_seed
-from .layers import SUPPORTED_TYPES, GPT2Conv1D, LoraLayer, LoraStateError, layer_type_for
+from .layers import SUPPORTED_TYPES, GPT2Conv1D, LoraLayer, LoraStateError, layer_type_for, weight_of
 
 
 class IdentityWarning(UserWarning):
@@ -196,10 +196,11 @@ def validate(model: nn.Module, config: LoraConfig, *, loading: bool = False) -> 
             raise TypeError(f"target {name!r} is a {type(module).__name__}, which loralab cannot adapt "
                             f"(supported: {SUPPORTED_TYPES}); leave it out, e.g. with "
                             f"exclude=[{name.rsplit('.', 1)[-1]!r}]")
-        if not module.weight.is_floating_point():
-            raise TypeError(f"target {name!r} has a {module.weight.dtype} weight; load the model in a float dtype")
+        weight = weight_of(module)
+        if not weight.is_floating_point():
+            raise TypeError(f"target {name!r} has a {weight.dtype} weight; load the model in a float dtype")
         rank, alpha, init = config.for_module(name, one_hot=cls.one_hot_input)
-        d_out, d_in = cls.to_matrix(module.weight).shape
+        d_out, d_in = cls.to_matrix(weight).shape
         if rank > min(d_in, d_out) and (get_scheme(init).reads_weight or not loading):
             why = (f"init {init!r} cannot take {rank} directions from it" if get_scheme(init).reads_weight else
                    "B·A cannot have a higher rank, so the extra directions would train nothing")
@@ -237,10 +238,10 @@ def plan(model: nn.Module, config: LoraConfig, seed: int = 0, *, loading: bool =
     planned = []
     for t in validate(model, config, loading=loading):
         layer = t.cls(t.module, t.rank, t.alpha, rslora=config.rslora, dropout=config.dropout,
-                      dtype=_adapter_dtype(t.module.weight))
+                      dtype=_adapter_dtype(weight_of(t.module)))
         g = torch.Generator().manual_seed(module_seed(seed, t.name))
         scheme = get_scheme(t.init)
-        w = layer.to_matrix(t.module.weight.detach())
+        w = layer.to_matrix(weight_of(t.module).detach())
         if scheme.reads_weight and w.is_meta:
             raise ValueError(f"init {t.init!r} reads the weight of {t.name!r}, which is on the meta device (no "
                              f"values); load the model's weights first, or use a scheme that needs only shapes")
@@ -255,7 +256,7 @@ def plan(model: nn.Module, config: LoraConfig, seed: int = 0, *, loading: bool =
 def commit(model: nn.Module, planned: list[_Planned], config: LoraConfig, seed: int) -> nn.Module:
     """Insert planned layers, write their factors, and freeze everything but the adapters and ``modules_to_save``."""
     saved = saved_modules(model, config)
-    model.lora_config, model.lora_seed = config, seed
+    model.__dict__.update(lora_config=config, lora_seed=seed)   # plain attributes, read by save_adapter and hf
     for p in model.parameters():
         p.requires_grad_(False)
     for item in planned:
@@ -306,7 +307,7 @@ def inject(model: nn.Module, config: LoraConfig, seed: int = 0) -> nn.Module:
 
 def warn_identity(planned: list[_Planned], config: LoraConfig, stacklevel: int = 2) -> None:
     """Warn (:class:`IdentityWarning`) when an init used by ``planned`` changes the model's output at step 0."""
-    used = {p.layer.init for p in planned}
+    used = {p.layer.init for p in planned if p.layer.init is not None}
     broken = sorted(n for n in used if not get_scheme(n).preserves_output)
     if broken:
         warnings.warn(f"init {', '.join(broken)} does not preserve the model's output: the adapted model differs "

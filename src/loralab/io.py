@@ -29,9 +29,9 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,7 +79,7 @@ def _keys(name: str, layer: LoraLayer) -> tuple[str, str]:
 def _shapes(layer: LoraLayer, rank: int, peft: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes on disk: PEFT keeps a conv's A as an r-channel kernel and B as a 1×1 conv; loralab's form, matrices."""
     if peft and isinstance(layer, Conv):
-        w = layer.base_layer.weight
+        w = layer.base_weight
         return (rank, *w.shape[1:]), (w.shape[0], rank, *([1] * (w.dim() - 2)))
     return (rank, layer.d_in), (layer.d_out, rank)
 
@@ -88,7 +88,7 @@ def conv_peft_differs(base: nn.Module) -> dict[str, Any]:
     """What makes PEFT's LoRA on conv ``base`` another function than loralab's (empty: the same, or not a conv)."""
     if not isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return {}
-    odd = {"groups": base.groups} if base.groups != 1 else {}
+    odd: dict[str, Any] = {"groups": base.groups} if base.groups != 1 else {}
     if any(d != 1 for d in base.dilation):
         odd["dilation"] = base.dilation
     if base.padding_mode != "zeros":
@@ -104,7 +104,7 @@ def _portable_tensors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _peft_init(layers: dict[str, LoraLayer], portable: bool) -> tuple[Any, str | None]:
     """``init_lora_weights`` for the PEFT file, and why PEFT could not rebuild the model from it (None: it can)."""
-    moved = {layer.init for layer in layers.values() if layer.lora_A0 is not None}
+    moved = {layer.init or "" for layer in layers.values() if layer.lora_A0 is not None}
     if not moved or portable:
         return True, None
     fix = "; save_adapter(model, path, portable=True) writes a PEFT-readable adapter"
@@ -278,12 +278,14 @@ def _write(out: Path, files: dict[str, Any]) -> None:
     """Write ``files`` (tensors or JSON) atomically each, and remove the other form's files: one adapter per dir."""
     from safetensors.torch import save_file
 
+    def writer(name: str, content: Any) -> Callable[[Path], Any]:
+        if name.endswith(".safetensors"):
+            return lambda p: save_file(content, str(p), metadata={"format": "pt"})
+        return lambda p: p.write_text(json.dumps(content, indent=2))
+
     out.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
-        if name.endswith(".safetensors"):
-            atomic_write(out / name, lambda p, c=content: save_file(c, str(p), metadata={"format": "pt"}))
-        else:
-            atomic_write(out / name, lambda p, c=content: p.write_text(json.dumps(c, indent=2)))
+        atomic_write(out / name, writer(name, content))
     for stale in {CONFIG_FILE, WEIGHTS_FILE, SIDECAR_FILE, OWN_CONFIG_FILE, OWN_WEIGHTS_FILE} - set(files):
         (out / stale).unlink(missing_ok=True)
 
@@ -460,14 +462,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, seed: int = 0) ->
     cfg = _present(cfg, model, in_file)
     existing = lora_layers(model)
     planned = None if existing else plan(model, cfg, seed, loading=True)
-    layers = existing or {p.name: p.layer for p in planned}
+    layers = existing or {p.name: p.layer for p in planned or ()}
     matched = _match_tensors(layers, tensors, peft)
     base_updates = {n: tensors[f"{PREFIX}{n}.base_layer.weight"] for n in layers
                     if f"{PREFIX}{n}.base_layer.weight" in tensors}   # PEFT saves resized embeddings' base weights
     for n, w in base_updates.items():
-        if w.shape != layers[n].base_layer.weight.shape:
+        if w.shape != layers[n].base_weight.shape:
             raise AdapterError(f"adapter's base weight for {n!r} has shape {tuple(w.shape)}, the model's is "
-                               f"{tuple(layers[n].base_layer.weight.shape)}")
+                               f"{tuple(layers[n].base_weight.shape)}")
     used = {k for n, layer in layers.items() for k in _keys(n, layer)}
     used |= {f"{PREFIX}{n}.base_layer.weight" for n in base_updates}
     used |= {f"{PREFIX}{m}.{k}" for m, state in in_file.items() for k in state}
@@ -483,7 +485,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, seed: int = 0) ->
             layers[name].lora_A.copy_(a)
             layers[name].lora_B.copy_(b)
         for n, w in base_updates.items():
-            layers[n].base_layer.weight.copy_(w)
+            layers[n].base_weight.copy_(w)
     for name, state in in_file.items():
         model.get_submodule(name).load_state_dict(state)
     return model

@@ -10,7 +10,8 @@ types override ``lora_delta`` with a factored form that never builds ΔW (and th
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import typing
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,11 @@ def add_update(out: Tensor, h: Tensor, b: Tensor, *, inplace: bool = True) -> Te
     return out + delta.to(out.dtype)
 
 
+def weight_of(module: nn.Module) -> Tensor:
+    """``module.weight`` as a tensor (torch types a module's attributes as ``Tensor | Module``)."""
+    return typing.cast(Tensor, module.weight)
+
+
 class LoraLayer(nn.Module):
     """A frozen module plus a trainable low-rank update (the base of every LoRA layer type).
 
@@ -113,8 +119,9 @@ class LoraLayer(nn.Module):
         self.base_layer = base
         self.rank, self.alpha, self.rslora = rank, float(alpha), rslora
         self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
-        d_out, d_in = self.to_matrix(base.weight).shape
-        device = base.weight.device
+        weight = typing.cast(Tensor, base.weight)
+        d_out, d_in = self.to_matrix(weight).shape
+        device = weight.device
         self.lora_A = nn.Parameter(torch.zeros(rank, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
         self.dropout = Dropout(dropout)   # an identity when p = 0 (no op, no copy)
@@ -156,6 +163,11 @@ class LoraLayer(nn.Module):
 
     # -- written once ------------------------------------------------------------------------------------------------
     @property
+    def base_weight(self) -> Tensor:
+        """The frozen base module's ``weight`` (in the base layout)."""
+        return typing.cast(Tensor, self.base_layer.weight)
+
+    @property
     def d_out(self) -> int:
         return self.lora_B.shape[0]
 
@@ -173,7 +185,7 @@ class LoraLayer(nn.Module):
         self.lora_A.copy_(factors.a)
         self.lora_B.copy_(factors.b)
         if factors.base is not None:
-            w = self.base_layer.weight
+            w = self.base_weight
             w.copy_(self.from_matrix(factors.base).to(w.dtype))
             self.lora_A0 = self.lora_A.detach().clone()
             self.lora_B0 = self.lora_B.detach().clone()
@@ -183,7 +195,7 @@ class LoraLayer(nn.Module):
         """Fold ΔW into the base weight (``W ← W + s·B·A``)."""
         if self.merged:
             raise LoraStateError("LoRA layer is already merged; call unmerge() before merging again")
-        w = self.base_layer.weight
+        w = self.base_weight
         w.add_(self.delta_weight().to(w.dtype))
         self.merged = True
 
@@ -192,7 +204,7 @@ class LoraLayer(nn.Module):
         """Take ΔW back out of the base weight (exact up to the weight dtype's rounding)."""
         if not self.merged:
             raise LoraStateError("LoRA layer is not merged; there is nothing to unmerge")
-        w = self.base_layer.weight
+        w = self.base_weight
         w.sub_(self.delta_weight().to(w.dtype))
         self.merged = False
 
@@ -294,11 +306,15 @@ class Embedding(LoraLayer):
         return m.T
 
     def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
-        return self._embed_scaled(F.embedding(x, weight, self.base_layer.padding_idx))
+        return self._embed_scaled(F.embedding(x, weight, self._padding_idx))
 
     def lora_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        h = F.embedding(x, a.T, self.base_layer.padding_idx)  # (..., r)
+        h = F.embedding(x, a.T, self._padding_idx)  # (..., r)
         return self._embed_scaled(h @ b.T * self.scale)       # (..., r) @ (r, dim)
+
+    @property
+    def _padding_idx(self) -> int | None:
+        return typing.cast(nn.Embedding, self.base_layer).padding_idx
 
     def _embed_scaled(self, h: Tensor) -> Tensor:
         scale = getattr(self.base_layer, "embed_scale", None)
@@ -318,16 +334,20 @@ class Conv(LoraLayer):
         return weight.reshape(weight.shape[0], -1)
 
     def from_matrix(self, m: Tensor) -> Tensor:
-        return m.reshape(self.base_layer.weight.shape)
+        return m.reshape(self.base_weight.shape)
+
+    @property
+    def _conv(self) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
+        return typing.cast("nn.Conv1d | nn.Conv2d | nn.Conv3d", self.base_layer)
 
     def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
-        return self.base_layer._conv_forward(x, weight, None)
+        return self._conv._conv_forward(x, weight, None)
 
     def lora_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        if self.base_layer.groups != 1:
+        if self._conv.groups != 1:
             return super().lora_delta(x, a, b)
-        kernel = a.reshape(a.shape[0], *self.base_layer.weight.shape[1:])  # (r, C_in, *k)
-        h = self.base_layer._conv_forward(x.to(a.dtype), kernel, None)  # (N, r, *spatial)
+        kernel = a.reshape(a.shape[0], *self.base_weight.shape[1:])  # (r, C_in, *k)
+        h = self._conv._conv_forward(x.to(a.dtype), kernel, None)  # (N, r, *spatial)
         return F.linear(h.movedim(1, -1), b).movedim(-1, 1) * self.scale  # (N, C_out, *spatial)
 
 

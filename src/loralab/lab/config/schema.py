@@ -4,8 +4,8 @@ A new config field goes here, with a commented default and its check in ``__post
 fast a run trains, or may differ between runs trained together in one pack, say so with its role (:data:`EXECUTION`,
 :data:`PER_RUN`) in the field's metadata: run ids (``grid.py``) and packing (``run/pack.py``) read the roles, so no
 other list needs editing. A field added after stores existed is marked ``added`` (:func:`added`): run ids leave it
-out while it holds its default, so every store made before it keeps its ids. Files and overrides (``toml.py``) and grids (``grid.py``) all build these through
-``typecheck.from_dict``.
+out while it holds its default, so every store made before it keeps its ids. Files and overrides (``toml.py``) and
+grids (``grid.py``) all build these through ``typecheck.from_dict``.
 
 ``RunConfig``'s sections default to their defaults, so a TOML file may omit any table. ``SweepConfig.grid`` holds the
 *checked* values in JSON form (``train.lr = [1, 2]`` becomes ``(1.0, 2.0)``), so axes in the store and in run ids are
@@ -22,8 +22,8 @@ from typing import Any
 
 from loralab.config import FrozenMap, LoraConfig
 
-__all__ = ["EXECUTION", "PER_RUN", "added", "added_fields", "DataConfig", "ModelConfig", "ResourcesConfig", "RunConfig", "SweepConfig",
-           "TrainConfig", "fields_with_role", "require"]
+__all__ = ["EXECUTION", "PER_RUN", "DataConfig", "ModelConfig", "ResourcesConfig", "RunConfig", "SweepConfig",
+           "TrainConfig", "added", "added_fields", "fields_with_role", "require"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
