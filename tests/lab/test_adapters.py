@@ -32,9 +32,9 @@ REL_TOL = 1e-5   # float32 on the CPU: the same maths in another order (PEFT's L
 SANE_LR, HUGE_LR = 1e-2, 1e3
 
 
-def sweep_config(path: Path, out: Path, model: Path, data: Path, grid: dict) -> Path:
+def sweep_config(path: Path, out: Path, model: Path, data: Path, grid: dict, pack: int = 0) -> Path:
     """A sweep of the tiny model, 4 steps per run, no warmup (so a huge lr blows up at once)."""
-    lines = [f'name = "adapters"', f"out_dir = {json.dumps(str(out))}",
+    lines = ['name = "adapters"', f"out_dir = {json.dumps(str(out))}", f"pack = {pack}",
              "[model]", f"name = {json.dumps(str(model))}",
              "[data]", f"source = {json.dumps(str(data))}", "seq_len = 32", "max_train_chunks = 8",
              "max_eval_chunks = 3",
@@ -95,7 +95,7 @@ def base_model(tiny_lm_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_lm_dir), AutoTokenizer.from_pretrained(tiny_lm_dir)
 
 
-# ---- every finished run saves its adapter -------------------------------------------------------------------------
+# ---- every finished run saves its adapter ----------------------------------------------------------------------------
 
 def test_every_finished_run_saves_its_adapter_ok_and_diverged_marked(swept):
     found = results(swept)
@@ -155,7 +155,23 @@ def test_evaluate_recomputes_the_stored_eval_loss(swept, capsys):
     assert recomputed == pytest.approx(stored, rel=REL_TOL) and f"stored {stored:.6f}" in out
 
 
-# ---- choosing a run -----------------------------------------------------------------------------------------------
+def test_runs_trained_in_one_pack_each_save_their_own_adapter(tiny_lm_dir, chat_jsonl, tmp_path, capsys,
+                                                                one_thread):
+    from loralab.lab.adapters import evaluate_run, find_run
+
+    cfg = sweep_config(tmp_path / "sweep.toml", tmp_path / "out", tiny_lm_dir, chat_jsonl,
+                       {"lora.init": ["standard", "reversed"], "train.lr": [SANE_LR]}, pack=2)
+    assert cli(capsys, "sweep", cfg, "--no-progress")[0] == 0
+    found = results(tmp_path / "out")
+    assert [r["pack_size"] for r in found.values()] == [2, 2]   # trained together on one shared base
+    for run_id, result in found.items():
+        evaluation = evaluate_run(find_run(tmp_path / "out", run_id), device="cpu")
+        assert evaluation.loss == pytest.approx(result["final_eval_loss"], rel=REL_TOL), run_id
+    losses = [r["final_eval_loss"] for r in found.values()]
+    assert abs(losses[0] - losses[1]) > 100 * REL_TOL * losses[0]   # two different adapters, each its own run's
+
+
+# ---- choosing a run --------------------------------------------------------------------------------------------------
 
 def test_best_is_the_lowest_final_eval_loss_among_ok_runs(tmp_path):
     store = SweepStore(tmp_path)
@@ -292,7 +308,7 @@ def test_a_run_killed_while_saving_its_adapter_is_redone(tiny_lm_dir, chat_jsonl
     loralab.load_adapter(model, run_dir / "adapter")   # whole: it loads
 
 
-# ---- trying it --------------------------------------------------------------------------------------------------------
+# ---- trying it -------------------------------------------------------------------------------------------------------
 
 def test_generate_is_the_adapted_models_greedy_answer(swept, tiny_lm_dir, capsys):
     from peft import PeftModel
