@@ -309,6 +309,9 @@ class RunStore:
                                   "result, never after")
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER}.", dir=self.root))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)   # the mode a plain mkdir gives, not mkdtemp's 0700
         try:
             fill(tmp)
             for f in tmp.iterdir():   # on disk before the rename makes them visible
