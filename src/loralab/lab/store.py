@@ -309,14 +309,15 @@ class RunStore:
                                   "result, never after")
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER}.", dir=self.root))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)   # the mode a plain mkdir gives, not mkdtemp's 0700
         try:
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o777 & ~mask)   # the mode a plain mkdir gives, not mkdtemp's 0700
             fill(tmp)
             for f in tmp.iterdir():   # on disk before the rename makes them visible
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
+                if f.is_file():
+                    with open(f, "rb+") as fh:
+                        os.fsync(fh.fileno())
             if self.adapter_dir.exists():
                 shutil.rmtree(self.adapter_dir)
             os.rename(tmp, self.adapter_dir)
