@@ -383,8 +383,9 @@ def test_a_field_added_later_changes_the_id_only_away_from_its_default():
 
 @pytest.mark.parametrize("section, key", fields_with_role(EXECUTION))
 def test_execution_only_fields_keep_the_id(section, key):
-    changed = dataclasses.replace(_BASE, **{section: dataclasses.replace(getattr(_BASE, section), **{key: True})})
-    assert changed != _BASE and to_dict(changed)[section][key] is True   # recorded in config.json all the same
+    flipped = not getattr(getattr(_BASE, section), key)   # compile = true, save_adapter = false
+    changed = dataclasses.replace(_BASE, **{section: dataclasses.replace(getattr(_BASE, section), **{key: flipped})})
+    assert changed != _BASE and to_dict(changed)[section][key] is flipped   # recorded in config.json all the same
     assert run_id(changed, {}) == run_id(_BASE, {})
 
 

@@ -30,7 +30,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 EXECUTORS = ("local", "ray")
 
 
-EXECUTION = "execution"   # changes how fast a run trains, not what it computes: left out of run ids
+EXECUTION = "execution"   # changes how fast a run trains or what it keeps on disk, not what it computes: left out
+#                           of run ids
 PER_RUN = "per_run"       # may differ between runs trained together in one pack (one shared frozen base)
 
 # The library's LoraConfig carries no lab metadata: its fields' roles are declared here.
@@ -104,6 +105,8 @@ class TrainConfig:
     diverge_factor: float = field(default=2.0, metadata=_role(PER_RUN))
     # torch.compile the backbone: faster steps after minutes of compiling; long runs only
     compile: bool = field(default=False, metadata=_role(EXECUTION))
+    # keep the trained adapter in <run dir>/adapter/ (PEFT format); false for huge sweeps: results only
+    save_adapter: bool = field(default=True, metadata=_role(EXECUTION))
 
     def __post_init__(self):
         require(self.lr > 0 and math.isfinite(self.lr), f"TrainConfig.lr must be a positive number; got "

@@ -135,14 +135,18 @@ def train_run(spec: RunSpec, store: RunStore, *, base_model: nn.Module, data: Pa
     return train_pack([spec], [store], base_model=base_model, data=data, progress=progress)[0]
 
 
+OnDone = Callable[[int, RunResult, nn.Module], None]
+
+
 def train_pack(specs: Sequence[RunSpec], stores: Sequence[RunStore], *, base_model: nn.Module, data: PackedData,
-               progress: bool = True, on_done: Callable[[int, RunResult], None] | None = None) -> list[RunResult]:
+               progress: bool = True, on_done: OnDone | None = None) -> list[RunResult]:
     """Train ``specs`` together on ``base_model`` (they must share a :func:`.pack.pack_key`).
 
-    Metrics and diagnostics go to each run's store as it trains; ``on_done(k, result)`` is called the moment run
-    ``k`` ends (the sweep writes its result then, so a crash later in the pack loses nothing finished).
+    Metrics and diagnostics go to each run's store as it trains; ``on_done(k, result, model)`` is called the moment
+    run ``k`` ends, with run ``k``'s own injected model (``Pack.models[k]``, what ``loralab.save_adapter`` takes): the
+    sweep saves its adapter and writes its result then, so a crash later in the pack loses nothing finished.
     """
-    trainer = _Trainer(specs, stores, base_model, data, progress, on_done or (lambda k, res: None))
+    trainer = _Trainer(specs, stores, base_model, data, progress, on_done or (lambda k, res, model: None))
     trainer.loop()
     return [r.result for r in trainer.runs if r.result is not None]
 
@@ -151,7 +155,7 @@ class _Trainer:
     """The state of one pack's training: its model, optimizer, runs, data and how it computes."""
 
     def __init__(self, specs: Sequence[RunSpec], stores: Sequence[RunStore], base_model: nn.Module,
-                 data: PackedData, progress: bool, on_done: Callable[[int, RunResult], None]):
+                 data: PackedData, progress: bool, on_done: OnDone):
         self.start, first = time.perf_counter(), specs[0].run.train
         self.data, self.progress, self.on_done = data, progress, on_done
         self.device = next(base_model.parameters()).device
@@ -218,7 +222,7 @@ class _Trainer:
                     r.status = "ok"
                 if r.status != "running":
                     r.result = self.result(r)
-                    self.on_done(k, r.result)
+                    self.on_done(k, r.result, self.pack.models[k])
         bar.close()
 
     def accumulate(self, active: list[int], first_step: bool) -> list[float]:
