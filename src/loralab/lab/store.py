@@ -120,6 +120,7 @@ class RunResult:
         error: first line of the exception for a failed run; traceback: its full traceback.
         versions: ``{"loralab", "torch", "transformers", "python"}``; device: where it ran.
         pack_size: how many runs trained together on one base (``tokens_per_s`` is this run's share).
+        dtype: the frozen base's dtype, which the run computed in ("" in results written before it was recorded).
     """
 
     run_id: str
@@ -137,6 +138,7 @@ class RunResult:
     versions: Mapping[str, str] = field(default_factory=dict)
     device: str = ""
     pack_size: int = 1
+    dtype: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
