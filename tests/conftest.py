@@ -37,6 +37,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _float32_auto_on_cpu():
+    """``model.dtype = auto`` computes in float32 on the CPU in every test, whatever this CPU can do: tests that
+    compare numbers need one precision on every machine; tests of the bfloat16 path patch this themselves."""
+    from loralab.lab import runtime
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     old = os.environ.get("LORALAB_CACHE")
     os.environ["LORALAB_CACHE"] = str(tmp_path_factory.mktemp("loralab-cache"))

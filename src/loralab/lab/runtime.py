@@ -1,4 +1,11 @@
-"""What every part of the lab needs from the machine, each written once: devices, versions, cache and output paths.
+"""What every part of the lab needs from the machine, each written once: devices, compute dtypes, versions, cache and
+output paths.
+
+``model.dtype = "auto"`` is bfloat16 on CUDA, and on a CPU that computes bfloat16 natively (``avx512_bf16`` or AMX in
+its flags: read, never guessed from the vendor); float32 elsewhere. On a CPU without those instructions torch's
+bfloat16 matmul is a slow fallback: on a VM that exposes only AVX2 a 512×576 @ 576×1536 product ran ~45× slower in
+bfloat16 than in float32 (torch 2.13; ``bench/bench_matmul.py``, ``docs/benchmarks.md``), so there auto stays
+float32.
 
 Atomic files come from the library (:func:`loralab.io.atomic_write`) and seeds from :func:`loralab.inits.stable_seed`,
 so the library and the lab write files and derive seeds the same way.
@@ -6,6 +13,7 @@ so the library and the lab write files and derive seeds the same way.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from pathlib import Path
@@ -14,7 +22,8 @@ import torch
 
 import loralab
 
-__all__ = ["DeviceUnavailable", "cache_root", "check_out_dir", "pick_device", "versions"]
+__all__ = ["DeviceUnavailable", "auto_dtype", "cache_root", "check_out_dir", "cpu_has_native_bf16", "native_bf16_in",
+           "pick_device", "versions"]
 
 
 class DeviceUnavailable(ValueError):
@@ -42,6 +51,28 @@ def pick_device(name: str = "auto", what: str = "device") -> torch.device:
         raise DeviceUnavailable(f"{what}={name!r} but this machine (torch {torch.__version__}) has no "
                                 f"{kind.upper()} device; set {what}=auto (or cpu), or run where {kind} is available")
     return torch.device(name)
+
+
+def native_bf16_in(cpuinfo: str) -> bool:
+    """Whether ``/proc/cpuinfo``'s text lists ``avx512_bf16`` or ``amx_bf16`` among the first CPU's flags."""
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (Linux: its flags; elsewhere no claim is made)."""
+    try:
+        return native_bf16_in(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return False
+
+
+def auto_dtype(device: torch.device | str) -> str:
+    """What ``model.dtype = "auto"`` means on ``device``: ``"bfloat16"`` on CUDA and on a CPU with native bfloat16,
+    else ``"float32"`` (see the module docstring)."""
+    kind = torch.device(device).type
+    return "bfloat16" if kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16()) else "float32"
 
 
 def versions() -> dict[str, str]:

@@ -132,6 +132,7 @@ class RunResult:
         pack_size: how many runs trained together on one base (``tokens_per_s`` is this run's share).
         adapter: whether the trained adapter was saved in the run's ``adapter/`` directory (written before this
             result); false when ``train.save_adapter`` was off, for failed runs and for runs older than the field.
+        dtype: the frozen base's dtype, which the run computed in ("" in results written before it was recorded).
     """
 
     run_id: str
@@ -150,6 +151,7 @@ class RunResult:
     device: str = ""
     pack_size: int = 1
     adapter: bool = False
+    dtype: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

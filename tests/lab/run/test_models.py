@@ -55,7 +55,7 @@ def test_dtype_is_applied(tiny_lm_dir):
 
 
 def test_resolve_dtype():
-    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cpu") == torch.float32   # conftest: no native bf16 (tests/lab/test_runtime.py has it)
     assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
     assert resolve_dtype("float16", "cpu") == torch.float16
     with pytest.raises(ModelError, match="int8"):

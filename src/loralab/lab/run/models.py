@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config.schema import ModelConfig
-from ..runtime import cache_root
+from ..runtime import auto_dtype, cache_root
 
 __all__ = ["DEFAULT_MODEL", "ModelError", "cache_root", "check_model", "is_hub_id", "load_model", "model_skeleton",
            "resolve_dtype"]
@@ -53,9 +53,9 @@ def is_hub_id(name: str) -> bool:
 
 
 def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
-    """``"auto"`` is bfloat16 on CUDA and float32 elsewhere (CPU bfloat16 matmuls are slow and lossy)."""
+    """``"auto"`` is :func:`..runtime.auto_dtype`: bfloat16 on CUDA and on CPUs with native bfloat16, else float32."""
     if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return _DTYPES[auto_dtype(device)]
     if dtype not in _DTYPES:
         raise ModelError(f"model.dtype={dtype!r} is not one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]

@@ -170,8 +170,10 @@ class _Trainer:
                      for s, st in zip(specs, stores)]
         everyone = list(range(len(self.runs)))
         self.pack.set_active([])   # the base alone, for one row of input
-        self.fused = fused_loss_ok(self.pack.model, data.eval[:1].to(self.device))
-        for r, ident in zip(self.runs, self.pack.identity(data.eval[:2].to(self.device), everyone, base_model)):
+        with self.amp():   # both checks in the precision the run computes in
+            self.fused = fused_loss_ok(self.pack.model, data.eval[:1].to(self.device))
+            idents = self.pack.identity(data.eval[:2].to(self.device), everyone, base_model)
+        for r, ident in zip(self.runs, idents):
             r.identity = ident
         self.pack.set_active(everyone)
         for r, loss in zip(self.runs, evaluate(self.pack.model, data.eval, first.batch_size, len(self.runs),
@@ -270,4 +272,5 @@ class _Trainer:
         return RunResult(run_id=r.spec.run_id, status=r.status, axes=r.spec.axes, final_eval_loss=r.last,
                          best_eval_loss=r.best, initial_eval_loss=r.initial, steps=r.step, tokens=r.tokens,
                          wall_time_s=self.elapsed(), tokens_per_s=r.tokens / max(r.train_time, 1e-9),
-                         versions=versions(), device=str(self.device), pack_size=len(self.runs))
+                         versions=versions(), device=str(self.device), pack_size=len(self.runs),
+                         dtype=str(next(self.pack.model.parameters()).dtype).removeprefix("torch."))
