@@ -3,7 +3,8 @@
 A new config field goes here, with a commented default and its check in ``__post_init__``; if it changes only how
 fast a run trains, or may differ between runs trained together in one pack, say so with its role (:data:`EXECUTION`,
 :data:`PER_RUN`) in the field's metadata: run ids (``grid.py``) and packing (``run/pack.py``) read the roles, so no
-other list needs editing. Files and overrides (``toml.py``) and grids (``grid.py``) all build these through
+other list needs editing. A field added after stores were written, whose default keeps the old behaviour, is marked
+:func:`added` (``metadata={"added": True}``): run ids leave it out while it has its default, so those stores resume. Files and overrides (``toml.py``) and grids (``grid.py``) all build these through
 ``typecheck.from_dict``.
 
 ``RunConfig``'s sections default to their defaults, so a TOML file may omit any table. ``SweepConfig.grid`` holds the
@@ -21,12 +22,13 @@ from typing import Any
 
 from loralab.config import FrozenMap, LoraConfig
 
-__all__ = ["EXECUTION", "PER_RUN", "DataConfig", "ModelConfig", "ResourcesConfig", "RunConfig", "SweepConfig",
-           "TrainConfig", "fields_with_role", "require"]
+__all__ = ["EXECUTION", "ON_DIVERGENCE", "PER_RUN", "DataConfig", "ModelConfig", "ResourcesConfig", "RunConfig", "SweepConfig",
+           "TrainConfig", "added", "fields_added", "fields_with_role", "require"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 EXECUTORS = ("local", "ray")
+ON_DIVERGENCE = ("stop", "continue")
 
 
 EXECUTION = "execution"   # changes how fast a run trains, not what it computes: left out of run ids
@@ -39,6 +41,11 @@ LORA_ROLES = {"init": PER_RUN, "alpha": PER_RUN, "init_kwargs": PER_RUN, "init_p
 
 def _role(role: str) -> dict[str, Any]:
     return {"role": role}
+
+
+def added(role: str | None = None) -> dict[str, Any]:
+    """Metadata of a field added after stores were written: left out of run ids while it has its default."""
+    return {"added": True} | ({"role": role} if role else {})
 
 
 def require(ok: bool, message: str) -> None:
@@ -65,9 +72,16 @@ class DataConfig:
     seq_len: int = 256           # packed chunk length in tokens
     eval_fraction: float = 0.05  # used when the source has no test split
     max_train_chunks: int = 0    # 0 = all
-    max_eval_chunks: int = 0     # 0 = all
-    split_seed: int = 0          # seeds the train/eval split when the source has none
+    max_eval_chunks: int = 0     # the old single eval set (no val/test split): 0 = all held-out chunks
+    split_seed: int = 0          # seeds the train/eval split when the source has none, and the val/test draw
     cache_dir: str = ""          # "" -> $LORALAB_CACHE or ~/.cache/loralab
+    # Held-out chunks for a comparison (docs/evaluation.md): val (selects learning rates) and test (reports), disjoint,
+    # drawn once from the held-out pool, the same for every run on this data. 0 and 0 = the old single eval set.
+    val_chunks: int = field(default=0, metadata=added())
+    test_chunks: int = field(default=0, metadata=added())
+    # periodic evals during training (curves, divergence checks) use the first curve_chunks val chunks; 0 = all
+    curve_chunks: int = field(default=0, metadata=added())
+    joiner: str = field(default="\n", metadata=added())   # between a conversation's "Role: content" messages
 
     def __post_init__(self):
         require(bool(self.source), "DataConfig.source is empty: use 'chitchat', a hub dataset id or a file path")
@@ -75,8 +89,27 @@ class DataConfig:
                                     f"{self.seq_len}; try 256")
         require(0.0 < self.eval_fraction < 1.0, f"DataConfig.eval_fraction must be in (0, 1); got "
                                                  f"{self.eval_fraction!r}; try 0.05")
-        for name, value in [("max_train_chunks", self.max_train_chunks), ("max_eval_chunks", self.max_eval_chunks)]:
-            require(value >= 0, f"DataConfig.{name} must be >= 0 (0 = all); got {value}")
+        for name in ("max_train_chunks", "max_eval_chunks", "val_chunks", "test_chunks", "curve_chunks"):
+            value = getattr(self, name)
+            require(value >= 0, f"DataConfig.{name} must be >= 0; got {value}")
+        split = self.val_chunks > 0 or self.test_chunks > 0
+        require(not split or (self.val_chunks > 0 and self.test_chunks > 0),
+                f"DataConfig: val_chunks={self.val_chunks} and test_chunks={self.test_chunks}: set both (e.g. 256 "
+                "and 256: learning rates are chosen on val and reported on test), or neither")
+        require(not (split and self.max_eval_chunks), f"DataConfig: max_eval_chunks={self.max_eval_chunks} sizes the "
+                "old single eval set, val_chunks/test_chunks replace it: set max_eval_chunks = 0")
+        require(self.curve_chunks <= self.val_chunks or not split,
+                f"DataConfig.curve_chunks={self.curve_chunks} is more than val_chunks={self.val_chunks}: the curves "
+                "are evaluated on val chunks; lower it (0 = all val chunks)")
+        require(split or not self.curve_chunks, f"DataConfig.curve_chunks={self.curve_chunks} needs val_chunks and "
+                "test_chunks (without them every eval uses the whole eval set): set them, or curve_chunks = 0")
+        require(bool(self.joiner), "DataConfig.joiner is empty: messages would run together; use \"\\n\" "
+                                   "(the lab's default) or \"\\n\\n\" (the published study's)")
+
+    @property
+    def split(self) -> bool:
+        """Whether evaluation has a val/test split (else the old single eval set)."""
+        return self.val_chunks > 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +130,11 @@ class TrainConfig:
     diverge_factor: float = field(default=2.0, metadata=_role(PER_RUN))
     # torch.compile the backbone: faster steps after minutes of compiling; long runs only
     compile: bool = field(default=False, metadata=_role(EXECUTION))
+    # after divergence: "stop" the run there (its final loss is measured then), or "continue" to the last step as the
+    # published study did (its final loss is the blown-up one); either way the run's status is "diverged"
+    on_divergence: str = field(default="stop", metadata=added(PER_RUN))
+    # sequences per eval forward; 0 = batch_size. Larger is faster on a CPU (fewer passes over the weights)
+    eval_batch_size: int = field(default=0, metadata=_role(EXECUTION))
 
     def __post_init__(self):
         require(self.lr > 0 and math.isfinite(self.lr), f"TrainConfig.lr must be a positive number; got "
@@ -115,6 +153,10 @@ class TrainConfig:
         require(self.diverge_factor > 1, f"TrainConfig.diverge_factor must be > 1 (a loss above factor x the "
                                           f"initial loss is divergence); got {self.diverge_factor!r}; try 2.0")
         require(self.device in DEVICES, f"TrainConfig.device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        require(self.on_divergence in ON_DIVERGENCE, f"TrainConfig.on_divergence must be one of "
+                                                      f"{', '.join(ON_DIVERGENCE)}; got {self.on_divergence!r}")
+        require(self.eval_batch_size >= 0, f"TrainConfig.eval_batch_size must be >= 0 (0 = batch_size); got "
+                                            f"{self.eval_batch_size}")
 
 
 @dataclass(frozen=True)
@@ -163,10 +205,18 @@ class SweepConfig:
 
 
 
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def fields_added() -> list[tuple[str, str, Any]]:
+    """``[(section, field, default), ...]`` of ``RunConfig`` fields marked :func:`added`."""
+    return [(section, f.name, f.default) for section, cls in _SECTIONS.items() for f in dataclasses.fields(cls)
+            if f.metadata.get("added")]
+
+
 def fields_with_role(role: str) -> list[tuple[str, str]]:
     """``[(section, field), ...]`` of ``RunConfig`` whose declared role is ``role``."""
-    sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
     out = [("lora", name) for name, r in LORA_ROLES.items() if r == role]
-    for section, cls in sections.items():
+    for section, cls in _SECTIONS.items():
         out += [(section, f.name) for f in dataclasses.fields(cls) if f.metadata.get("role") == role]
     return out
