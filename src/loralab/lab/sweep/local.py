@@ -35,7 +35,8 @@ def _train(specs: Sequence[RunSpec], stores: Sequence[RunStore], assets: Assets,
     model, data = assets.get(specs[0].run)
     for spec in specs:
         check_batches(spec.run, len(data.train))
-    train.train_pack(specs, stores, base_model=model, data=data, progress=progress, on_done=done)
+    train.train_pack(specs, stores, base_model=model, data=data, progress=progress, on_done=done,
+                     pretrained_cache=assets.pretrained)
 
 
 def run_pack(specs: Sequence[RunSpec], stores: Sequence[RunStore], assets: Assets, progress: bool = True,
