@@ -210,7 +210,9 @@ class EvalChunks:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> EvalChunks:
         """The inverse of :meth:`to_arrays`; ``ValueError`` naming the key when one is missing or misshapen."""
-        names = sorted({k.split(".")[0] for k in arrays if k.endswith(".ids")})
+        order = ("val", "test", "eval")   # the eval's row order; other names after them
+        names = sorted({k.split(".")[0] for k in arrays if k.endswith(".ids")},
+                       key=lambda n: (order.index(n) if n in order else len(order), n))
         if "pool_digest" not in arrays or not names:
             raise ValueError("no 'pool_digest' or no '<split>.ids' array")
         splits = {}
