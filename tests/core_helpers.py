@@ -16,10 +16,22 @@ def gpt2_conv1d(nx: int, nf: int) -> nn.Module:
     return m
 
 
+class ScaledEmbedding(nn.Embedding):
+    """transformers' scaled word embedding (Gemma and others): the looked-up rows times ``embed_scale``."""
+
+    def __init__(self, *args, embed_scale: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("embed_scale", torch.tensor(embed_scale), persistent=False)
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
+
+
 # name -> (module factory, input factory); every module is float32 with seeded weights.
 LAYER_CASES = {
     "linear": (lambda: nn.Linear(12, 10), lambda: torch.randn(3, 5, 12)),
     "embedding": (lambda: nn.Embedding(20, 10, padding_idx=0), lambda: torch.randint(0, 20, (3, 5))),
+    "embedding-scaled": (lambda: ScaledEmbedding(20, 10, embed_scale=3.0), lambda: torch.randint(0, 20, (3, 5))),
     "conv1d": (lambda: nn.Conv1d(6, 10, 3, padding=1), lambda: torch.randn(2, 6, 9)),
     "conv2d-groups-dilation-reflect": (
         lambda: nn.Conv2d(6, 12, 3, padding=2, dilation=2, groups=3, padding_mode="reflect"),

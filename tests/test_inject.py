@@ -5,11 +5,25 @@ import warnings
 
 import pytest
 import torch
+from core_helpers import perturb, tiny_gpt2, tiny_llama
 from torch import nn
 
-from core_helpers import perturb, tiny_gpt2, tiny_llama
-from loralab import (IdentityWarning, LoraConfig, LoraLayer, LoraStateError, check_identity, init_schemes, inject,
-                     lora_layers, lora_param_groups, merge, trainable_parameters, unload)
+from loralab import (
+    IdentityWarning,
+    LoraConfig,
+    LoraLayer,
+    LoraStateError,
+    check_identity,
+    init_schemes,
+    inject,
+    lora_layers,
+    lora_param_groups,
+    merge,
+    trainable_parameters,
+    trainable_summary,
+    unload,
+)
+from loralab.config import name_matches
 from loralab.inject import module_seed
 
 QV = ["q_proj", "v_proj"]
@@ -138,16 +152,16 @@ def test_loraplus_param_groups():
 
 
 @pytest.mark.parametrize("cfg, err, match", [
-    (dict(rank=0), ValueError, "rank must be a positive integer"),
-    (dict(rank=-2), ValueError, "rank must be a positive integer"),
-    (dict(alpha=0), ValueError, "alpha must be a positive number"),
-    (dict(dropout=1.0), ValueError, "dropout must be in"),
-    (dict(targets=[]), ValueError, "targets is empty"),
-    (dict(targets=None), ValueError, r"targets must be a list of module-name suffixes or one regex string, got None"),
-    (dict(targets=[0]), ValueError, r"targets must be a list .* got \[0\]"),
-    (dict(rslora="no"), ValueError, r"rslora must be True or False, got 'no'"),
-    (dict(dropout="0.1"), ValueError, r"dropout must be in \[0, 1\), got '0.1'"),
-    (dict(targets="([bad"), ValueError, "not a valid regex"),
+    ({"rank": 0}, ValueError, "rank must be a positive integer"),
+    ({"rank": -2}, ValueError, "rank must be a positive integer"),
+    ({"alpha": 0}, ValueError, "alpha must be a positive number"),
+    ({"dropout": 1.0}, ValueError, "dropout must be in"),
+    ({"targets": []}, ValueError, "targets is empty"),
+    ({"targets": None}, ValueError, r"targets must be a list of module-name suffixes or one regex string, got None"),
+    ({"targets": [0]}, ValueError, r"targets must be a list .* got \[0\]"),
+    ({"rslora": "no"}, ValueError, r"rslora must be True or False, got 'no'"),
+    ({"dropout": "0.1"}, ValueError, r"dropout must be in \[0, 1\), got '0.1'"),
+    ({"targets": "([bad"}, ValueError, "not a valid regex"),
 ])
 def test_config_errors(cfg, err, match):
     with pytest.raises(err, match=match):
@@ -155,12 +169,12 @@ def test_config_errors(cfg, err, match):
 
 
 @pytest.mark.parametrize("cfg, err, match", [
-    (dict(targets=["nonexistent"]), ValueError, r"targets entries matched no module: 'nonexistent'; .*embed_tokens"),
-    (dict(targets=["q_proj", "v_porj"]), ValueError, r"matched no module: 'v_porj' \(did you mean 'v_proj'\?\)"),
-    (dict(targets="q_proj"), ValueError, r"a string is one regex .*whole module name.*targets=\['q_proj'\]"),
-    (dict(targets=["input_layernorm"]), TypeError, r"LlamaRMSNorm, which loralab cannot adapt \(supported: nn.Linear"),
-    (dict(rank=40, targets=["q_proj", "k_proj"]), ValueError, r"rank 40 exceeds min\(d_in, d_out\) = 32"),
-    (dict(rank=20, init="pissa", targets=["q_proj", "k_proj"]), ValueError, r"k_proj.*rank_pattern=\{'k_proj': 16\}"),
+    ({"targets": ["nonexistent"]}, ValueError, r"targets entries matched no module: 'nonexistent'; .*embed_tokens"),
+    ({"targets": ["q_proj", "v_porj"]}, ValueError, r"matched no module: 'v_porj' \(did you mean 'v_proj'\?\)"),
+    ({"targets": "q_proj"}, ValueError, r"a string is one regex .*whole module name.*targets=\['q_proj'\]"),
+    ({"targets": ["input_layernorm"]}, TypeError, r"LlamaRMSNorm, which loralab cannot adapt \(supported: nn.Linear"),
+    ({"rank": 20, "init": "pissa", "targets": ["q_proj", "k_proj"]}, ValueError,
+     r"k_proj.*rank_pattern=\{'k_proj': 16\}"),
 ])
 def test_bad_targets_raise_and_change_nothing(cfg, err, match):
     model = tiny_llama()
@@ -168,6 +182,20 @@ def test_bad_targets_raise_and_change_nothing(cfg, err, match):
     with pytest.raises(err, match=match):
         inject(model, LoraConfig(**cfg))
     assert_unchanged(model, snap)
+
+
+def test_a_rank_above_a_layers_size_is_refused_for_a_new_adapter_with_a_fix_that_works():
+    """B·A cannot have a rank above min(d_in, d_out), so inject refuses it, naming the rank_pattern that fixes it
+    (loading a PEFT adapter made so works: test_io, test_interop)."""
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"rank 40 exceeds min\(d_in, d_out\) = 32 of 'model.layers.0.self_attn.q_proj'"
+                                         r".*train nothing.*rank_pattern=\{'q_proj': 32\}"):
+        inject(model, LoraConfig(rank=40, targets=["q_proj", "k_proj"]))
+    assert_unchanged(model, snap)
+    for init in ("standard", "pissa"):
+        fixed = LoraConfig(rank=40, init=init, targets=["q_proj", "k_proj"], rank_pattern={"k_proj": 16, "q_proj": 32})
+        assert lora_layers(inject(tiny_llama(), fixed))["model.layers.1.self_attn.k_proj"].rank == 16
 
 
 def test_multihead_attention_out_proj_is_refused():
@@ -197,7 +225,7 @@ def test_tied_weights_refuse_base_rewriting_inits_and_merging():
     assert model.lm_head.weight is model.transformer.wte.weight
     snap = snapshot(model)
     with pytest.raises(ValueError, match=r"'pissa' rewrites the weight of 'transformer.wte'.*shared with 'lm_head'"):
-        inject(model, LoraConfig(rank=4, init="pissa", targets=["wte", "c_attn"]))
+        inject(model, LoraConfig(rank=4, init_pattern={"wte": "pissa"}, targets=["wte", "c_attn"]))
     assert_unchanged(model, snap)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     inject(model, LoraConfig(rank=4, init="reversed", targets=["wte", "c_attn"]))
@@ -211,3 +239,132 @@ def test_tied_weights_refuse_base_rewriting_inits_and_merging():
     model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())   # untied: merging is exact again
     merge(model)
     assert torch.allclose(model(ids).logits, y, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["standard", "gaussian"])
+def test_an_embedding_under_the_default_init_gets_pefts_default_and_init_pattern_wins(init):
+    """standard on an embedding would draw A ~ KU(fan-in = vocabulary size) with B = 0: a near-dead adapter. It gets
+    loralib's/PEFT's A = 0, B ~ N(0, 1) instead; a scheme named for the module in init_pattern is applied as written."""
+    model = inject(tiny_llama(vocab=4096), LoraConfig(rank=8, init=init, targets=["embed_tokens", "q_proj"]))
+    layers = lora_layers(model)
+    emb, q = layers["model.embed_tokens"], layers["model.layers.0.self_attn.q_proj"]
+    assert emb.init == "reversed-normal" and q.init == init
+    assert torch.count_nonzero(emb.lora_A) == 0 and torch.count_nonzero(q.lora_B) == 0
+    assert emb.lora_B.std().item() == pytest.approx(1.0, abs=0.1)   # (32 x 8) draws from N(0, 1)
+    literal = inject(tiny_llama(vocab=4096), LoraConfig(rank=8, init=init, targets=["embed_tokens"],
+                                                        init_pattern={"embed_tokens": init}))
+    emb = lora_layers(literal)["model.embed_tokens"]
+    assert emb.init == init and torch.count_nonzero(emb.lora_B) == 0 and torch.count_nonzero(emb.lora_A) > 0
+
+
+# ---- which modules: PEFT's rules, one name rule ---------------------------------------------------------------------
+
+def test_name_matches_is_peft_rule_for_every_name_list():
+    assert name_matches("model.layers.0.self_attn.q_proj", ["q_proj"]) and name_matches("q_proj", ["q_proj"])
+    assert not name_matches("model.layers.0.self_attn.xq_proj", ["q_proj"])
+    assert name_matches("model.layers.0.self_attn.q_proj", ["self_attn.q_proj"])
+    assert name_matches("model.layers.0.q_proj", r".*\.(q|k)_proj") and not name_matches("model.q_proj.x", r".*q_proj")
+
+
+SELECTIONS = [   # loralab config (PEFT's config: the same keys under PEFT's names)
+    {"targets": "all-linear"},
+    {"targets": ["q_proj", "v_proj", "down_proj"], "exclude": ["layers.1.self_attn.v_proj"]},
+    {"targets": ["q_proj", "v_proj", "o_proj"], "exclude": r".*\.layers\.0\..*"},
+    {"targets": ["q_proj", "v_proj"], "layers_to_transform": [1]},
+    {"targets": ["q_proj", "up_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+    {"targets": r".*\.(q|k)_proj"},
+    {"targets": ["q_proj", "lm_head"], "modules_to_save": ["lm_head"]},   # a module to save is never adapted
+]
+PEFT_NAMES = {"targets": "target_modules", "exclude": "exclude_modules"}
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_selection_and_trainable_count_equal_pefts(selection):
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, **{PEFT_NAMES.get(k, k): v
+                                                                        for k, v in selection.items()}))
+    model = inject(tiny_llama(), LoraConfig(rank=4, **selection))
+    assert sorted(lora_layers(model)) == sorted(pm.targeted_module_names)
+    assert trainable_summary(model).trainable == pm.get_nb_trainable_parameters()[0]
+
+
+def test_all_linear_is_every_linear_layer_but_the_head_and_takes_a_layer_filter():
+    model = inject(tiny_llama(), LoraConfig(rank=4, targets="ALL-LINEAR", layers_to_transform=[1]))   # PEFT's case rule
+    names = sorted(lora_layers(model))
+    assert len(names) == 7 and all(".layers.1." in n for n in names) and "lm_head" not in names
+    assert model.lora_config.targets == "all-linear"
+
+
+@pytest.mark.parametrize("targets, match, fixed", [
+    (["all-linear"], r"for every linear layer write targets='all-linear'", "all-linear"),
+    ("q_proj", r"for suffix matching give a list, e.g. targets=\['q_proj'\]", ["q_proj"]),
+    ("qproj", r"or targets='all-linear' for every linear layer", "all-linear"),
+])
+def test_target_errors_give_a_fix_that_works(targets, match, fixed):
+    with pytest.raises(ValueError, match=match):
+        inject(tiny_llama(), LoraConfig(rank=4, targets=targets))
+    assert lora_layers(inject(tiny_llama(), LoraConfig(rank=4, targets=fixed)))
+
+
+def test_all_linear_refuses_a_multihead_attention_out_proj_with_a_fix_that_works():
+    """PEFT's all-linear includes nn.MultiheadAttention's out_proj, whose weight the attention reads directly, so an
+    adapter there would be ignored; loralab says so, and its hint leaves it out."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+
+    with pytest.raises(TypeError, match=r"'0.out_proj' is a NonDynamicallyQuantizableLinear.*exclude=\['out_proj'\]"):
+        inject(model(), LoraConfig(rank=2, targets="all-linear"))
+    assert sorted(lora_layers(inject(model(), LoraConfig(rank=2, targets="all-linear", exclude=["out_proj"])))) == ["1"]
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"layers_to_transform": [0], "targets": "q_proj"}, "layers_to_transform needs targets as a list"),
+    ({"layers_pattern": "layers"}, "give layers_to_transform too"),
+    ({"layers_to_transform": [-1]}, "ints >= 0"),
+    ({"modules_to_save": "lm_head"}, "modules_to_save must be a list"),
+    ({"exclude": "([bad"}, "exclude '\\(\\[bad' is not a valid regex"),
+])
+def test_selection_config_errors(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        LoraConfig(**cfg)
+
+
+def test_selection_that_leaves_nothing_raises_and_an_unused_exclude_warns():
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"matched 2 modules, but .* left none.*'model.layers.0.self_attn.q_proj' "
+                                         r"is in layer 0"):
+        inject(model, LoraConfig(rank=4, targets=["q_proj"], layers_to_transform=[5]))
+    assert_unchanged(model, snap)
+    with pytest.warns(UserWarning, match=r"exclude=\('vproj',\) excluded no module"):
+        inject(model, LoraConfig(rank=4, targets=["q_proj"], exclude=["vproj"]))
+
+
+# ---- modules_to_save ------------------------------------------------------------------------------------------------
+
+def test_modules_to_save_train_in_full_and_reach_the_optimizer():
+    model = inject(tiny_llama(), LoraConfig(rank=4, targets=QV, modules_to_save=["lm_head", "norm"]))
+    head = model.lm_head
+    assert head.weight.requires_grad and model.model.norm.weight.requires_grad and "lm_head" not in lora_layers(model)
+    assert not model.model.layers[0].input_layernorm.weight.requires_grad   # "norm" is a name, not a substring
+    grouped = {id(p) for g in lora_param_groups(model, 1e-3) for p in g["params"]}
+    assert grouped == {id(p) for p in trainable_parameters(model)} and id(head.weight) in grouped
+    summary = trainable_summary(model)
+    assert summary.by_type["modules_to_save"] == (2, 64 * 32 + 32)
+    assert summary.trainable == sum(p.numel() for p in trainable_parameters(model))
+    assert str(summary).startswith(f"trainable params: {summary.trainable:,d} || all params: {summary.total:,d}")
+
+
+def test_modules_to_save_typos_and_tied_modules_are_refused_and_change_nothing():
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"modules_to_save entries matched no module: 'lm_haed' \(did you mean "
+                                         r"'lm_head'\?\)"):
+        inject(model, LoraConfig(rank=4, targets=QV, modules_to_save=["lm_haed"]))
+    assert_unchanged(model, snap)
+    gpt2 = tiny_gpt2()   # lm_head is tied to wte: training it would train the embedding too
+    with pytest.raises(ValueError, match=r"training 'lm_head', whose weight is shared with 'transformer.wte'"):
+        inject(gpt2, LoraConfig(rank=4, targets=["c_attn"], modules_to_save=["lm_head"]))

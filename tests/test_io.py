@@ -6,10 +6,19 @@ import warnings
 
 import pytest
 import torch
+from core_helpers import perturb, tiny_gpt2, tiny_llama
 from torch import nn
 
-from core_helpers import perturb, tiny_gpt2, tiny_llama
-from loralab import AdapterError, LoraConfig, inject, load_adapter, lora_layers, merge, save_adapter
+from loralab import (
+    AdapterError,
+    AdapterFormatWarning,
+    LoraConfig,
+    inject,
+    load_adapter,
+    lora_layers,
+    merge,
+    save_adapter,
+)
 
 peft = pytest.importorskip("peft")
 X = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -94,42 +103,93 @@ def test_portable_rslora_scales_alpha_by_sqrt2(tmp_path):
     assert torch.allclose(logits(load_adapter(copy.deepcopy(base), tmp_path)), logits(model), atol=1e-4)
 
 
-def test_non_linear_pissa_must_be_portable(tmp_path):
+def test_pissa_leaves_an_embedding_base_alone_as_peft_does(tmp_path):
+    """On an embedding, init='pissa' means PEFT's embedding init (its base untouched), so the non-portable file
+    loads in PEFT, which recomputes the residual of q_proj only."""
     base, model = adapted(targets=["q_proj", "embed_tokens"], init="pissa")
-    with pytest.raises(AdapterError, match="not Linear.*portable=True"):
+    emb = lora_layers(model)["model.embed_tokens"]
+    assert emb.init == "reversed-normal" and emb.lora_A0 is None
+    assert torch.equal(emb.base_layer.weight, base.model.embed_tokens.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdapterFormatWarning)
         save_adapter(model, tmp_path)
-    save_adapter(model, tmp_path, portable=True)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
     assert torch.allclose(logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()),
                           logits(model), atol=1e-4)
+
+
+@pytest.mark.parametrize("factory, targets, cfg", [
+    (tiny_llama, ["q_proj", "embed_tokens"], {"init": "pissa", "init_pattern": {"embed_tokens": "pissa"}}),
+    (tiny_gpt2, ["c_attn", "c_fc"], {"init": "olora"}),   # PEFT's OLoRA ignores Conv1D's transposed weight
+])
+def test_a_base_move_peft_cannot_redo_is_saved_in_loralabs_form(tmp_path, factory, targets, cfg):
+    """Non-portable pissa/olora whose residual PEFT would not rebuild (pissa on an embedding, olora on GPT-2 Conv1D):
+    loralab's own form, which loralab reloads exactly and PEFT refuses; portable=True gives a file PEFT loads."""
+    base, model = adapted(factory, targets, **cfg)
+    want = logits(model)
+    with pytest.warns(AdapterFormatWarning, match="PEFT cannot load.*portable=True"):
+        save_adapter(model, tmp_path / "own")
+    assert not (tmp_path / "own" / "adapter_config.json").exists()
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "own")
+    assert torch.allclose(logits(load_adapter(copy.deepcopy(base), tmp_path / "own")), want, atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdapterFormatWarning)
+        save_adapter(model, tmp_path / "portable", portable=True)
+    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "portable").eval()
+    assert torch.allclose(logits(in_peft), want, atol=1e-4)
 
 
 class ConvNet(nn.Module):
     def __init__(self, **kw):
         super().__init__()
         torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, padding=1, **kw)
+        self.conv = nn.Conv2d(4, 8, 3, padding=1, **kw)
         self.head = nn.Linear(8, 5)
 
     def forward(self, x):
         return self.head(self.conv(x).mean((2, 3)))
 
 
+CONV_X = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+
+
 def test_conv_round_trip_with_peft(tmp_path):
     model = inject(ConvNet(), LoraConfig(rank=4, targets=["conv", "head"]))
     perturb(model)
-    x = torch.randn(2, 3, 6, 6)
     save_adapter(model, tmp_path)
     in_peft = peft.PeftModel.from_pretrained(ConvNet(), tmp_path).eval()
-    assert torch.allclose(in_peft(x), model(x), atol=1e-5)
-    assert torch.allclose(load_adapter(ConvNet(), tmp_path)(x), model(x), atol=1e-6)
+    assert torch.allclose(in_peft(CONV_X), model(CONV_X), atol=1e-5)
+    assert torch.allclose(load_adapter(ConvNet(), tmp_path)(CONV_X), model(CONV_X), atol=1e-6)
 
 
-@pytest.mark.parametrize("kw", [dict(dilation=2), dict(groups=1, padding_mode="reflect")])
-def test_conv_peft_cannot_represent_raises(tmp_path, kw):
-    model = inject(ConvNet(**kw), LoraConfig(rank=4, targets=["conv"]))
-    with pytest.raises(AdapterError, match="PEFT's LoRA conv cannot represent"):
+@pytest.mark.parametrize("kw", [{"groups": 4}, {"dilation": 2}, {"padding_mode": "reflect"}])
+def test_a_conv_peft_cannot_represent_is_saved_in_loralabs_form(tmp_path, kw):
+    """A grouped (depthwise-like), dilated or reflect-padded conv: PEFT's conv LoRA would be another function, so
+    save_adapter writes loralab's own form (it used to crash on groups), says PEFT cannot load it, and loralab
+    reloads it exactly, modules_to_save included."""
+    model = inject(ConvNet(**kw), LoraConfig(rank=4, targets=["conv"], modules_to_save=["head"]))
+    perturb(model)
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    with pytest.warns(AdapterFormatWarning, match=r"PEFT cannot load.*conv 'conv' has \{'" + next(iter(kw))):
         save_adapter(model, tmp_path)
-    assert not (tmp_path / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loralab_adapter.json", "loralab_adapter.safetensors"]
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        peft.PeftModel.from_pretrained(ConvNet(**kw), tmp_path)
+    back = load_adapter(ConvNet(**kw), tmp_path)
+    assert torch.allclose(back(CONV_X), model(CONV_X), atol=1e-6)
+    assert back.head.weight.requires_grad and back.lora_config.modules_to_save == ("head",)
+
+
+def test_a_peft_grouped_conv_adapter_is_refused_as_peft_meaning_not_as_another_model(tmp_path):
+    pm = peft.get_peft_model(ConvNet(groups=4), peft.LoraConfig(r=4, target_modules=["conv"]))
+    pm.save_pretrained(tmp_path)
+    target = ConvNet(groups=4)
+    with pytest.raises(AdapterError, match=r"PEFT weights for conv 'conv', which has \{'groups': 4\}.*"
+                                           r"load this adapter with PEFT") as e:
+        load_adapter(target, tmp_path)
+    assert "different model" not in str(e.value) and not lora_layers(target)
 
 
 def test_load_into_an_adapted_model_replaces_weights(tmp_path):
@@ -226,3 +286,104 @@ def test_a_broad_peft_target_list_loads(tmp_path):
     assert set(lora_layers(loaded)) == set(lora_layers(model))
     assert torch.allclose(logits(loaded), logits(model), atol=1e-5)
     assert torch.allclose(logits(in_peft), logits(model), atol=1e-5)
+
+
+# ---- modules_to_save, selection keys, ranks PEFT allows -------------------------------------------------------------
+
+def head_changed(model, by=0.05):
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        model.lm_head.weight.add_(by * torch.randn(model.lm_head.weight.shape, generator=g))
+    return model
+
+
+def test_modules_to_save_round_trip_both_ways(tmp_path):
+    base, model = adapted(targets=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    head_changed(model)
+    want = logits(model)
+    save_adapter(model, tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["lm_head"]
+    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert torch.allclose(logits(in_peft), want, atol=1e-5)
+    back = load_adapter(copy.deepcopy(base), tmp_path / "ours")
+    assert torch.allclose(logits(back), want, atol=1e-6) and back.lm_head.weight.requires_grad
+    in_peft.save_pretrained(tmp_path / "peft")   # and PEFT's own file, written from its wrapper copy, back to loralab
+    assert torch.allclose(logits(load_adapter(copy.deepcopy(base), tmp_path / "peft")), want, atol=1e-5)
+
+
+def test_a_head_unfrozen_by_hand_is_saved_with_a_warning_not_dropped(tmp_path):
+    base, model = adapted(targets=["q_proj", "v_proj"])
+    model.lm_head.requires_grad_(True)
+    head_changed(model)
+    want = logits(model)
+    with pytest.warns(UserWarning, match=r"\['lm_head'\] have trainable parameters but are not in "
+                                         r"LoraConfig.modules_to_save; they are saved whole"):
+        save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+    assert torch.allclose(logits(load_adapter(copy.deepcopy(base), tmp_path)), want, atol=1e-6)
+    assert torch.allclose(logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()), want, atol=1e-5)
+
+
+def test_a_trainable_tensor_inside_a_lora_layer_is_refused_with_a_fix_that_works(tmp_path):
+    _, model = adapted(factory=tiny_gpt2, targets=["c_attn"])
+    name = "transformer.h.0.attn.c_attn.base_layer.bias"
+    model.get_parameter(name).requires_grad_(True)
+    with pytest.raises(AdapterError, match=rf"'{name}' is trainable.*model.get_parameter\('{name}'\)"
+                                           r".requires_grad_\(False\)"):
+        save_adapter(model, tmp_path)
+    assert not any(tmp_path.iterdir())
+    model.get_parameter(name).requires_grad_(False)
+    save_adapter(model, tmp_path)
+
+
+@pytest.mark.parametrize("selection", [
+    {"target_modules": ["q_proj", "v_proj", "o_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+    {"target_modules": ["q_proj", "down_proj"], "exclude_modules": ["layers.0.mlp.down_proj"]},
+    {"target_modules": "all-linear"},
+    {"target_modules": ["q_proj", "k_proj"], "r": 40},   # r above k_proj's min(d_in, d_out) = 16: PEFT allows it
+])
+def test_peft_adapters_with_selection_keys_and_large_ranks_load(tmp_path, selection):
+    base = tiny_llama()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**{"r": 4, **selection}))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    pm.eval().save_pretrained(tmp_path)
+    ours = load_adapter(copy.deepcopy(base), tmp_path)
+    assert sorted(lora_layers(ours)) == sorted(pm.targeted_module_names)
+    assert torch.allclose(logits(ours), logits(pm), atol=1e-5)
+
+
+def test_all_linear_is_saved_as_the_modules_it_selected(tmp_path):
+    base, model = adapted(targets="all-linear", exclude=["down_proj"])
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == sorted(lora_layers(model)) and cfg["exclude_modules"] == ["down_proj"]
+    assert torch.allclose(logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()), logits(model),
+                          atol=1e-5)
+
+
+def test_task_type_is_the_models_auto_class_or_none(tmp_path):
+    """It was CAUSAL_LM for anything with generate (T5, Whisper: then PEFT's loader wraps them wrongly)."""
+    from transformers import (
+        T5Config,
+        T5ForConditionalGeneration,
+        WhisperConfig,
+        WhisperForConditionalGeneration,
+    )
+
+    from loralab.io import task_type
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
+                                             decoder_start_token_id=0))
+    whisper = WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))
+    assert [task_type(m) for m in (tiny_llama(), tiny_gpt2(), t5, whisper, ConvNet())] == [
+        "CAUSAL_LM", "CAUSAL_LM", "SEQ_2_SEQ_LM", None, None]
+    assert hasattr(whisper, "generate") and hasattr(t5, "generate")
+    save_adapter(inject(whisper, LoraConfig(rank=2, targets=["q_proj"])), tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] is None

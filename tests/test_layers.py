@@ -5,13 +5,23 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from core_helpers import LAYER_CASES, make_case, perturb
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from torch import nn
 
-from core_helpers import LAYER_CASES, make_case, perturb
-from loralab import IdentityWarning, LoraConfig, LoraLayer, LoraStateError, init_schemes, inject, lora_layers, merge, unmerge
+from loralab import (
+    IdentityWarning,
+    LoraConfig,
+    LoraLayer,
+    LoraStateError,
+    init_schemes,
+    inject,
+    lora_layers,
+    merge,
+    unmerge,
+)
 from loralab.layers import Linear
 
 SCHEMES = sorted(init_schemes())
@@ -25,7 +35,9 @@ def adapted(case, init="standard", seed=0, **kw):
     original = copy.deepcopy(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        inject(model, LoraConfig(rank=RANK, alpha=8, init=init, targets=["0"], **kw), seed=seed)
+        # init_pattern names the scheme literally: an embedding gets it too, not its scheme's one_hot variant
+        inject(model, LoraConfig(rank=RANK, alpha=8, init=init, init_pattern={"0": init}, targets=["0"], **kw),
+               seed=seed)
     warned = any(issubclass(w.category, IdentityWarning) for w in caught)
     assert warned == (not init_schemes()[init].preserves_output)
     return model, original, x
@@ -41,6 +53,28 @@ def test_output_at_init(case, init):
         assert diff <= 1e-5 * max(scale, 1.0), f"{init} changed the output of {case} by {diff}"
     else:
         assert diff > 1e-3
+
+
+BASE_ATTRS = ("weight", "bias", "in_features", "out_features", "num_embeddings", "embedding_dim", "padding_idx",
+              "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
+              "nf")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_lora_layer_reads_like_its_base_without_holding_its_parameters_twice(case):
+    """Models read their layers' attributes (T5: ``wo.weight.dtype``, Whisper: ``conv1.stride``): the wrapper
+    answers them from its base, while the base's tensors stay registered once, under ``base_layer``."""
+    model, _, _ = adapted(case)
+    layer = lora_layers(model)["0"]
+    read = [a for a in BASE_ATTRS if hasattr(layer.base_layer, a)]
+    assert "weight" in read and len(read) >= 3
+    for attr in read:
+        assert getattr(layer, attr) is getattr(layer.base_layer, attr), attr
+    names = [n for n, _ in model.named_parameters()]
+    assert "0.base_layer.weight" in names and "0.weight" not in names and len(names) == len(set(names))
+    assert "0.weight" not in model.state_dict()
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        _ = layer.no_such_thing
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -86,7 +120,7 @@ def test_step0_gradients_standard_vs_reversed(case):
 
 
 def test_dropout_only_in_training():
-    model, original, x = adapted("linear", dropout=0.5)
+    model, _, x = adapted("linear", dropout=0.5)
     perturb(model)
     model.eval()
     assert torch.equal(model(x), model(x))
@@ -123,7 +157,7 @@ def test_dropout_masks_are_independent_of_position():
 
 
 def test_embedding_ignores_dropout_and_rejects_max_norm():
-    model, _, x = adapted("embedding", dropout=0.5)
+    model, _, _ = adapted("embedding", dropout=0.5)
     assert lora_layers(model)["0"].dropout.p == 0.0
     m = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0))
     with pytest.raises(ValueError, match="max_norm"):

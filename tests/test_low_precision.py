@@ -460,7 +460,7 @@ def test_gpu_packed_forward_does_not_synchronize():
     from loralab.lab.run.pack import PackedLayer
 
     base = nn.Linear(64, 64, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
-    layer = PackedLayer(base, [Linear(base, 4, 8.0) for _ in range(3)])
+    layer = PackedLayer([Linear(base, 4, 8.0) for _ in range(3)])
     layer.active = [0, 2]
     x = torch.randn(4, 8, 64, device="cuda", dtype=torch.bfloat16)
     layer(x)   # warm-up: allocator, kernels

@@ -1,16 +1,30 @@
 """loralab: LoRA for PyTorch models, with the adapter's initialization as a first-class, testable thing."""
 
-__version__ = "0.1.0"
-
-from .config import LoraConfig  # noqa: E402 (io.py reads __version__)
+from .config import LoraConfig
+from .hf import init_peft
 from .inits import Factors, InitScheme, get_scheme, init_schemes, register
-from .inject import (IdentityWarning, adapters_disabled, check_identity, inject, lora_layers, lora_param_groups,
-                     merge, trainable_parameters, unload, unmerge)
-from .io import AdapterError, load_adapter, save_adapter
+from .inject import (
+    IdentityWarning,
+    TrainableSummary,
+    adapters_disabled,
+    check_identity,
+    inject,
+    lora_layers,
+    lora_param_groups,
+    merge,
+    select_targets,
+    trainable_parameters,
+    trainable_summary,
+    unload,
+    unmerge,
+)
+from .io import AdapterError, AdapterFormatWarning, load_adapter, save_adapter
 from .layers import LoraLayer, LoraStateError
+from .version import __version__
 
 __all__ = [
-    "AdapterError", "Factors", "IdentityWarning", "InitScheme", "LoraConfig", "LoraLayer", "LoraStateError", "adapters_disabled",
-    "check_identity", "get_scheme", "init_schemes", "inject", "lora_layers", "lora_param_groups", "load_adapter", "merge",
-    "register", "save_adapter", "trainable_parameters", "unload", "unmerge",
+    "AdapterError", "AdapterFormatWarning", "Factors", "IdentityWarning", "InitScheme", "LoraConfig", "LoraLayer",
+    "LoraStateError", "TrainableSummary", "__version__", "adapters_disabled", "check_identity", "get_scheme",
+    "init_peft", "init_schemes", "inject", "load_adapter", "lora_layers", "lora_param_groups", "merge", "register",
+    "save_adapter", "select_targets", "trainable_parameters", "trainable_summary", "unload", "unmerge",
 ]

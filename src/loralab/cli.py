@@ -1,4 +1,5 @@
-"""``loralab inits | check | sweep | report | width``: parse arguments and call the lab; nothing else lives here."""
+"""``loralab inits | check | sweep | report | width | export | evaluate | generate``: parse arguments and call the lab;
+nothing else lives here."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import sys
 def _inits(args) -> int:
     from loralab import init_schemes
 
-    print(f"{'name':<22}{'preserves output':>17}{'moves base':>11}{'even rank':>10}  summary")
+    # "on embedding": the scheme an embedding target gets under `init` (its input is one-hot; see docs/library.md)
+    print(f"{'name':<22}{'preserves output':>17}{'moves base':>11}{'even rank':>10}  {'on embedding':<16}  summary")
     for name, s in init_schemes().items():
-        print(f"{name:<22}{str(s.preserves_output):>17}{str(s.modifies_base):>11}{str(s.even_rank):>10}  {s.summary}")
+        print(f"{name:<22}{s.preserves_output!s:>17}{s.modifies_base!s:>11}{s.even_rank!s:>10}  "
+              f"{s.one_hot or 'same':<16}  {s.summary}")
     return 0
 
 
@@ -77,6 +80,43 @@ def _width(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .lab.adapters import describe, export, find_run
+
+    run = find_run(args.run_dir, args.run, args.best)
+    out = export(run, args.out, merged=args.merged)
+    print(describe(run))
+    print(f"{'merged model' if args.merged else 'adapter'}: {out}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .lab.adapters import evaluate_run, find_run
+
+    print(evaluate_run(find_run(args.run_dir, args.run, args.best), device=args.device).line())
+    return 0
+
+
+def _generate(args) -> int:
+    from .lab.adapters import describe, find_run, generate
+
+    run = find_run(args.run_dir, args.run, args.best)
+    answers = generate(run, args.prompt, max_new_tokens=args.max_new_tokens, fmt=args.format, device=args.device,
+                       with_base=args.base)
+    print(describe(run))
+    for who, text in answers.items():
+        print(f"--- {who}:\n{text}")
+    return 0
+
+
+def _run_choice(p: argparse.ArgumentParser) -> None:
+    """``RUN_DIR [--run ID | --best]``, shared by the commands that use one run's adapter."""
+    p.add_argument("run_dir", help="a sweep's out_dir (or one run's directory, then no --run/--best)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--run", default=None, metavar="ID", help="the run id (or a prefix of exactly one)")
+    which.add_argument("--best", action="store_true", help="the ok run with the lowest final eval loss")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loralab", description="LoRA with the adapter's initialization as the variable.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,6 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--dry-run", action="store_true", help="print the cells, check the config, device and store; "
                                                           "train nothing")
     w.set_defaults(fn=_width)
+    e = sub.add_parser("export", help="write a run's trained adapter (PEFT format), or with --merged a full model")
+    _run_choice(e)
+    e.add_argument("--out", required=True, help="a new (or empty) directory to write")
+    e.add_argument("--merged", action="store_true", help="the base model with the adapter merged in, plus its "
+                                                         "tokenizer (save_pretrained), instead of the adapter")
+    e.set_defaults(fn=_export)
+    v = sub.add_parser("evaluate", help="recompute a run's eval loss from its saved adapter, next to the stored one")
+    _run_choice(v)
+    v.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    v.set_defaults(fn=_evaluate)
+    g = sub.add_parser("generate", help="greedy completion of a prompt by a run's adapted model")
+    _run_choice(g)
+    g.add_argument("prompt", help="what the user says")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--format", choices=["chat", "train", "raw"], default="chat",
+                   help="chat: the tokenizer's chat template (the lab's training text when it has none); train: "
+                        "'User: ...' as the lab trains; raw: the prompt as it is")
+    g.add_argument("--base", action="store_true", help="also print the base model's answer (adapter off)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    g.set_defaults(fn=_generate)
     return p
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -46,6 +46,9 @@ class InitScheme:
         even_rank: the scheme needs an even rank.
         reads_weight: the factors depend on the weight's values (not only its shape); the others get a ``meta``
             tensor of the right shape, so a large model on a GPU is not copied to the CPU to init them.
+        one_hot: the scheme used instead on a layer whose input is one-hot (an embedding), or None to use this one
+            there too. Schemes that PEFT has declare what PEFT does on an embedding (``reversed-normal``): under
+            ``standard``, A ~ KU(d_in = vocabulary size) would make the adapter near-dead (REFERENCE.md).
         summary: one line for tables (``loralab inits``).
     """
 
@@ -55,6 +58,7 @@ class InitScheme:
     modifies_base: bool
     even_rank: bool
     reads_weight: bool
+    one_hot: str | None
     summary: str
 
     def __call__(self, w: Tensor, rank: int, *, scale: float, g: torch.Generator, **kwargs) -> Factors:
@@ -65,14 +69,15 @@ _REGISTRY: dict[str, InitScheme] = {}
 
 
 def register(name: str, *, preserves_output: bool = True, modifies_base: bool = False, even_rank: bool = False,
-             reads_weight: bool = True):
-    """Decorator that adds a scheme to the registry under ``name``."""
+             reads_weight: bool = True, one_hot: str | None = None):
+    """Decorator that adds a scheme to the registry under ``name`` (the keywords are :class:`InitScheme`'s)."""
 
     def deco(fn: SchemeFn) -> SchemeFn:
         if name in _REGISTRY:
             raise ValueError(f"init scheme {name!r} is already registered")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _REGISTRY[name] = InitScheme(name, fn, preserves_output, modifies_base, even_rank, reads_weight, summary)
+        _REGISTRY[name] = InitScheme(name, fn, preserves_output, modifies_base, even_rank, reads_weight, one_hot,
+                                     summary)
         return fn
 
     return deco
@@ -104,14 +109,14 @@ def _ku(rows: int, cols: int, fan_in: int, g: torch.Generator) -> Tensor:
     return torch.empty(rows, cols).uniform_(-bound, bound, generator=g)
 
 
-@register("standard", reads_weight=False)
+@register("standard", reads_weight=False, one_hot="reversed-normal")
 def standard(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
     """A ~ KU(d_in), B = 0 (Hu et al. 2021; loralib; PEFT ``True``): Init[A] of Hayou et al. 2024."""
     d_out, d_in = w.shape
     return Factors(a=_ku(rank, d_in, d_in, g), b=torch.zeros(d_out, rank))
 
 
-@register("gaussian", reads_weight=False)
+@register("gaussian", reads_weight=False, one_hot="reversed-normal")
 def gaussian(w: Tensor, rank: int, *, scale: float, g: torch.Generator, std: float | None = None) -> Factors:
     """A ~ N(0, std²) with std = 1/r unless given, B = 0 (the LoRA paper's text; PEFT ``"gaussian"``)."""
     d_out, d_in = w.shape
@@ -140,11 +145,11 @@ def _orthogonal(w: Tensor, rank: int, g: torch.Generator, *, eye: bool, ca: floa
 @register("orthogonal-qr-match", even_rank=True, reads_weight=False)
 def orthogonal_qr_match(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
     """Orthogonal (QR) pairs scaled like the standard init: A·d_in^-1/2, B·r^-1/2 (the study's "QR (Match)")."""
-    d_out, d_in = w.shape
+    d_in = w.shape[1]
     return _orthogonal(w, rank, g, eye=False, ca=d_in**-0.5, cb=rank**-0.5)
 
 
-@register("orthogonal-qr-const", even_rank=True, reads_weight=False)
+@register("orthogonal-qr-const", even_rank=True, reads_weight=False, one_hot="reversed-normal")
 def orthogonal_qr_const(w: Tensor, rank: int, *, scale: float, g: torch.Generator, const: float = 0.1) -> Factors:
     """Orthogonal (QR) pairs scaled by a constant 0.1 (the study's "QR (Const)"; PEFT ``"orthogonal"``)."""
     return _orthogonal(w, rank, g, eye=False, ca=const, cb=const)
@@ -153,7 +158,7 @@ def orthogonal_qr_const(w: Tensor, rank: int, *, scale: float, g: torch.Generato
 @register("orthogonal-eye", even_rank=True, reads_weight=False)
 def orthogonal_eye(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
     """As qr-match with Q = I: r/2 standard pairs (B col 0) plus r/2 reversed pairs (A row 0); the study's "Eye"."""
-    d_out, d_in = w.shape
+    d_in = w.shape[1]
     return _orthogonal(w, rank, g, eye=True, ca=d_in**-0.5, cb=rank**-0.5)
 
 
@@ -164,7 +169,7 @@ def random_both(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Fa
     return Factors(a=_ku(rank, d_in, d_in, g), b=_ku(d_out, rank, rank, g))
 
 
-@register("pissa", modifies_base=True)
+@register("pissa", modifies_base=True, one_hot="reversed-normal")
 def pissa(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
     """PiSSA (Meng et al. 2024): W = U S Vᵀ; A = diag(√(S_r/s)) V_rᵀ, B = U_r diag(√(S_r/s)), W ← W − s·B·A."""
     u, s_vals, vh = torch.linalg.svd(w, full_matrices=False)
@@ -174,9 +179,16 @@ def pissa(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
     return Factors(a=a.contiguous(), b=b.contiguous(), base=w - scale * (b @ a))
 
 
-@register("olora", modifies_base=True)
+@register("olora", modifies_base=True, one_hot="reversed-normal")
 def olora(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
     """OLoRA (Büyükakyüz 2024): W = Q R; A = R[:r], B = Q[:, :r], W ← W − s·B·A."""
     q, r = torch.linalg.qr(w)
     a, b = r[:rank].contiguous(), q[:, :rank].contiguous()
     return Factors(a=a, b=b, base=w - scale * (b @ a))
+
+
+@register("reversed-normal", reads_weight=False)
+def reversed_normal(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
+    """A = 0, B ~ N(0, 1): loralib's and PEFT's init of an embedding's adapter (one-hot input: fan-in 1)."""
+    d_out, d_in = w.shape
+    return Factors(a=torch.zeros(rank, d_in), b=torch.randn(d_out, rank, generator=g))

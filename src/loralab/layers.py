@@ -10,7 +10,8 @@ types override ``lora_delta`` with a factored form that never builds ΔW (and th
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import typing
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,8 +90,18 @@ def add_update(out: Tensor, h: Tensor, b: Tensor, *, inplace: bool = True) -> Te
     return out + delta.to(out.dtype)
 
 
+def weight_of(module: nn.Module) -> Tensor:
+    """``module.weight`` as a tensor (torch types a module's attributes as ``Tensor | Module``)."""
+    return typing.cast(Tensor, module.weight)
+
+
 class LoraLayer(nn.Module):
     """A frozen module plus a trainable low-rank update (the base of every LoRA layer type).
+
+    To the model's own code the layer looks like its base: attributes it does not have itself (``weight``, ``bias``,
+    ``in_features``, ``stride``, ``padding_idx``, ...) are read from ``base_layer``, so a model that reads
+    ``self.wo.weight.dtype`` or ``self.conv1.stride`` runs unchanged; the base's parameters stay registered only
+    under ``base_layer``, so they appear once in ``named_parameters()`` and the state dict.
 
     Args:
         base: the module to adapt; kept as ``base_layer`` and never copied.
@@ -100,14 +111,17 @@ class LoraLayer(nn.Module):
         dtype: dtype of A and B.
     """
 
+    one_hot_input = False   # an embedding's input is one-hot: inits take their scheme's `one_hot` variant there
+
     def __init__(self, base: nn.Module, rank: int, alpha: float, *, rslora: bool = False, dropout: float = 0.0,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.base_layer = base
         self.rank, self.alpha, self.rslora = rank, float(alpha), rslora
         self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
-        d_out, d_in = self.to_matrix(base.weight).shape
-        device = base.weight.device
+        weight = typing.cast(Tensor, base.weight)
+        d_out, d_in = self.to_matrix(weight).shape
+        device = weight.device
         self.lora_A = nn.Parameter(torch.zeros(rank, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
         self.dropout = Dropout(dropout)   # an identity when p = 0 (no op, no copy)
@@ -117,6 +131,16 @@ class LoraLayer(nn.Module):
         self.register_buffer("lora_B0", None, persistent=False)
         self.merged = False
         self.disabled = False
+        self.init: str | None = None   # the init scheme that made the factors (set by inject.plan)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)   # own parameters, buffers and submodules
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None:   # still being built (or unpickled)
+                raise
+            return getattr(base, name)
 
     # -- what a layer type says ------------------------------------------------------------------------------------
     @staticmethod
@@ -139,6 +163,11 @@ class LoraLayer(nn.Module):
 
     # -- written once ------------------------------------------------------------------------------------------------
     @property
+    def base_weight(self) -> Tensor:
+        """The frozen base module's ``weight`` (in the base layout)."""
+        return typing.cast(Tensor, self.base_layer.weight)
+
+    @property
     def d_out(self) -> int:
         return self.lora_B.shape[0]
 
@@ -156,7 +185,7 @@ class LoraLayer(nn.Module):
         self.lora_A.copy_(factors.a)
         self.lora_B.copy_(factors.b)
         if factors.base is not None:
-            w = self.base_layer.weight
+            w = self.base_weight
             w.copy_(self.from_matrix(factors.base).to(w.dtype))
             self.lora_A0 = self.lora_A.detach().clone()
             self.lora_B0 = self.lora_B.detach().clone()
@@ -166,7 +195,7 @@ class LoraLayer(nn.Module):
         """Fold ΔW into the base weight (``W ← W + s·B·A``)."""
         if self.merged:
             raise LoraStateError("LoRA layer is already merged; call unmerge() before merging again")
-        w = self.base_layer.weight
+        w = self.base_weight
         w.add_(self.delta_weight().to(w.dtype))
         self.merged = True
 
@@ -175,7 +204,7 @@ class LoraLayer(nn.Module):
         """Take ΔW back out of the base weight (exact up to the weight dtype's rounding)."""
         if not self.merged:
             raise LoraStateError("LoRA layer is not merged; there is nothing to unmerge")
-        w = self.base_layer.weight
+        w = self.base_weight
         w.sub_(self.delta_weight().to(w.dtype))
         self.merged = False
 
@@ -255,8 +284,12 @@ class GPT2Conv1D(Linear):
 class Embedding(LoraLayer):
     """LoRA on ``nn.Embedding``: the weight ``(num, dim)`` is the matrix ``(dim, num)`` acting on one-hot inputs.
 
-    Inputs are one-hot, so dropout does not apply; ``reversed`` (A = 0) is the usual choice here (PEFT's default).
+    Inputs are one-hot, so dropout does not apply, and inits take their scheme's ``one_hot`` variant (for PEFT's
+    schemes, PEFT's A = 0, B ~ N(0, 1)). A scaled embedding (transformers' Gemma-style ``embed_scale``, which
+    multiplies the looked-up rows) scales the update too, so unmerged equals merged.
     """
+
+    one_hot_input = True
 
     def __init__(self, base: nn.Embedding, rank: int, alpha: float, **kwargs):
         if base.max_norm is not None:
@@ -273,10 +306,19 @@ class Embedding(LoraLayer):
         return m.T
 
     def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.embedding(x, weight, self.base_layer.padding_idx)
+        return self._embed_scaled(F.embedding(x, weight, self._padding_idx))
 
     def lora_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        return F.embedding(x, a.T, self.base_layer.padding_idx) @ b.T * self.scale  # (..., r) @ (r, dim)
+        h = F.embedding(x, a.T, self._padding_idx)  # (..., r)
+        return self._embed_scaled(h @ b.T * self.scale)       # (..., r) @ (r, dim)
+
+    @property
+    def _padding_idx(self) -> int | None:
+        return typing.cast(nn.Embedding, self.base_layer).padding_idx
+
+    def _embed_scaled(self, h: Tensor) -> Tensor:
+        scale = getattr(self.base_layer, "embed_scale", None)
+        return h if scale is None else h * (scale.to(h.dtype) if isinstance(scale, Tensor) else scale)
 
 
 class Conv(LoraLayer):
@@ -292,16 +334,20 @@ class Conv(LoraLayer):
         return weight.reshape(weight.shape[0], -1)
 
     def from_matrix(self, m: Tensor) -> Tensor:
-        return m.reshape(self.base_layer.weight.shape)
+        return m.reshape(self.base_weight.shape)
+
+    @property
+    def _conv(self) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
+        return typing.cast("nn.Conv1d | nn.Conv2d | nn.Conv3d", self.base_layer)
 
     def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
-        return self.base_layer._conv_forward(x, weight, None)
+        return self._conv._conv_forward(x, weight, None)
 
     def lora_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        if self.base_layer.groups != 1:
+        if self._conv.groups != 1:
             return super().lora_delta(x, a, b)
-        kernel = a.reshape(a.shape[0], *self.base_layer.weight.shape[1:])  # (r, C_in, *k)
-        h = self.base_layer._conv_forward(x.to(a.dtype), kernel, None)  # (N, r, *spatial)
+        kernel = a.reshape(a.shape[0], *self.base_weight.shape[1:])  # (r, C_in, *k)
+        h = self._conv._conv_forward(x.to(a.dtype), kernel, None)  # (N, r, *spatial)
         return F.linear(h.movedim(1, -1), b).movedim(-1, 1) * self.scale  # (N, C_out, *spatial)
 
 

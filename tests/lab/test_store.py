@@ -121,6 +121,27 @@ def test_reset_removes_an_unfinished_run_and_refuses_a_finished_one(tmp_path):
     assert run.is_finished()
 
 
+def test_an_adapter_appears_whole_or_not_at_all_and_reset_removes_it(tmp_path):
+    run = RunStore(tmp_path / "r")
+
+    def half(tmp):   # a writer that fails midway, as a full disk would
+        (tmp / "adapter_config.json").write_text("{}")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        run.write_adapter(half)
+    assert not run.has_adapter() and list(run.root.iterdir()) == []   # no adapter/, no temp dir left
+    run.write_adapter(lambda tmp: (tmp / "adapter_config.json").write_text('{"r": 4}'))
+    assert run.adapter_files() == {"adapter_config.json": b'{"r": 4}'}
+    (run.root / ".adapter.k1ll3d").mkdir()   # what a writer killed before its rename leaves
+    (run.root / ".adapter.k1ll3d" / "adapter_model.safetensors").write_bytes(b"half")
+    run.reset()   # an unfinished run: its adapter, whole or half, goes with the attempt
+    assert list(run.root.iterdir()) == [] and run.adapter_files() is None
+    run.write_result(RunResult("r", "ok"))
+    with pytest.raises(FileExistsError, match="before its result"):
+        run.write_adapter(lambda tmp: None)
+
+
 def test_manifest_kept_when_identical_and_refused_when_the_runs_differ(tmp_path):
     sweep = SweepStore(tmp_path)
     grid = {"lora.init": ("standard", "reversed"), "train.lr": (1e-3,)}

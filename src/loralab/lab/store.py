@@ -2,9 +2,17 @@
 
 Layout (the lab spec's "Store format"): ``<out_dir>/sweep.json`` (manifest), and per run ``<out_dir>/runs/<run_id>/``
 with ``config.json``, ``metrics.jsonl``, ``diagnostics.json``, ``eval_chunks.npz`` (per-chunk eval losses, see
-:class:`EvalChunks`; written before the result) and ``result.json``. A run is finished iff its
-``result.json`` reads back with status ``ok`` or ``diverged`` (those are results); a ``failed`` or unreadable one is
-redone by the next sweep, after :meth:`RunStore.reset` moved the old file aside (never deleted: results are data).
+:class:`EvalChunks`), ``adapter/`` (the trained adapter, see :meth:`RunStore.write_adapter`) and ``result.json``. A
+run is finished iff its ``result.json`` reads back with status ``ok`` or ``diverged`` (those are results); a
+``failed`` or unreadable one is redone by the next sweep, after :meth:`RunStore.reset` moved the old file aside
+(never deleted: results are data).
+
+The adapter is written (atomically, as a directory) *before* ``result.json``, so a run the sweep finished has both,
+and a crash between the two leaves an unfinished run that the next sweep redoes (:meth:`RunStore.reset` removes the
+orphaned adapter). ``result.json`` alone still decides whether a run is finished: an adapter removed later (committed
+example stores leave them out, see ``.gitignore``) does not make a result unfinished, and ``RunResult.adapter`` says
+whether one was saved, so whoever looks for it can tell "not kept" from "never saved". ``eval_chunks.npz`` is written
+before the result too.
 
 Every JSON file except metrics.jsonl is written atomically (the library's :func:`loralab.io.atomic_write`), as
 strict JSON: NaN and ±inf become ``null`` (a diverged loss is recorded as ``null``), so any JSON reader can load the
@@ -23,9 +31,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -111,6 +121,7 @@ FINISHED = ("ok", "diverged")   # results; a failed run is recorded, but a resum
 CONFIG, METRICS, DIAGNOSTICS, RESULT = "config.json", "metrics.jsonl", "diagnostics.json", "result.json"
 EVAL_CHUNKS = "eval_chunks.npz"
 STAGES = ("pretrained", "step0", "final")
+ADAPTER = "adapter"   # the run's trained adapter: a directory in PEFT's format
 MANIFEST = "sweep.json"
 
 
@@ -129,6 +140,8 @@ class RunResult:
         error: first line of the exception for a failed run; traceback: its full traceback.
         versions: ``{"loralab", "torch", "transformers", "python"}``; device: where it ran.
         pack_size: how many runs trained together on one base (``tokens_per_s`` is this run's share).
+        adapter: whether the trained adapter was saved in the run's ``adapter/`` directory (written before this
+            result); false when ``train.save_adapter`` was off, for failed runs and for runs older than the field.
         diverged_at_step: the optimizer step at which the run was found diverged (``None``: it did not); with
             ``train.on_divergence = "continue"`` it trained on to ``steps`` all the same.
 
@@ -152,6 +165,7 @@ class RunResult:
     versions: Mapping[str, str] = field(default_factory=dict)
     device: str = ""
     pack_size: int = 1
+    adapter: bool = False
     diverged_at_step: int | None = None
 
     def __post_init__(self) -> None:
@@ -364,7 +378,53 @@ class RunStore:
         moved = move_aside(self.root / RESULT, f".{status}") if status is not None else None
         for p in [self.root / n for n in (CONFIG, METRICS, DIAGNOSTICS, EVAL_CHUNKS)] + list(self.root.glob(".*.tmp")):
             p.unlink(missing_ok=True)
+        for d in [self.root / ADAPTER, *self.root.glob(f".{ADAPTER}.*")]:   # an attempt's adapter, whole or half
+            shutil.rmtree(d, ignore_errors=True)
         return moved
+
+    @property
+    def adapter_dir(self) -> Path:
+        """Where the run's trained adapter is (or would be): ``<run dir>/adapter/``."""
+        return self.root / ADAPTER
+
+    def has_adapter(self) -> bool:
+        """Whether ``adapter/`` is there; it appears whole or not at all (:meth:`write_adapter`)."""
+        return self.adapter_dir.is_dir()
+
+    def write_adapter(self, fill: Callable[[Path], Any]) -> Path:
+        """Write ``adapter/`` atomically: ``fill(tmp)`` writes the files into a temp directory beside it, which is
+        then renamed into place, so readers see the whole adapter or none (a crash leaves ``.adapter.*``, which
+        :meth:`reset` removes). An existing ``adapter/`` is replaced: only an unfinished run writes one.
+
+        Returns:
+            The adapter directory.
+        """
+        if (self.root / RESULT).exists():
+            raise FileExistsError(f"{self.root / RESULT} exists: a finished run's adapter is written before its "
+                                  "result, never after")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER}.", dir=self.root))
+        try:
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o777 & ~mask)   # the mode a plain mkdir gives, not mkdtemp's 0700
+            fill(tmp)
+            for f in tmp.iterdir():   # on disk before the rename makes them visible
+                if f.is_file():
+                    with open(f, "rb+") as fh:
+                        os.fsync(fh.fileno())
+            if self.adapter_dir.exists():
+                shutil.rmtree(self.adapter_dir)
+            os.rename(tmp, self.adapter_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.adapter_dir
+
+    def adapter_files(self) -> dict[str, bytes] | None:
+        """The adapter's files as ``{name: bytes}`` (a few MB for r = 8 on a small model), ``None`` without one."""
+        if not self.has_adapter():
+            return None
+        return {f.name: f.read_bytes() for f in sorted(self.adapter_dir.iterdir()) if f.is_file()}
 
 
 class ManifestMismatchError(ValueError):

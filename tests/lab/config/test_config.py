@@ -358,7 +358,8 @@ _CHANGES = {
              "curve_chunks": 2, "joiner": "\n\n"},
     "lora": {"rank": 4, "alpha": 8.0, "init": "reversed", "targets": ("q_proj",), "dropout": 0.1, "rslora": True,
              "init_kwargs": {"std": 0.1}, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"q_proj": 4.0},
-             "init_pattern": {"q_proj": "reversed"}},
+             "init_pattern": {"q_proj": "reversed"}, "exclude": ("v_proj",), "layers_to_transform": (0,),
+             "modules_to_save": ("lm_head",)},
     "train": {"lr": 1e-4, "epochs": 2.0, "max_steps": 5, "batch_size": 8, "grad_accum": 2, "warmup_ratio": 0.0,
               "weight_decay": 0.0, "grad_clip": 0.0, "eval_every": 5, "seed": 1, "device": "cpu",
               "diverge_factor": 2.5, "on_divergence": "continue"},
@@ -369,15 +370,27 @@ _SPLIT = dataclasses.replace(_BASE, data=DataConfig(val_chunks=8, test_chunks=8)
 _BASE_FOR = {("data", "val_chunks"): _SPLIT, ("data", "test_chunks"): _SPLIT, ("data", "curve_chunks"): _SPLIT}
 
 
+_TOGETHER = {"layers_pattern": {"layers_to_transform": (0,)}}   # a field only valid beside another: changed with it
+
+
 def test_every_field_is_covered_by_the_change_table():
     covered = {s: set(c) | {f for sec, f in fields_with_role(EXECUTION) if sec == s} for s, c in _CHANGES.items()}
+    covered["lora"] |= set(_TOGETHER)
     assert covered == {s: set(to_dict(_BASE)[s]) for s in to_dict(_BASE)}
+
+
+def test_a_field_added_later_changes_the_id_only_away_from_its_default():
+    """``layers_pattern`` needs ``layers_to_transform``: the pair differs from ``layers_to_transform`` alone."""
+    alone = dataclasses.replace(_BASE, lora=dataclasses.replace(_BASE.lora, layers_to_transform=(0,)))
+    pair = dataclasses.replace(_BASE, lora=dataclasses.replace(alone.lora, layers_pattern="layers"))
+    assert len({run_id(_BASE, {}), run_id(alone, {}), run_id(pair, {})}) == 3
 
 
 @pytest.mark.parametrize("section, key", fields_with_role(EXECUTION))
 def test_execution_only_fields_keep_the_id(section, key):
-    changed = dataclasses.replace(_BASE, **{section: dataclasses.replace(getattr(_BASE, section), **{key: True})})
-    assert changed != _BASE and to_dict(changed)[section][key] is True   # recorded in config.json all the same
+    flipped = not getattr(getattr(_BASE, section), key)   # compile = true, save_adapter = false
+    changed = dataclasses.replace(_BASE, **{section: dataclasses.replace(getattr(_BASE, section), **{key: flipped})})
+    assert changed != _BASE and to_dict(changed)[section][key] is flipped   # recorded in config.json all the same
     assert run_id(changed, {}) == run_id(_BASE, {})
 
 

@@ -1,8 +1,8 @@
 """Grids: every point of a sweep as a :class:`RunSpec` (its id, its axes' values, its resolved config).
 
 Run ids are a readable prefix from a run's grid axes and a hash of its whole resolved config (fields whose role is
-:data:`~.schema.EXECUTION` left out, and fields marked :func:`~.schema.added` while they have their default), so the
-same config gets the same id in any process, and a store resumes after a loralab release that added fields.
+:data:`~.schema.EXECUTION` left out, and fields added later left out while at their default), so the same config
+gets the same id in any process and a store resumes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import EXECUTION, RunConfig, SweepConfig, fields_added, fields_with_role
+from .schema import EXECUTION, RunConfig, SweepConfig, added_fields, fields_with_role
 from .typecheck import ConfigError, from_dict, set_path, to_dict
 
 __all__ = ["RunSpec", "expand", "plan_runs", "run_id"]
@@ -35,14 +35,13 @@ def run_id(run: RunConfig, axes: Mapping[str, Any]) -> str:
     """A stable, filesystem-safe id: a readable prefix from the axes + 8 hex chars of the config's sha256.
 
     ``standard_lr0.001_seed0-1a2b3c4d``. The hash covers the whole resolved config (canonical JSON), so any change of
-    a field (but those whose role is :data:`EXECUTION`) gives another id; a field added to the schema later is hashed
-    only once it leaves its default (which keeps the behaviour of the runs stored before it existed).
+    a field (but those whose role is :data:`EXECUTION`) gives another id.
     """
     d = to_dict(run)
     for section, name in fields_with_role(EXECUTION):   # how fast a run trains is not what it is: same id
         d[section].pop(name)
-    for section, name, default in fields_added():
-        if name in d[section] and d[section][name] == to_dict(default):
+    for section, name, default in added_fields():   # stores made before the field existed keep their ids
+        if d[section][name] == to_dict(default):
             d[section].pop(name)
     canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:8]

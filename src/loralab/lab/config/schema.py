@@ -3,9 +3,9 @@
 A new config field goes here, with a commented default and its check in ``__post_init__``; if it changes only how
 fast a run trains, or may differ between runs trained together in one pack, say so with its role (:data:`EXECUTION`,
 :data:`PER_RUN`) in the field's metadata: run ids (``grid.py``) and packing (``run/pack.py``) read the roles, so no
-other list needs editing. A field added after stores were written, whose default keeps the old behaviour, is marked
-:func:`added` (``metadata={"added": True}``): run ids leave it out while it has its default, so those stores resume. Files and overrides (``toml.py``) and grids (``grid.py``) all build these through
-``typecheck.from_dict``.
+other list needs editing. A field added after stores existed is marked ``added`` (:func:`added`): run ids leave it
+out while it holds its default, so every store made before it keeps its ids. Files and overrides (``toml.py``) and
+grids (``grid.py``) all build these through ``typecheck.from_dict``.
 
 ``RunConfig``'s sections default to their defaults, so a TOML file may omit any table. ``SweepConfig.grid`` holds the
 *checked* values in JSON form (``train.lr = [1, 2]`` becomes ``(1.0, 2.0)``), so axes in the store and in run ids are
@@ -22,8 +22,8 @@ from typing import Any
 
 from loralab.config import FrozenMap, LoraConfig
 
-__all__ = ["EXECUTION", "ON_DIVERGENCE", "PER_RUN", "DataConfig", "ModelConfig", "ResourcesConfig", "RunConfig", "SweepConfig",
-           "TrainConfig", "added", "fields_added", "fields_with_role", "require"]
+__all__ = ["EXECUTION", "ON_DIVERGENCE", "PER_RUN", "DataConfig", "ModelConfig", "ResourcesConfig", "RunConfig",
+           "SweepConfig", "TrainConfig", "added", "added_fields", "fields_with_role", "require"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -31,21 +31,23 @@ EXECUTORS = ("local", "ray")
 ON_DIVERGENCE = ("stop", "continue")
 
 
-EXECUTION = "execution"   # changes how fast a run trains, not what it computes: left out of run ids
+EXECUTION = "execution"   # changes how fast a run trains or what it keeps on disk, not what it computes: left out
+#                           of run ids
 PER_RUN = "per_run"       # may differ between runs trained together in one pack (one shared frozen base)
 
 # The library's LoraConfig carries no lab metadata: its fields' roles are declared here.
 LORA_ROLES = {"init": PER_RUN, "alpha": PER_RUN, "init_kwargs": PER_RUN, "init_pattern": PER_RUN,
               "alpha_pattern": PER_RUN}
+LORA_ADDED = ("exclude", "layers_to_transform", "layers_pattern", "modules_to_save")   # after the first stores
 
 
-def _role(role: str) -> dict[str, Any]:
-    return {"role": role}
+def _role(role: str, added: bool = False) -> dict[str, Any]:
+    return {"role": role, "added": added}
 
 
-def added(role: str | None = None) -> dict[str, Any]:
-    """Metadata of a field added after stores were written: left out of run ids while it has its default."""
-    return {"added": True} | ({"role": role} if role else {})
+def added() -> dict[str, Any]:
+    """Metadata of a field added after stores existed: left out of run ids while it holds its default."""
+    return {"added": True}
 
 
 def require(ok: bool, message: str) -> None:
@@ -130,9 +132,11 @@ class TrainConfig:
     diverge_factor: float = field(default=2.0, metadata=_role(PER_RUN))
     # torch.compile the backbone: faster steps after minutes of compiling; long runs only
     compile: bool = field(default=False, metadata=_role(EXECUTION))
+    # keep the trained adapter in <run dir>/adapter/ (PEFT format); false for huge sweeps: results only
+    save_adapter: bool = field(default=True, metadata=_role(EXECUTION))
     # after divergence: "stop" the run there (its final loss is measured then), or "continue" to the last step as the
     # published study did (its final loss is the blown-up one); either way the run's status is "diverged"
-    on_divergence: str = field(default="stop", metadata=added(PER_RUN))
+    on_divergence: str = field(default="stop", metadata=_role(PER_RUN, added=True))
     # sequences per eval forward; 0 = batch_size. Larger is faster on a CPU (fewer passes over the weights)
     eval_batch_size: int = field(default=0, metadata=_role(EXECUTION))
 
@@ -205,13 +209,7 @@ class SweepConfig:
 
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-
-
-def fields_added() -> list[tuple[str, str, Any]]:
-    """``[(section, field, default), ...]`` of ``RunConfig`` fields marked :func:`added`."""
-    return [(section, f.name, f.default) for section, cls in _SECTIONS.items() for f in dataclasses.fields(cls)
-            if f.metadata.get("added")]
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
 
 
 def fields_with_role(role: str) -> list[tuple[str, str]]:
@@ -219,4 +217,15 @@ def fields_with_role(role: str) -> list[tuple[str, str]]:
     out = [("lora", name) for name, r in LORA_ROLES.items() if r == role]
     for section, cls in _SECTIONS.items():
         out += [(section, f.name) for f in dataclasses.fields(cls) if f.metadata.get("role") == role]
+    return out
+
+
+def added_fields() -> list[tuple[str, str, Any]]:
+    """``[(section, field, default), ...]`` of the fields added after stores existed (see the module docstring)."""
+    out = []
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("added") or (cls is LoraConfig and f.name in LORA_ADDED):
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                out.append((section, f.name, default))
     return out

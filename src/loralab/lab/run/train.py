@@ -157,17 +157,21 @@ def train_run(spec: RunSpec, store: RunStore, *, base_model: nn.Module, data: Pa
                       pretrained_cache=pretrained_cache)[0]
 
 
+OnDone = Callable[[int, RunResult, nn.Module], None]
+
+
 def train_pack(specs: Sequence[RunSpec], stores: Sequence[RunStore], *, base_model: nn.Module, data: PackedData,
-               progress: bool = True, on_done: Callable[[int, RunResult], None] | None = None,
+               progress: bool = True, on_done: OnDone | None = None,
                pretrained_cache: dict | None = None) -> list[RunResult]:
     """Train ``specs`` together on ``base_model`` (they must share a :func:`.pack.pack_key`).
 
-    Metrics and diagnostics go to each run's store as it trains; ``on_done(k, result)`` is called the moment run
-    ``k`` ends (the sweep writes its result then, so a crash later in the pack loses nothing finished).
+    Metrics and diagnostics go to each run's store as it trains; ``on_done(k, result, model)`` is called the moment
+    run ``k`` ends, with run ``k``'s own injected model (``Pack.models[k]``, what ``loralab.save_adapter`` takes): the
+    sweep saves its adapter and writes its result then, so a crash later in the pack loses nothing finished.
     ``pretrained_cache``: a dict kept with ``base_model`` and ``data`` (see :class:`.assets.Assets`), where the
     pretrained model's per-chunk losses are kept once computed.
     """
-    trainer = _Trainer(specs, stores, base_model, data, progress, on_done or (lambda k, res: None),
+    trainer = _Trainer(specs, stores, base_model, data, progress, on_done or (lambda k, res, model: None),
                        {} if pretrained_cache is None else pretrained_cache)
     trainer.loop()
     return [r.result for r in trainer.runs if r.result is not None]
@@ -177,7 +181,7 @@ class _Trainer:
     """The state of one pack's training: its model, optimizer, runs, data and how it computes."""
 
     def __init__(self, specs: Sequence[RunSpec], stores: Sequence[RunStore], base_model: nn.Module,
-                 data: PackedData, progress: bool, on_done: Callable[[int, RunResult], None], pretrained_cache: dict):
+                 data: PackedData, progress: bool, on_done: OnDone, pretrained_cache: dict):
         self.start, first = time.perf_counter(), specs[0].run.train
         self.data, self.progress, self.on_done = data, progress, on_done
         self.eval_bs = first.eval_batch_size or first.batch_size
@@ -261,7 +265,7 @@ class _Trainer:
                 r = rs[k]
                 r.status = "ok" if r.diverged_at is None else "diverged"
                 r.result = self.result(r)
-                self.on_done(k, r.result)
+                self.on_done(k, r.result, self.pack.models[k])
         bar.close()
 
     def accumulate(self, active: list[int], first_step: bool) -> list[float]:

@@ -1,8 +1,9 @@
 """The local executor: a sweep's runs in this process, one after another, or several at once in packs on one base.
 
 ``run_pack`` is the unit every executor uses to train: it resets the runs' directories, writes their configs, trains
-them (a pack of one is a solo run) and writes each result the moment its run ends. A run that raises is recorded
-``failed`` with its traceback and the sweep goes on; a pack that runs out of GPU memory is split in halves.
+them (a pack of one is a solo run) and, the moment a run ends, saves its adapter and then writes its result
+(:func:`..adapters.save_run_adapter`). A run that raises is recorded ``failed`` with its traceback and the sweep goes
+on; a pack that runs out of GPU memory is split in halves.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import traceback
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
+from ..adapters import save_run_adapter
 from ..config.grid import RunSpec
 from ..config.typecheck import to_dict
 from ..run import train
@@ -32,7 +35,7 @@ def failed_result(spec: RunSpec, error: str, trace: str) -> RunResult:
 
 
 def _train(specs: Sequence[RunSpec], stores: Sequence[RunStore], assets: Assets, progress: bool,
-           done: Callable[[int, RunResult], None]) -> None:
+           done: Callable[[int, RunResult, nn.Module], None]) -> None:
     try:
         model, data = assets.get(specs[0].run)
     except DataError as e:   # the data as configured (e.g. more val + test chunks than held out) fails every run
@@ -45,14 +48,17 @@ def _train(specs: Sequence[RunSpec], stores: Sequence[RunStore], assets: Assets,
 
 def run_pack(specs: Sequence[RunSpec], stores: Sequence[RunStore], assets: Assets, progress: bool = True,
              on_result: Callable[[RunResult], None] = lambda r: None) -> list[RunResult]:
-    """Train ``specs`` together (one pack, see :mod:`..run.pack`) and write each result the moment its run ends.
+    """Train ``specs`` together (one pack, see :mod:`..run.pack`); the moment a run ends, save its adapter (unless
+    ``train.save_adapter`` is off), then write its result: a run is finished only with both.
 
     A pack that runs out of GPU memory is split in two and each half trained (recursively, down to single runs);
     otherwise a pack that raises records every run not yet finished as ``failed`` with the traceback.
     """
     results: dict[int, RunResult] = {}
 
-    def done(k: int, result: RunResult) -> None:
+    def done(k: int, result: RunResult, model: nn.Module | None = None) -> None:
+        if model is not None:   # a run that trained to its end (ok or diverged); failed ones have nothing to save
+            result = save_run_adapter(stores[k], specs[k], model, result)
         stores[k].write_result(result)
         results[k] = result
         on_result(result)
