@@ -13,7 +13,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loralab.lab.store import RunResult, SweepStore
+import numpy as np
+
+from loralab.lab.store import EvalChunks, RunResult, SplitLosses, SweepStore
 
 INITS = ("standard", "reversed", "orthogonal-eye", "orthogonal-qr-const", "orthogonal-qr-match")
 LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
@@ -136,3 +138,67 @@ def build_grid_store(root: Path, grid: dict[str, list], outcome, base: dict | No
             run.append_metric({"kind": "eval", "step": step, "eval_loss": (final or 3.0) + (20 - step) / 100})
         run.write_result(RunResult(rid, status, axes, final_eval_loss=final, steps=20))
     return combos
+
+
+# ---- a store with per-chunk eval losses (val/test), for the report's statistics ------------------------------------
+
+CHUNKED_INITS = ("standard", "reversed", "qr")
+CHUNKED_LRS = (1e-4, 1e-3, 1e-2)
+CHUNKED_SEEDS = (0, 1, 2)
+N_VAL = N_TEST = 100
+# effect on the loss (nats) per init and lr, on val and on test. standard: val prefers 1e-3, test prefers 1e-2, so a
+# choice that peeked at test would differ. reversed: standard's losses plus zero-mean noise (a zero difference).
+# qr: +0.05 everywhere (a planted difference); at 1e-2 seed 2 blows up (diverged, +5 nats) and seed 0 ends above
+# the pretrained model.
+CHUNKED_EFFECT = {"val": {1e-4: -0.05, 1e-3: -0.20, 1e-2: -0.15}, "test": {1e-4: -0.05, 1e-3: -0.20, 1e-2: -0.30}}
+QR_DELTA, BLOWN_UP, WORSE = 0.05, ("qr", 1e-2, 2), ("qr", 1e-2, 0)
+
+
+@dataclass
+class Chunked:
+    """What :func:`build_chunked_store` wrote: (init, lr, seed) -> {"val"/"test": final per-chunk losses}, and the
+    pretrained losses per split."""
+
+    final: dict[tuple[str, float, int], dict[str, np.ndarray]] = field(default_factory=dict)
+    status: dict[tuple[str, float, int], str] = field(default_factory=dict)
+    pretrained: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def build_chunked_store(root: Path, *, splits: tuple[str, ...] = ("val", "test")) -> Chunked:
+    """3 inits × 3 lrs × 3 seeds with per-chunk losses on ``splits`` (``("eval",)``: the old single eval set)."""
+    rng = np.random.default_rng(0)
+    store, out = SweepStore(root), Chunked()
+    ids = {"val": np.arange(N_VAL), "test": np.arange(N_VAL, N_VAL + N_TEST), "eval": np.arange(N_TEST)}
+    hard = {s: rng.normal(3.0, 0.5, len(ids[s])) for s in splits}     # how hard each chunk is
+    out.pretrained = {s: hard[s] + 0.4 for s in splits}
+    grid = {"lora.init": list(CHUNKED_INITS), "train.lr": list(CHUNKED_LRS), "train.seed": list(CHUNKED_SEEDS)}
+    combos = [(i, lr, s) for i in CHUNKED_INITS for lr in CHUNKED_LRS for s in CHUNKED_SEEDS]
+    run_ids = [run_id(*c) for c in combos]
+    store.write_manifest("chunked", grid, run_ids, {"data": {"seq_len": 128}}, run_axes=[dict(zip(AXES, c))
+                                                                                           for c in combos])
+    for (init, lr, seed), rid in zip(combos, run_ids):
+        finals = {}
+        for s in splits:
+            effect = CHUNKED_EFFECT["test" if s == "eval" else s][lr]
+            std = hard[s] + effect + rng.normal(0, 0.01, (len(CHUNKED_SEEDS), len(ids[s])))[seed]
+            if init == "standard":
+                finals[s] = std
+            elif init == "reversed":
+                noise = rng.normal(0, 0.02, len(ids[s]))
+                finals[s] = out.final["standard", lr, seed][s] + noise - noise.mean()
+            else:
+                finals[s] = std + QR_DELTA + (5.0 if (init, lr, seed) == BLOWN_UP else 0.0) + (
+                    1.0 if (init, lr, seed) == WORSE else 0.0)
+        status = "diverged" if (init, lr, seed) == BLOWN_UP else "ok"
+        out.final[init, lr, seed], out.status[init, lr, seed] = finals, status
+        axes = dict(zip(AXES, (init, lr, seed)))
+        run = store.run(rid)
+        run.write_config(rid, axes, {"lora": {"init": init}, "train": {"lr": lr, "seed": seed}})
+        run.write_eval_chunks(EvalChunks("pool0", {s: SplitLosses(ids=ids[s], pretrained=out.pretrained[s],
+                                                                     step0=out.pretrained[s], final=finals[s])
+                                                    for s in splits}))
+        report = splits[-1]
+        run.write_result(RunResult(rid, status, axes, final_eval_loss=float(finals[report].astype(np.float32).mean()),
+                                   initial_eval_loss=float(out.pretrained[report].astype(np.float32).mean()),
+                                   steps=10))
+    return out

@@ -59,7 +59,7 @@ def _report(args) -> int:
 
     out = args.out and check_out_dir(args.out, "--out")
     axes = {"row_axis": args.rows, "col_axis": args.cols, "rep_axis": args.reps}
-    for kind, path in write_report(args.run_dir, out=out, **axes).items():
+    for kind, path in write_report(args.run_dir, out=out, baseline=args.baseline, **axes).items():
         print(f"{kind}: {path}")
     return 0
 
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cols", default="train.lr", help="the axis tuned per row (columns; default train.lr)")
     r.add_argument("--reps", default="train.seed", help="the axis averaged over (default train.seed); the grid's "
                                                         "other axes give one table each")
+    r.add_argument("--baseline", default=None, help="the row the others are compared with (paired differences, "
+                                                    "tuned comparison); default: standard, when it is a row")
     r.set_defaults(fn=_report)
     w = sub.add_parser("width", help="max stable LR vs width per init (Hayou et al. 2024 scaling); resumable")
     w.add_argument("config", help="a TOML file, e.g. configs/width.toml")

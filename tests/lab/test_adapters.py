@@ -303,7 +303,8 @@ def test_a_run_killed_while_saving_its_adapter_is_redone(tiny_lm_dir, chat_jsonl
     assert "1 runs, 0 already finished, 1 to run" in stdout   # the killed run is redone
     assert results(out)[run_dir.name]["adapter"] is True
     assert sorted(p.name for p in run_dir.iterdir()) == ["adapter", "config.json", "diagnostics.json",
-                                                         "metrics.jsonl", "result.json"]   # no temp dir left
+                                                         "eval_chunks.npz", "metrics.jsonl",
+                                                         "result.json"]   # no temp dir left
     model, _ = base_model(tiny_lm_dir)
     loralab.load_adapter(model, run_dir / "adapter")   # whole: it loads
 

@@ -14,7 +14,7 @@ from loralab import LoraConfig
 from loralab.lab import runtime
 from loralab.lab.config.grid import RunSpec, plan_runs, run_id
 from loralab.lab.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
-from loralab.lab.config.toml import load_sweep
+from loralab.lab.config.toml import parse_sweep
 from loralab.lab.run.data import load_data
 from loralab.lab.run.models import load_model, resolve_dtype
 from loralab.lab.run.train import train_run
@@ -58,8 +58,9 @@ def test_run_ids_hash_the_dtype_a_run_computes_in(native_bf16):
 def test_the_committed_store_keeps_its_ids_where_it_computed_as_it_would_now(native_bf16):
     """Made in float32 under auto: the same ids on a CPU without native bf16, and with model.dtype=float32 anywhere."""
     manifest = json.loads((ROOT / "docs/results/study-smollm2/store/sweep.json").read_text())
-    auto = [r.run_id for r in plan_runs(load_sweep(ROOT / "configs/study-smollm2.toml"))]
-    fp32 = [r.run_id for r in plan_runs(load_sweep(ROOT / "configs/study-smollm2.toml", ["model.dtype=float32"]))]
+    recorded = {"name": manifest["name"], "out_dir": "runs/x", **manifest["base"], "grid": manifest["grid"]}
+    auto = [r.run_id for r in plan_runs(parse_sweep(recorded))]
+    fp32 = [r.run_id for r in plan_runs(parse_sweep(recorded, ["model.dtype=float32"]))]
     assert fp32 == manifest["run_ids"]
     assert (auto == manifest["run_ids"]) == (not native_bf16)
 

@@ -6,10 +6,11 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 from loralab.lab import store as store_mod
-from loralab.lab.store import CorruptFileError, ManifestMismatchError, RunResult, RunStore, SweepStore, atomic_write_json, read_json, to_strict_json
+from loralab.lab.store import CorruptFileError, EvalChunks, SplitLosses, ManifestMismatchError, RunResult, RunStore, SweepStore, atomic_write_json, read_json, to_strict_json
 from loralab.lab.runtime import check_out_dir
 
 
@@ -263,3 +264,54 @@ def test_out_dir_expands_home_and_must_be_a_directory(tmp_path, monkeypatch):
     for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
         with pytest.raises(ValueError, match=f"out_dir {bad} .*file"):
             check_out_dir(bad)
+
+
+# ---- per-chunk eval losses ------------------------------------------------------------------------------------------
+
+def _chunks(n: int = 5) -> EvalChunks:
+    rng = np.random.default_rng(0)
+    split = lambda ids: SplitLosses(ids=np.array(ids), pretrained=rng.random(len(ids)) + 3,  # noqa: E731
+                                    step0=rng.random(len(ids)) + 3, final=rng.random(len(ids)) + 2)
+    val = split(range(n))
+    test = SplitLosses(ids=np.arange(n, 2 * n), pretrained=val.pretrained, step0=val.step0,
+                       final=np.array([np.nan, np.inf, 2.0, 1.5, 9.0])[:n])
+    return EvalChunks("abc123", {"val": val, "test": test})
+
+
+def test_eval_chunks_round_trip_keeps_non_finite_losses(tmp_path):
+    run = RunStore(tmp_path / "r")
+    written = _chunks()
+    run.write_eval_chunks(written)
+    back = run.eval_chunks()
+    assert back.pool_digest == "abc123" and list(back.splits) == ["val", "test"]
+    for name, split in written.splits.items():
+        for stage in ("ids", "pretrained", "step0", "final"):
+            np.testing.assert_array_equal(getattr(back.splits[name], stage),
+                                          np.asarray(getattr(split, stage), dtype=getattr(back.splits[name],
+                                                                                          stage).dtype))
+    assert back.splits["val"].final.dtype == np.float32 and (tmp_path / "r" / "eval_chunks.npz").stat().st_size < 4096
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04 truncated", b"not a zip", None], ids=["truncated", "foreign", "keys"])
+def test_an_unreadable_eval_chunks_file_costs_the_intervals_not_the_result(tmp_path, content):
+    sweep = SweepStore(tmp_path)
+    sweep.write_manifest("s", {}, ["r"], {})
+    run = sweep.run("r")
+    run.write_result(RunResult("r", "ok", final_eval_loss=2.0))
+    path = run.root / "eval_chunks.npz"
+    if content is None:   # a valid npz without the expected arrays
+        np.savez(path, something=np.zeros(3))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CorruptFileError, match="eval_chunks.npz is not a per-chunk eval file"):
+        run.eval_chunks()
+    (rec,) = sweep.records()
+    assert rec.status == "ok" and rec.eval_chunks is None and "eval_chunks.npz" in rec.problem
+
+
+def test_reset_removes_the_eval_chunks_of_an_unfinished_attempt(tmp_path):
+    run = RunStore(tmp_path / "r")
+    run.write_config("r", {}, {})
+    run.write_eval_chunks(_chunks())
+    run.reset()
+    assert run.eval_chunks() is None

@@ -276,9 +276,12 @@ def evaluate_run(run: RunStore, device: str = "auto") -> Evaluation:
     from .run.train import autocast_for, evaluate
 
     model, tokenizer, cfg = load_run_model(run, device)
-    chunks = load_data(cfg.data, tokenizer).eval
+    data = load_data(cfg.data, tokenizer)
+    # the chunks result.json's final loss is over: the test chunks with a val/test split, else the one eval set
+    chunks = data.eval[data.rows()["test" if "test" in data.splits else "eval"]]
     fused = fused_loss_ok(model, chunks[:1].to(next(model.parameters()).device))
-    (loss,) = evaluate(model, chunks, cfg.train.batch_size, 1, autocast_for(model), fused)
+    loss = evaluate(model, chunks, cfg.train.eval_batch_size or cfg.train.batch_size, 1, autocast_for(model),
+                    fused)[0].mean().item()
     result = run.result()
     return Evaluation(run.run_id, loss, None if result is None else result.final_eval_loss, len(chunks))
 

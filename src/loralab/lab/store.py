@@ -1,21 +1,26 @@
 """The run store: one directory per run, the only code that writes or reads run files.
 
 Layout (the lab spec's "Store format"): ``<out_dir>/sweep.json`` (manifest), and per run ``<out_dir>/runs/<run_id>/``
-with ``config.json``, ``metrics.jsonl``, ``diagnostics.json``, ``adapter/`` (the trained adapter, see
-:meth:`RunStore.write_adapter`) and ``result.json``. A run is finished iff its ``result.json`` reads back with status
-``ok`` or ``diverged`` (those are results); a ``failed`` or unreadable one is redone by the next sweep, after
-:meth:`RunStore.reset` moved the old file aside (never deleted: results are data).
+with ``config.json``, ``metrics.jsonl``, ``diagnostics.json``, ``eval_chunks.npz`` (per-chunk eval losses, see
+:class:`EvalChunks`), ``adapter/`` (the trained adapter, see :meth:`RunStore.write_adapter`) and ``result.json``. A
+run is finished iff its ``result.json`` reads back with status ``ok`` or ``diverged`` (those are results); a
+``failed`` or unreadable one is redone by the next sweep, after :meth:`RunStore.reset` moved the old file aside
+(never deleted: results are data).
 
 The adapter is written (atomically, as a directory) *before* ``result.json``, so a run the sweep finished has both,
 and a crash between the two leaves an unfinished run that the next sweep redoes (:meth:`RunStore.reset` removes the
 orphaned adapter). ``result.json`` alone still decides whether a run is finished: an adapter removed later (committed
 example stores leave them out, see ``.gitignore``) does not make a result unfinished, and ``RunResult.adapter`` says
-whether one was saved, so whoever looks for it can tell "not kept" from "never saved".
+whether one was saved, so whoever looks for it can tell "not kept" from "never saved". ``eval_chunks.npz`` is written
+before the result too.
 
 Every JSON file except metrics.jsonl is written atomically (the library's :func:`loralab.io.atomic_write`), as
 strict JSON: NaN and ±inf become ``null`` (a diverged loss is recorded as ``null``), so any JSON reader can load the
 files. metrics.jsonl is appended line by line, so a crash can truncate its last line; readers skip it. Results are
 read back as :class:`RunResult` through the config's type-checked path, so a damaged field is named, not propagated.
+
+``eval_chunks.npz`` is numpy's (compressed, no pickles): float32 losses of a few hundred chunks take a few KB, where
+JSON would take several times that and lose NaN; any numpy reads it. Stores written before it existed have none.
 
 Deviation from the spec, additive: ``sweep.json`` may hold ``"run_axes"`` (the axes of each run, parallel to
 ``run_ids``) so that runs never started still have axes in :meth:`SweepStore.records`.
@@ -29,18 +34,21 @@ import os
 import shutil
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from loralab.io import atomic_write
 
 from .config.typecheck import ConfigError, from_dict
 
-__all__ = ["CorruptFileError", "ManifestMismatchError", "RunRecord", "RunResult", "RunStore", "SweepStore",
-           "atomic_write_json", "read_json", "to_strict_json"]
+__all__ = ["CorruptFileError", "EvalChunks", "ManifestMismatchError", "RunRecord", "RunResult", "RunStore",
+           "SplitLosses", "SweepStore", "atomic_write_json", "read_json", "to_strict_json"]
 
 def to_strict_json(obj: Any) -> Any:
     """``obj`` with every non-finite float replaced by ``None`` (tuples become lists), ready for ``allow_nan=False``."""
@@ -111,6 +119,8 @@ def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
 STATUSES = ("ok", "diverged", "failed")
 FINISHED = ("ok", "diverged")   # results; a failed run is recorded, but a resumed sweep tries it again
 CONFIG, METRICS, DIAGNOSTICS, RESULT = "config.json", "metrics.jsonl", "diagnostics.json", "result.json"
+EVAL_CHUNKS = "eval_chunks.npz"
+STAGES = ("pretrained", "step0", "final")
 ADAPTER = "adapter"   # the run's trained adapter: a directory in PEFT's format
 MANIFEST = "sweep.json"
 
@@ -133,6 +143,12 @@ class RunResult:
         adapter: whether the trained adapter was saved in the run's ``adapter/`` directory (written before this
             result); false when ``train.save_adapter`` was off, for failed runs and for runs older than the field.
         dtype: the frozen base's dtype, which the run computed in ("" in results written before it was recorded).
+        diverged_at_step: the optimizer step at which the run was found diverged (``None``: it did not); with
+            ``train.on_divergence = "continue"`` it trained on to ``steps`` all the same.
+
+    With a val/test split (``data.val_chunks``), ``initial_eval_loss`` and ``final_eval_loss`` are means over the test
+    chunks (the reported ones), ``best_eval_loss`` the lowest periodic eval (on the curve chunks); without one, all
+    three are over the one eval set. The per-chunk losses are in ``eval_chunks.npz``.
     """
 
     run_id: str
@@ -152,6 +168,7 @@ class RunResult:
     pack_size: int = 1
     adapter: bool = False
     dtype: str = ""
+    diverged_at_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -173,6 +190,58 @@ class RunResult:
             if value is not None and not math.isfinite(value):   # NaN written by hand or by another writer
                 object.__setattr__(result, name, None)
         return result
+
+
+@dataclass(frozen=True)
+class SplitLosses:
+    """Per-chunk losses (mean over each chunk's predicted tokens, float32) of one eval split of one run.
+
+    Attributes:
+        ids: ``(n,)`` the chunks' ids in the held-out pool (every run of a sweep has the same ids: paired).
+        pretrained: ``(n,)`` the pretrained model's losses.
+        step0: ``(n,)`` the run's model at init (equal to ``pretrained`` for an init that preserves the output).
+        final: ``(n,)`` at the run's last step; NaN or inf where it blew up.
+    """
+
+    ids: np.ndarray
+    pretrained: np.ndarray
+    step0: np.ndarray
+    final: np.ndarray
+
+
+@dataclass(frozen=True)
+class EvalChunks:
+    """The per-chunk eval losses of one run (``eval_chunks.npz``): splits ``val``/``test``, or ``eval``."""
+
+    pool_digest: str                      # which held-out pool the ids index
+    splits: Mapping[str, SplitLosses]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {"pool_digest": np.array(self.pool_digest)}
+        for name, split in self.splits.items():
+            out[f"{name}.ids"] = np.asarray(split.ids, dtype=np.int64)
+            out |= {f"{name}.{stage}": np.asarray(getattr(split, stage), dtype=np.float32) for stage in STAGES}
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> EvalChunks:
+        """The inverse of :meth:`to_arrays`; ``ValueError`` naming the key when one is missing or misshapen."""
+        order = ("val", "test", "eval")   # the eval's row order; other names after them
+        names = sorted({k.split(".")[0] for k in arrays if k.endswith(".ids")},
+                       key=lambda n: (order.index(n) if n in order else len(order), n))
+        if "pool_digest" not in arrays or not names:
+            raise ValueError("no 'pool_digest' or no '<split>.ids' array")
+        splits = {}
+        for name in names:
+            ids = np.asarray(arrays[f"{name}.ids"])
+            losses = {}
+            for stage in STAGES:
+                key = f"{name}.{stage}"
+                if key not in arrays or np.shape(arrays[key]) != ids.shape:
+                    raise ValueError(f"{key!r} is missing or not shaped like {name}.ids {ids.shape}")
+                losses[stage] = np.asarray(arrays[key], dtype=np.float32)
+            splits[name] = SplitLosses(ids=ids.astype(np.int64), **losses)
+        return cls(str(arrays["pool_digest"]), splits)
 
 
 class RunStore:
@@ -205,6 +274,32 @@ class RunStore:
     def write_diagnostics(self, diagnostics: Mapping[str, Any]) -> None:
         """Write ``diagnostics.json`` (step-0 diagnostics)."""
         atomic_write_json(self.root / DIAGNOSTICS, dict(diagnostics))
+
+    def write_eval_chunks(self, chunks: EvalChunks) -> None:
+        """Write ``eval_chunks.npz`` atomically (compressed numpy arrays, no pickles)."""
+        arrays = chunks.to_arrays()
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:   # a file object: np.savez would append ".npz" to a path
+                np.savez_compressed(f, **arrays)   # type: ignore[arg-type]
+
+        atomic_write(self.root / EVAL_CHUNKS, write)
+
+    def eval_chunks(self) -> EvalChunks | None:
+        """``eval_chunks.npz`` read back, ``None`` when missing (runs stored before loralab wrote it).
+
+        Raises:
+            CorruptFileError: it exists but cannot be read as per-chunk losses, naming the file.
+        """
+        path = self.root / EVAL_CHUNKS
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return EvalChunks.from_arrays({k: npz[k] for k in npz.files})
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:   # truncated, foreign, misshapen
+            raise CorruptFileError(f"{path} is not a per-chunk eval file ({e}); rerun the run, or move the file "
+                                   "aside (the report then shows this run without intervals)") from None
 
     def write_result(self, result: RunResult) -> None:
         """Write ``result.json``; a result is written once (a second one raises; :meth:`reset` moves one aside)."""
@@ -283,7 +378,7 @@ class RunStore:
         if not self.root.exists():
             return None
         moved = move_aside(self.root / RESULT, f".{status}") if status is not None else None
-        for p in [self.root / n for n in (CONFIG, METRICS, DIAGNOSTICS)] + list(self.root.glob(".*.tmp")):
+        for p in [self.root / n for n in (CONFIG, METRICS, DIAGNOSTICS, EVAL_CHUNKS)] + list(self.root.glob(".*.tmp")):
             p.unlink(missing_ok=True)
         for d in [self.root / ADAPTER, *self.root.glob(f".{ADAPTER}.*")]:   # an attempt's adapter, whole or half
             shutil.rmtree(d, ignore_errors=True)
@@ -426,7 +521,8 @@ class RunRecord:
         path: the run directory.
         config, result, diagnostics: the parsed files, ``None`` when missing or unreadable.
         metrics: the metric records, in order.
-        problem: why a file could not be read (the run then counts as unfinished), else ``None``.
+        problem: why a file could not be read (an unreadable result makes the run unfinished), else ``None``.
+        eval_chunks: the per-chunk eval losses, ``None`` when missing or unreadable (named in ``problem``).
     """
 
     run_id: str
@@ -438,6 +534,7 @@ class RunRecord:
     diagnostics: dict | None = None
     metrics: tuple[dict, ...] = ()
     problem: str | None = None
+    eval_chunks: EvalChunks | None = None
 
     @property
     def final_eval_loss(self) -> float | None:
@@ -469,6 +566,7 @@ def load_record(run: RunStore, axes: Mapping[str, Any] | None = None) -> RunReco
         status = result.status
     else:
         status = "unfinished" if config is not None or metrics or problems else "pending"
+    chunks = read(run.eval_chunks)   # a bad file costs this run its intervals, not its result
     found = (result.axes if result else None) or (config or {}).get("axes") or axes or {}
     return RunRecord(run.run_id, status, dict(found), run.root, config, result, diagnostics, tuple(metrics),
-                     "; ".join(problems) or None)
+                     "; ".join(problems) or None, chunks)

@@ -52,14 +52,15 @@ def run_configs(draw) -> RunConfig:
                         cache_dir=draw(st.text(max_size=6)))
     data = DataConfig(source=draw(_names), seq_len=draw(st.integers(2, 4096)),
                       eval_fraction=draw(st.floats(0.001, 0.999, **_floats)), max_train_chunks=draw(st.integers(0, 99)),
-                      max_eval_chunks=draw(st.integers(0, 99)), split_seed=draw(st.integers(0, 2**31)))
+                      max_eval_chunks=draw(st.integers(0, 99)), split_seed=draw(st.integers(0, 2**31)),
+                      joiner=draw(st.sampled_from(["\n", "\n\n"])))
     train = TrainConfig(
         lr=draw(st.floats(1e-6, 1.0, **_floats)), epochs=draw(st.floats(0.1, 10, **_floats)),
         max_steps=draw(st.integers(0, 999)), batch_size=draw(st.integers(1, 64)), grad_accum=draw(st.integers(1, 8)),
         warmup_ratio=draw(st.floats(0.0, 0.99, **_floats)), weight_decay=draw(st.floats(0.0, 1.0, **_floats)),
         grad_clip=draw(st.floats(0.0, 10.0, **_floats)), eval_every=draw(st.integers(1, 100)),
         seed=draw(st.integers(0, 2**31)), device=draw(st.sampled_from(["auto", "cpu", "cuda", "mps"])),
-        diverge_factor=draw(st.floats(1.01, 100, **_floats)))
+        diverge_factor=draw(st.floats(1.01, 100, **_floats)), on_divergence=draw(st.sampled_from(["stop", "continue"])))
     return RunConfig(model=model, data=data, lora=lora, train=train)
 
 
@@ -353,16 +354,20 @@ def test_overlapping_axes_giving_the_same_runs_are_rejected():
 _CHANGES = {
     "model": {"name": "other", "dtype": "bfloat16", "cache_dir": "/c"},
     "data": {"source": "x.jsonl", "seq_len": 128, "eval_fraction": 0.1, "max_train_chunks": 5,
-             "max_eval_chunks": 5, "split_seed": 1, "cache_dir": "/c"},
+             "max_eval_chunks": 5, "split_seed": 1, "cache_dir": "/c", "val_chunks": 9, "test_chunks": 9,
+             "curve_chunks": 2, "joiner": "\n\n"},
     "lora": {"rank": 4, "alpha": 8.0, "init": "reversed", "targets": ("q_proj",), "dropout": 0.1, "rslora": True,
              "init_kwargs": {"std": 0.1}, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"q_proj": 4.0},
              "init_pattern": {"q_proj": "reversed"}, "exclude": ("v_proj",), "layers_to_transform": (0,),
              "modules_to_save": ("lm_head",)},
     "train": {"lr": 1e-4, "epochs": 2.0, "max_steps": 5, "batch_size": 8, "grad_accum": 2, "warmup_ratio": 0.0,
               "weight_decay": 0.0, "grad_clip": 0.0, "eval_every": 5, "seed": 1, "device": "cpu",
-              "diverge_factor": 2.5},
+              "diverge_factor": 2.5, "on_divergence": "continue"},
 }
 _BASE = RunConfig(lora=LoraConfig(init="gaussian"))   # so both init and init_kwargs can change alone
+# val/test sizes are set together, and curve_chunks needs them: those change from a base with a split
+_SPLIT = dataclasses.replace(_BASE, data=DataConfig(val_chunks=8, test_chunks=8))
+_BASE_FOR = {("data", "val_chunks"): _SPLIT, ("data", "test_chunks"): _SPLIT, ("data", "curve_chunks"): _SPLIT}
 
 
 _TOGETHER = {"layers_pattern": {"layers_to_transform": (0,)}}   # a field only valid beside another: changed with it
@@ -391,9 +396,14 @@ def test_execution_only_fields_keep_the_id(section, key):
 
 @pytest.mark.parametrize("section, key, value", [(s, k, v) for s, c in _CHANGES.items() for k, v in c.items()])
 def test_any_field_change_changes_the_id(section, key, value):
-    changed = dataclasses.replace(_BASE, **{section: dataclasses.replace(getattr(_BASE, section), **{key: value})})
-    assert changed != _BASE
-    assert run_id(changed, {}) != run_id(_BASE, {})
+    base = _BASE_FOR.get((section, key), _BASE)
+    changed = dataclasses.replace(base, **{section: dataclasses.replace(getattr(base, section), **{key: value})})
+    assert changed != base
+    assert run_id(changed, {}) != run_id(base, {})
+
+
+def test_a_split_changes_the_id_of_the_old_single_eval_set():
+    assert run_id(_SPLIT, {}) != run_id(_BASE, {})
 
 
 @settings(max_examples=40, deadline=None)
@@ -472,3 +482,11 @@ def test_pack_and_resources_are_sweep_settings():
     with pytest.raises(ConfigError, match="did you mean 'gpus'"):
         parse_sweep(sweep_dict(resources={"gpu": 1}))
 
+
+def test_the_committed_study_store_resumes_with_todays_run_ids():
+    """Run ids are the store's keys: the committed SmolLM2 study's manifest lists exactly the ids that the config it
+    recorded (base and grid in sweep.json, written before fields such as data.val_chunks existed) plans today."""
+    root = Path(__file__).resolve().parents[3]
+    manifest = json.loads((root / "docs/results/study-smollm2/store/sweep.json").read_text())
+    sweep = parse_sweep({"name": manifest["name"], "out_dir": "runs/x", **manifest["base"], "grid": manifest["grid"]})
+    assert [r.run_id for r in plan_runs(sweep)] == manifest["run_ids"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import statistics
@@ -14,9 +15,11 @@ from loralab.lab.report.write import write_report
 from loralab.lab.report.cells import Cell, fmt_value
 
 try:  # tests/lab may or may not be a package, depending on the rest of the suite
-    from .synthetic_store import ERROR, FAILED, INITS, LRS, PARTLY_DIVERGED, build_grid_store, build_study_store
+    from .synthetic_store import (CHUNKED_INITS, CHUNKED_LRS, CHUNKED_SEEDS, ERROR, FAILED, INITS, LRS,
+                                  PARTLY_DIVERGED, QR_DELTA, build_chunked_store, build_grid_store, build_study_store)
 except ImportError:
-    from synthetic_store import ERROR, FAILED, INITS, LRS, PARTLY_DIVERGED, build_grid_store, build_study_store
+    from synthetic_store import (CHUNKED_INITS, CHUNKED_LRS, CHUNKED_SEEDS, ERROR, FAILED, INITS, LRS, PARTLY_DIVERGED,
+                                 QR_DELTA, build_chunked_store, build_grid_store, build_study_store)
 
 
 def md_tables(text: str) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -169,8 +172,8 @@ def test_other_axes_give_one_table_per_combination(tmp_path):
     grid = {"lora.init": ["standard", "reversed"], "lora.rank": [4, 16], "train.lr": [1e-4, 1e-3], "train.seed": [0, 1]}
     build_grid_store(tmp_path, grid, lambda a: ("ok", 2 + a["lora.rank"] / 100 + a["train.seed"] / 1000))
     md = write_report(tmp_path)["md"].read_text()
-    assert table(md, "lora.rank = 4")["standard"][0].strip("*") == f"2.0405 ± {statistics.stdev([2.04, 2.041]):.4f}"
-    assert table(md, "lora.rank = 16")["reversed"][1] == f"2.1605 ± {statistics.stdev([2.16, 2.161]):.4f}"
+    assert table(md, "lora.rank = 4")["standard"][0].strip("*") == f"2.0405 ± {statistics.stdev([2.04, 2.041]):.4f} n=2"
+    assert table(md, "lora.rank = 16")["reversed"][1] == f"2.1605 ± {statistics.stdev([2.16, 2.161]):.4f} n=2"
 
 
 def test_missing_axes_give_one_row_or_column(tmp_path):
@@ -178,9 +181,9 @@ def test_missing_axes_give_one_row_or_column(tmp_path):
                      lambda a: ("ok", 2 + a["train.seed"] / 10), base={"lora": {"init": "standard"}})
     md = write_report(tmp_path)["md"].read_text()
     tab = table(md, "Final eval loss")
-    assert list(tab) == ["lora.init = standard"] and tab["lora.init = standard"] == ["2.1000 ± 0.1000"] * 2
+    assert list(tab) == ["lora.init = standard"] and tab["lora.init = standard"] == ["2.1000 ± 0.1000 n=3"] * 2
     md = write_report(tmp_path, col_axis="train.grad_clip")["md"].read_text()  # train.lr becomes a grouping axis
-    assert table(md, "train.lr = 1e-2")["lora.init = standard"] == ["2.1000 ± 0.1000"]
+    assert table(md, "train.lr = 1e-2")["lora.init = standard"] == ["2.1000 ± 0.1000 n=3"]
     assert "WARNING**: only one value of train.grad_clip" in md
 
 
@@ -192,7 +195,7 @@ def test_cli_report_pivots_on_any_axis_and_refuses_a_typo(tmp_path, capsys):
                      base={"lora": {"init": "standard"}})
     assert main(["report", str(tmp_path), "--rows", "lora.rank", "--out", str(tmp_path / "r")]) == 0
     tab = table((tmp_path / "r" / "report.md").read_text(), "Final eval loss")
-    assert list(tab) == ["4", "16"] and tab["16"][1] == "2.1700 ± 0.0000"
+    assert list(tab) == ["4", "16"] and tab["16"][1] == "2.1700 ± 0.0000 n=2"
     assert main(["report", str(tmp_path), "--rows", "lora.rnak", "--out", str(tmp_path / "typo")]) == 2
     err = capsys.readouterr().err
     assert "(--rows) 'lora.rnak'" in err and "lora.rank" in err and err.count("\n") == 1
@@ -213,16 +216,25 @@ def test_report_needs_a_sweep(tmp_path):
 
 
 def test_cell_text_rules():
-    class R:  # the fields of a RunRecord that Cell reads
-        def __init__(self, status, loss=None):
-            self.status, self.final_eval_loss = status, loss
+    from loralab.lab.store import RunResult
 
-    assert Cell((R("ok", 2.0),)).text() == "2.0000"
+    class R:  # the fields of a RunRecord that Cell reads
+        def __init__(self, status, loss=None, initial=2.5):
+            self.status, self.final_eval_loss, self.eval_chunks = status, loss, None
+            self.result = RunResult("r", status, final_eval_loss=loss, initial_eval_loss=initial) \
+                if status in ("ok", "diverged", "failed") else None
+
+    assert Cell((R("ok", 2.0),)).text() == "2.0000 n=1"
     assert Cell((R("diverged", 8.0),) * 4).text() == "diverged (4/4)"
-    assert Cell((R("ok", 2.0), R("ok", 2.2), R("diverged", None))).text() == f"2.1000 ± {math.sqrt(0.02):.4f} †1"
+    assert Cell((R("diverged", 8.0),) * 4).text("included") == "8.0000 ± 0.0000 n=4 †4 ▲4"
+    assert Cell((R("ok", 2.0), R("ok", 2.2), R("diverged", None))).text() == f"2.1000 ± {math.sqrt(0.02):.4f} n=2 †1"
+    assert Cell((R("ok", 2.0), R("ok", 2.2), R("diverged", None))).text("included") == "not finite n=3 †1 ▲1"
+    assert Cell((R("ok", 2.0), R("ok", 2.6))).text() == f"2.3000 ± {math.sqrt(0.18):.4f} n=2 ▲1"   # 2.6 > 2.5
     assert Cell((R("failed"), R("pending"))).text() == "failed (1/2) (1 not run)"
     assert Cell((R("pending"),)).text() == "pending" and Cell(()).text() == "—"
-    assert Cell((R("ok", 2.2),)).relative_text(Cell((R("ok", 2.0),))) == "+10.00%"
+    assert Cell((R("ok", 2.2),)).relative_text(Cell((R("ok", 2.0),))) == "+10.00% n=1"
+    rel = Cell((R("ok", 2.2), R("diverged", 5.8))).relative_text(Cell((R("ok", 2.0),)), "included")
+    assert rel == "+100.00% n=2 †1 ▲1"   # the published convention: (2.2 + 5.8) / 2 = 4.0 = 2 × 2.0
 
 
 def test_axis_values_are_formatted_for_humans():
@@ -260,3 +272,135 @@ def test_unreadable_manifest_is_named(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / 'sweep.json'} is not valid JSON" in err
+
+
+# ---- a store with per-chunk losses: intervals, paired differences, the tuned comparison -----------------------------
+
+CI = re.compile(r"^\**(?P<mean>-?\d+\.\d+) \[(?P<lo>-?\d+\.\d+), (?P<hi>-?\d+\.\d+)\] n=(?P<n>\d+)")
+DELTA = re.compile(r"^(?P<mean>[+-]\d+\.\d+) \[(?P<lo>[+-]\d+\.\d+), (?P<hi>[+-]\d+\.\d+)\](?P<star> ✱)? n=(?P<n>\d+)")
+
+
+@pytest.fixture(scope="module")
+def chunked(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chunked")
+    written = build_chunked_store(root)
+    return root, written, write_report(root)["md"].read_text()
+
+
+def counted(written, init, lr, convention) -> list[int]:
+    keep = ("ok",) if convention == "excluded" else ("ok", "diverged")
+    return [s for s in CHUNKED_SEEDS if written.status[init, lr, s] in keep]
+
+
+@pytest.mark.parametrize("convention, heading", [("excluded", "Final eval loss"),
+                                                 ("included", "Final eval loss, diverged runs included")])
+def test_every_cell_has_an_interval_around_its_test_mean_and_its_seed_count(chunked, convention, heading):
+    _, written, md = chunked
+    tab = table(md, heading)
+    for init in CHUNKED_INITS:
+        for j, lr in enumerate(CHUNKED_LRS):
+            seeds = counted(written, init, lr, convention)
+            m = CI.match(tab[init][j])
+            want = statistics.fmean(float(written.final[init, lr, s]["test"].mean()) for s in seeds)
+            assert float(m["mean"]) == pytest.approx(want, abs=1e-4) and int(m["n"]) == len(seeds), (init, lr)
+            assert float(m["lo"]) < float(m["mean"]) < float(m["hi"])
+    qr_high = tab["qr"][CHUNKED_LRS.index(1e-2)]
+    assert ("†1" in qr_high) and ("▲" in qr_high)   # the blown-up seed: left out or counted, marked either way
+
+
+def test_paired_table_flags_the_planted_difference_and_not_the_zero_one(chunked):
+    _, written, md = chunked
+    tab = table(md, "Paired difference vs `standard`")
+    assert tab["standard"] == ["baseline"] * 3
+    for j, lr in enumerate(CHUNKED_LRS):
+        zero, planted = DELTA.match(tab["reversed"][j]), DELTA.match(tab["qr"][j])
+        assert not zero["star"] and float(zero["lo"]) <= 0 <= float(zero["hi"])
+        if lr != 1e-2:   # qr at 1e-2 carries a run that ended above the pretrained model too
+            assert planted["star"] and float(planted["lo"]) <= QR_DELTA <= float(planted["hi"])
+            cell = CI.match(table(md, "Final eval loss")["qr"][j])
+            # pairing cancels the chunks' spread: the difference is known ~50x better than either mean
+            assert float(planted["hi"]) - float(planted["lo"]) < (float(cell["hi"]) - float(cell["lo"])) / 20
+
+
+def test_tuned_comparison_chooses_on_validation_and_reports_test(chunked):
+    _, written, md = chunked
+    _, header, rows = next(t for t in md_tables(md) if t[0].startswith("Tuned comparison") and "included" not in t[0])
+    tuned = {r[0].strip("`"): r for r in rows}
+    # standard's val loss is lowest at 1e-3 while its test loss is lowest at 1e-2: the choice follows val
+    assert tuned["standard"][1] == "1e-3" and tuned["qr"][1] == "1e-3"
+    test_mean = statistics.fmean(float(written.final["standard", 1e-3, s]["test"].mean()) for s in CHUNKED_SEEDS)
+    assert float(CI.match(tuned["standard"][3])["mean"]) == pytest.approx(test_mean, abs=1e-4)
+    assert DELTA.match(tuned["qr"][4])["star"] and not DELTA.match(tuned["reversed"][4])["star"]
+
+
+def test_selection_never_reads_test_chunks(tmp_path):
+    """Rewrite every test loss so that another lr looks best on test: the chosen lrs do not move."""
+    from loralab.lab.store import EvalChunks, SweepStore
+
+    build_chunked_store(tmp_path)
+    before = write_report(tmp_path)["md"].read_text()
+    store = SweepStore(tmp_path)
+    for rid in store.run_ids():
+        run = store.run(rid)
+        chunks = run.eval_chunks()
+        lr = run.config()["axes"]["train.lr"]
+        test = chunks.splits["test"]
+        tampered = dataclasses.replace(test, final=test.final - (1.0 if lr == 1e-4 else 0.0))
+        run.write_eval_chunks(EvalChunks(chunks.pool_digest, {"val": chunks.splits["val"], "test": tampered}))
+    after = write_report(tmp_path)["md"].read_text()
+
+    def chosen(md):
+        return [[r[1] for r in rows] for h, _, rows in md_tables(md) if h.startswith("Tuned comparison")]
+
+    assert chosen(after) == chosen(before) == [["1e-3", "1e-3", "1e-3"]] * 2
+    assert table(after, "Final eval loss")["standard"][0] != table(before, "Final eval loss")["standard"][0]
+
+
+def test_both_conventions_are_named_above_each_table(chunked):
+    md = chunked[2]
+    blocks = md.split("\n\n")
+    for i, b in enumerate(blocks):
+        if b.startswith("| ") and not blocks[i - 1].startswith("#") and "Convention:" not in blocks[i - 1]:
+            heading = next(x for x in reversed(blocks[:i]) if x.startswith("## "))
+            assert heading.startswith(("## All runs", "## Step-0")), heading
+    headings = [b for b in blocks if b.startswith("## ")]
+    for kind in ("Final eval loss", "Paired difference vs `standard`", "Tuned comparison"):
+        assert sum(h.startswith(f"## {kind}") for h in headings) == 2, kind
+
+
+def test_without_a_validation_split_the_tuned_choice_warns_of_selection_bias(tmp_path):
+    build_chunked_store(tmp_path, splits=("eval",))
+    md = write_report(tmp_path)["md"].read_text()
+    assert "no validation split" in md and "biased low" in md
+    assert "✱" in table(md, "Paired difference vs `standard`")["qr"][0]
+
+
+def test_a_store_without_per_chunk_losses_says_what_it_lacks(study):
+    md = study[3]
+    assert "No intervals, paired differences or tuned comparison" in md and "no per-chunk eval losses" in md
+    assert "Relative to `standard`, diverged runs included" in md
+
+
+def test_runs_evaluated_on_other_chunks_are_not_paired(tmp_path):
+    from loralab.lab.store import EvalChunks, SweepStore
+
+    build_chunked_store(tmp_path)
+    run = SweepStore(tmp_path).run("qr__lr0.001__s1")
+    chunks = run.eval_chunks()
+    run.write_eval_chunks(EvalChunks("another-pool", chunks.splits))
+    md = write_report(tmp_path)["md"].read_text()
+    assert "were evaluated on different chunks" in md and "qr__lr0.001__s1" in md and "✱" not in md
+
+
+def test_baseline_option(tmp_path, capsys):
+    from loralab.cli import main
+
+    build_chunked_store(tmp_path)
+    assert main(["report", str(tmp_path), "--baseline", "qr", "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    tab = table(md, "Paired difference vs `qr`")
+    assert tab["qr"] == ["baseline"] * 3 and float(DELTA.match(tab["standard"][0])["mean"]) == pytest.approx(
+        -QR_DELTA, abs=0.005)
+    assert main(["report", str(tmp_path), "--baseline", "qr-match"]) == 2
+    err = capsys.readouterr().err
+    assert "'qr-match' is not a row" in err and "standard, reversed, qr" in err

@@ -11,6 +11,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from loralab.lab.run import data as data_mod
 from loralab.lab.config.schema import DataConfig
@@ -276,3 +278,63 @@ def test_chitchat_with_the_smollm2_tokenizer(tmp_path):
     print(f"chitchat: built in {built:.1f} s, cached load {cached:.2f} s")
     assert torch.equal(again.train, packed.train)
     shutil.rmtree(tmp_path / "data")
+
+
+# ---- held-out chunks: val/test for comparisons ---------------------------------------------------------------------
+
+def test_joiner_separates_messages_and_is_part_of_the_cache_key(tmp_path, chat_jsonl, tok):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert format_conversation(msgs, "\n\n") == "User: Hi\n\nAssistant: Hello."
+    cfg = DataConfig(source=str(chat_jsonl), seq_len=16, cache_dir=str(tmp_path))
+    one, two = load_data(cfg, tok), load_data(replace(cfg, joiner="\n\n"), tok)
+    assert not two.info["cache_hit"] and two.info["train_tokens"] > one.info["train_tokens"]   # one more "\n" each
+    convs = read_jsonl(chat_jsonl)
+    assert two.info["train_tokens"] + two.info["eval_tokens"] - one.info["train_tokens"] - one.info["eval_tokens"] \
+        == sum(len(m) - 1 for m in convs)   # the byte tokenizer: one token per extra newline between messages
+
+
+@given(n=st.integers(2, 400), val=st.integers(1, 200), test=st.integers(1, 200), seed=st.integers(0, 2**31))
+def test_val_and_test_are_disjoint_seeded_draws_that_nest_as_they_grow(n, val, test, seed):
+    cfg = DataConfig(val_chunks=val, test_chunks=test, split_seed=seed)
+    if val + test > n:
+        with pytest.raises(DataError, match="held-out chunks"):
+            data_mod.held_out_ids(n, cfg)
+        return
+    ids = data_mod.held_out_ids(n, cfg)
+    v, t = set(ids["val"].tolist()), set(ids["test"].tolist())
+    assert len(v) == val and len(t) == test and not v & t and v | t <= set(range(n))
+    assert all(torch.equal(ids[k], data_mod.held_out_ids(n, cfg)[k]) for k in ids)   # drawn from the config alone
+    bigger = data_mod.held_out_ids(n, replace(cfg, val_chunks=val + (n - val - test) // 2,
+                                              test_chunks=test + (n - val - test) // 2))
+    assert v <= set(bigger["val"].tolist()) and t <= set(bigger["test"].tolist())   # never swap roles
+
+
+def test_the_final_eval_is_val_then_test_and_the_curve_a_prefix_of_val(tmp_path, chat_jsonl, tok):
+    cfg = DataConfig(source=str(chat_jsonl), seq_len=8, eval_fraction=0.2, cache_dir=str(tmp_path), val_chunks=5,
+                     test_chunks=4, curve_chunks=2)
+    data = load_data(cfg, tok)
+    pool = load_data(replace(cfg, val_chunks=0, test_chunks=0, curve_chunks=0), tok)   # the whole held-out pool
+    assert list(data.splits) == ["val", "test"] and data.curve_rows == 2 and data.eval.shape == (9, 8)
+    rows = data.rows()
+    for name, ids in data.splits.items():
+        assert torch.equal(data.eval[rows[name]], pool.eval[ids])
+    assert data.pool_digest == pool.pool_digest and list(pool.splits) == ["eval"]
+    other = load_data(replace(cfg, seq_len=9), tok)
+    assert other.pool_digest != data.pool_digest   # another pool: ids are not comparable, and say so
+    assert load_data(replace(cfg, curve_chunks=0), tok).curve_rows == 5   # 0 = every val chunk
+
+
+def test_too_many_eval_chunks_name_the_pool_size(tmp_path, chat_jsonl, tok):
+    cfg = DataConfig(source=str(chat_jsonl), seq_len=32, cache_dir=str(tmp_path), val_chunks=500, test_chunks=500)
+    with pytest.raises(DataError, match=r"val_chunks=500 \+ data.test_chunks=500 is more than the \d+ held-out"):
+        load_data(cfg, tok)
+
+
+@pytest.mark.parametrize("kw, fragment", [({"val_chunks": 4}, "set both"),
+                                          ({"val_chunks": 4, "test_chunks": 4, "max_eval_chunks": 8},
+                                           "set max_eval_chunks = 0"),
+                                          ({"val_chunks": 4, "test_chunks": 4, "curve_chunks": 5}, "more than val"),
+                                          ({"curve_chunks": 5}, "needs val_chunks"), ({"joiner": ""}, "joiner")])
+def test_eval_sizes_are_checked(kw, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        DataConfig(**kw)

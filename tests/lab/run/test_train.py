@@ -3,6 +3,7 @@ that a run leaves the base model alone. All on the tiny offline Llama (hidden 32
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -235,3 +236,74 @@ def test_compile_traces_the_backbone_and_trains_the_same_run(assets, tmp_path, m
     cfg = RunConfig(lora=LoraConfig(targets=TARGETS))
     on = RunConfig(lora=cfg.lora, train=TrainConfig(compile=True))
     assert run_id(on, {}) == run_id(cfg, {})   # a speed setting: an existing store resumes with it switched on
+
+
+# ---- the final eval: per chunk, stored; periodic evals on the curve chunks ----------------------------------------
+
+@pytest.fixture(scope="module")
+def split_assets(tiny_assets, tiny_lm_dir, chat_jsonl):
+    """The tiny model with data that has a val/test split: 3 val + 3 test chunks, curves on the first 2 val chunks."""
+    from transformers import AutoTokenizer
+
+    from loralab.lab.config.schema import DataConfig
+    from loralab.lab.run.data import load_data
+
+    cfg = DataConfig(source=str(chat_jsonl), seq_len=SEQ_LEN, max_train_chunks=16, eval_fraction=0.3, val_chunks=3,
+                     test_chunks=3, curve_chunks=2)
+    return tiny_assets[0], load_data(cfg, AutoTokenizer.from_pretrained(tiny_lm_dir))
+
+
+def test_final_eval_is_stored_per_chunk_and_matches_the_result(assets, tmp_path):
+    result, store = train(assets, tmp_path / "run", max_steps=3, eval_every=2)
+    chunks = store.eval_chunks()
+    (split,) = chunks.splits.values()
+    assert list(chunks.splits) == ["eval"] and split.ids.tolist() == assets[1].splits["eval"].tolist()
+    assert split.final.mean() == pytest.approx(result.final_eval_loss, rel=1e-6)
+    assert split.step0.mean() == pytest.approx(result.initial_eval_loss, rel=1e-6)
+    assert (split.step0 == split.pretrained).all()   # standard preserves the output: its step 0 is the base's
+    assert (split.final != split.step0).all()   # trained: every chunk's loss moved
+    assert chunks.pool_digest == assets[1].pool_digest
+
+
+def test_val_test_split_curves_on_val_chunks_result_on_test(split_assets, tmp_path):
+    result, store = train(split_assets, tmp_path / "run", max_steps=4, eval_every=2, lr=1e-2)
+    chunks, data = store.eval_chunks(), split_assets[1]
+    val, test = chunks.splits["val"], chunks.splits["test"]
+    assert list(chunks.splits) == ["val", "test"] and not set(val.ids) & set(test.ids)
+    evals = of_kind(store, "eval")
+    assert [m["step"] for m in evals] == [0, 2, 4]
+    assert evals[0]["eval_loss"] == pytest.approx(val.step0[:data.curve_rows].mean(), rel=1e-6)
+    assert evals[-1]["eval_loss"] == pytest.approx(val.final[:data.curve_rows].mean(), rel=1e-6)
+    assert result.final_eval_loss == pytest.approx(test.final.mean(), rel=1e-6)   # reported on test
+    assert result.initial_eval_loss == pytest.approx(test.step0.mean(), rel=1e-6)
+
+
+def test_a_non_preserving_init_is_evaluated_at_step_0_and_the_pretrained_losses_are_shared(split_assets, tmp_path):
+    cache: dict = {}
+    model, data = split_assets
+    runs = {}
+    for init in ("standard", "random-both"):
+        cfg = RunConfig(lora=LoraConfig(rank=4, alpha=8.0, init=init, targets=TARGETS),
+                        train=TrainConfig(max_steps=1, batch_size=2, device="cpu"))
+        store = RunStore(tmp_path / init)
+        with pytest.warns() if init == "random-both" else contextlib.nullcontext():
+            train_run(RunSpec(init, {}, cfg), store, base_model=model, data=data, progress=False,
+                      pretrained_cache=cache)
+        runs[init] = store.eval_chunks().splits["test"]
+    assert len(cache) == 1   # the base was evaluated once for both runs
+    std, rnd = runs["standard"], runs["random-both"]
+    assert (std.pretrained == rnd.pretrained).all() and (std.step0 == std.pretrained).all()
+    assert (rnd.step0 > rnd.pretrained).mean() > 0.5   # a cold start costs loss on most chunks
+
+
+def test_on_divergence_continue_trains_to_the_end(assets, tmp_path):
+    """The published protocol: a blown-up run keeps training; its status says diverged and when; NaN crashes nothing."""
+    result, store = train(assets, tmp_path / "run", lr=1e3, max_steps=8, eval_every=2, warmup_ratio=0.0,
+                          on_divergence="continue")
+    assert result.status == "diverged" and result.steps == 8
+    assert result.diverged_at_step is not None and 1 <= result.diverged_at_step < 8
+    assert [m["step"] for m in of_kind(store, "train")] == list(range(1, 9))
+    assert [m["step"] for m in of_kind(store, "eval")] == [0, 2, 4, 6, 8]
+    assert store.eval_chunks().splits["eval"].final.shape == (len(assets[1].eval),)
+    stopped, _ = train(assets, tmp_path / "stop", lr=1e3, max_steps=8, eval_every=2, warmup_ratio=0.0)
+    assert stopped.status == "diverged" and stopped.steps == stopped.diverged_at_step == result.diverged_at_step

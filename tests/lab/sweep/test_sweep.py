@@ -138,6 +138,14 @@ def test_data_too_small_for_one_batch_stops_the_sweep(cfg, tmp_path, capsys, one
     assert no_result_files(tmp_path / "out")   # no run recorded failed
 
 
+def test_more_eval_chunks_than_held_out_stops_the_sweep(cfg, tmp_path, capsys, one_thread):
+    change = {"data.max_eval_chunks": 0, "data.val_chunks": 400, "data.test_chunks": 400}
+    rc, stdout, err = sweep(capsys, tmp_path, with_(cfg, **change))
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "data.val_chunks=400 + data.test_chunks=400 is more than the" in err
+    assert no_result_files(tmp_path / "out")   # no run recorded failed
+
+
 def test_an_out_dir_that_is_a_file_stops_the_sweep(cfg, tmp_path, capsys):
     (tmp_path / "taken").write_text("")
     rc, _, err = sweep(capsys, tmp_path, cfg, "--set", f"out_dir={tmp_path / 'taken'}")

@@ -22,12 +22,13 @@ from typing import Any
 
 from loralab.config import FrozenMap, LoraConfig
 
-__all__ = ["EXECUTION", "PER_RUN", "DataConfig", "ModelConfig", "ResourcesConfig", "RunConfig", "SweepConfig",
-           "TrainConfig", "added", "added_fields", "fields_with_role", "require"]
+__all__ = ["EXECUTION", "ON_DIVERGENCE", "PER_RUN", "DataConfig", "ModelConfig", "ResourcesConfig", "RunConfig",
+           "SweepConfig", "TrainConfig", "added", "added_fields", "fields_with_role", "require"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 EXECUTORS = ("local", "ray")
+ON_DIVERGENCE = ("stop", "continue")
 
 
 EXECUTION = "execution"   # changes how fast a run trains or what it keeps on disk, not what it computes: left out
@@ -73,9 +74,16 @@ class DataConfig:
     seq_len: int = 256           # packed chunk length in tokens
     eval_fraction: float = 0.05  # used when the source has no test split
     max_train_chunks: int = 0    # 0 = all
-    max_eval_chunks: int = 0     # 0 = all
-    split_seed: int = 0          # seeds the train/eval split when the source has none
+    max_eval_chunks: int = 0     # the old single eval set (no val/test split): 0 = all held-out chunks
+    split_seed: int = 0          # seeds the train/eval split when the source has none, and the val/test draw
     cache_dir: str = ""          # "" -> $LORALAB_CACHE or ~/.cache/loralab
+    # Held-out chunks for a comparison (docs/evaluation.md): val (selects learning rates) and test (reports), disjoint,
+    # drawn once from the held-out pool, the same for every run on this data. 0 and 0 = the old single eval set.
+    val_chunks: int = field(default=0, metadata=added())
+    test_chunks: int = field(default=0, metadata=added())
+    # periodic evals during training (curves, divergence checks) use the first curve_chunks val chunks; 0 = all
+    curve_chunks: int = field(default=0, metadata=added())
+    joiner: str = field(default="\n", metadata=added())   # between a conversation's "Role: content" messages
 
     def __post_init__(self):
         require(bool(self.source), "DataConfig.source is empty: use 'chitchat', a hub dataset id or a file path")
@@ -83,8 +91,27 @@ class DataConfig:
                                     f"{self.seq_len}; try 256")
         require(0.0 < self.eval_fraction < 1.0, f"DataConfig.eval_fraction must be in (0, 1); got "
                                                  f"{self.eval_fraction!r}; try 0.05")
-        for name, value in [("max_train_chunks", self.max_train_chunks), ("max_eval_chunks", self.max_eval_chunks)]:
-            require(value >= 0, f"DataConfig.{name} must be >= 0 (0 = all); got {value}")
+        for name in ("max_train_chunks", "max_eval_chunks", "val_chunks", "test_chunks", "curve_chunks"):
+            value = getattr(self, name)
+            require(value >= 0, f"DataConfig.{name} must be >= 0; got {value}")
+        split = self.val_chunks > 0 or self.test_chunks > 0
+        require(not split or (self.val_chunks > 0 and self.test_chunks > 0),
+                f"DataConfig: val_chunks={self.val_chunks} and test_chunks={self.test_chunks}: set both (e.g. 256 "
+                "and 256: learning rates are chosen on val and reported on test), or neither")
+        require(not (split and self.max_eval_chunks), f"DataConfig: max_eval_chunks={self.max_eval_chunks} sizes the "
+                "old single eval set, val_chunks/test_chunks replace it: set max_eval_chunks = 0")
+        require(self.curve_chunks <= self.val_chunks or not split,
+                f"DataConfig.curve_chunks={self.curve_chunks} is more than val_chunks={self.val_chunks}: the curves "
+                "are evaluated on val chunks; lower it (0 = all val chunks)")
+        require(split or not self.curve_chunks, f"DataConfig.curve_chunks={self.curve_chunks} needs val_chunks and "
+                "test_chunks (without them every eval uses the whole eval set): set them, or curve_chunks = 0")
+        require(bool(self.joiner), "DataConfig.joiner is empty: messages would run together; use \"\\n\" "
+                                   "(the lab's default) or \"\\n\\n\" (the published study's)")
+
+    @property
+    def split(self) -> bool:
+        """Whether evaluation has a val/test split (else the old single eval set)."""
+        return self.val_chunks > 0
 
 
 @dataclass(frozen=True)
@@ -107,6 +134,11 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=_role(EXECUTION))
     # keep the trained adapter in <run dir>/adapter/ (PEFT format); false for huge sweeps: results only
     save_adapter: bool = field(default=True, metadata=_role(EXECUTION))
+    # after divergence: "stop" the run there (its final loss is measured then), or "continue" to the last step as the
+    # published study did (its final loss is the blown-up one); either way the run's status is "diverged"
+    on_divergence: str = field(default="stop", metadata=_role(PER_RUN, added=True))
+    # sequences per eval forward; 0 = batch_size. Larger is faster on a CPU (fewer passes over the weights)
+    eval_batch_size: int = field(default=0, metadata=_role(EXECUTION))
 
     def __post_init__(self):
         require(self.lr > 0 and math.isfinite(self.lr), f"TrainConfig.lr must be a positive number; got "
@@ -125,6 +157,10 @@ class TrainConfig:
         require(self.diverge_factor > 1, f"TrainConfig.diverge_factor must be > 1 (a loss above factor x the "
                                           f"initial loss is divergence); got {self.diverge_factor!r}; try 2.0")
         require(self.device in DEVICES, f"TrainConfig.device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        require(self.on_divergence in ON_DIVERGENCE, f"TrainConfig.on_divergence must be one of "
+                                                      f"{', '.join(ON_DIVERGENCE)}; got {self.on_divergence!r}")
+        require(self.eval_batch_size >= 0, f"TrainConfig.eval_batch_size must be >= 0 (0 = batch_size); got "
+                                            f"{self.eval_batch_size}")
 
 
 @dataclass(frozen=True)

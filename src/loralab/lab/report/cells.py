@@ -1,27 +1,37 @@
 """Group a sweep's runs into the report's tables: rows (the init) × columns (the LR), replicated over seeds.
 
 Each table cell holds the runs of one (row, column) pair of one *group* (one combination of the grid's other axes,
-e.g. ``lora.rank``). A cell's mean and std are over the seeds that finished ``ok``; diverged runs are counted and
-marked but never averaged in (a mean over blown-up losses measures nothing), failed and unfinished runs likewise.
-Cells compared for "best" are the clean ones (some run ok, none diverged): a config that diverges on some seeds is
-not a config to recommend, even if its surviving seeds look good. Used by ``report.py`` (tables) and, through plain
-lists, by ``plots.py``.
+e.g. ``lora.rank``). Diverged runs enter a cell's numbers by one of two named conventions (:data:`CONVENTIONS`):
+``excluded`` (the lab's: a mean over the seeds that finished ok, diverged ones counted and marked, since a mean over
+blown-up losses says little about the config's loss) or ``included`` (the published study's: every finished seed at
+its final loss, blown-up ones too). Failed and unfinished runs are never in a number. Cells compared for "best" are
+the eligible ones: under ``excluded`` the clean cells (some run ok, none diverged: a config that diverges on some seeds
+is not one to recommend, even if its surviving seeds look good), under ``included`` those whose mean is finite.
+
+With per-chunk eval losses in the store (``eval_chunks.npz``), :func:`chunk_losses` gives a cell's losses as a
+``(seeds, chunks)`` matrix for :mod:`.stats`; :func:`eval_splits` says which splits select and which report. Used by
+``write.py`` (tables) and, through plain lists, by ``plots.py``.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..config.schema import RunConfig
 from ..config.typecheck import ConfigError, field_type
 from ..store import RunRecord
+from .stats import Losses
 
 DIAG_KEYS = ("grad_norm_a", "grad_norm_b", "var_a", "var_b")
+CONVENTIONS = ("excluded", "included")
 
 
 def dotted_get(d: Any, path: str) -> Any:
@@ -45,18 +55,43 @@ def _key(v: Any) -> str:
     return json.dumps(v, sort_keys=True)
 
 
+def ended_worse(rec: RunRecord) -> bool:
+    """Whether a finished run's final eval loss is above the pretrained model's on the same chunks (a blow-up's
+    non-finite loss is). Per-chunk losses when the store has them, else the result's step-0 loss."""
+    chunks = rec.eval_chunks
+    if chunks is not None:
+        split = chunks.splits["test" if "test" in chunks.splits else next(iter(chunks.splits))]
+        final = float(np.mean(split.final, dtype=np.float64))
+        return not math.isfinite(final) or final > float(np.mean(split.pretrained, dtype=np.float64))
+    res = rec.result
+    if res is None or res.initial_eval_loss is None:
+        return False
+    return res.final_eval_loss is None or res.final_eval_loss > res.initial_eval_loss
+
+
 @dataclass(frozen=True)
 class Cell:
-    """The runs of one table cell. ``ok`` holds the final eval losses of runs that finished ok."""
+    """The runs of one table cell; its numbers under either divergence convention (module docstring)."""
 
     runs: tuple[RunRecord, ...] = ()
 
     def _with(self, status: str) -> list[RunRecord]:
         return [r for r in self.runs if r.status == status]
 
+    def finished(self, convention: str = "excluded") -> list[RunRecord]:
+        """The runs a number of this cell is over: ok ones, and under ``included`` diverged ones too."""
+        keep = ("ok",) if convention == "excluded" else ("ok", "diverged")
+        return [r for r in self.runs if r.status in keep]
+
+    def values(self, convention: str = "excluded") -> tuple[float, ...]:
+        """Final eval losses of :meth:`finished` runs (a diverged run's non-finite loss as NaN under ``included``)."""
+        if convention == "excluded":
+            return tuple(r.final_eval_loss for r in self._with("ok") if r.final_eval_loss is not None)
+        return tuple(math.nan if r.final_eval_loss is None else r.final_eval_loss for r in self.finished(convention))
+
     @property
     def ok(self) -> tuple[float, ...]:
-        return tuple(r.final_eval_loss for r in self._with("ok") if r.final_eval_loss is not None)
+        return self.values("excluded")
 
     @property
     def diverged(self) -> int:
@@ -70,43 +105,62 @@ class Cell:
     def waiting(self) -> int:
         return sum(r.status in ("pending", "unfinished") for r in self.runs)
 
-    @property
-    def mean(self) -> float | None:
-        return statistics.fmean(self.ok) if self.ok else None
+    def worse(self, convention: str = "excluded") -> int:
+        """How many of the cell's runs ended worse than the pretrained model (▲)."""
+        return sum(ended_worse(r) for r in self.finished(convention))
 
-    @property
-    def std(self) -> float | None:
-        """Sample standard deviation over seeds (n − 1), ``None`` with fewer than two."""
-        return statistics.stdev(self.ok) if len(self.ok) >= 2 else None
+    def mean(self, convention: str = "excluded") -> float | None:
+        v = self.values(convention)
+        return statistics.fmean(v) if v else None
+
+    def std(self, convention: str = "excluded") -> float | None:
+        """Sample standard deviation over seeds (n − 1), ``None`` with fewer than two or a non-finite loss."""
+        v = self.values(convention)
+        return statistics.stdev(v) if len(v) >= 2 and all(map(math.isfinite, v)) else None
 
     @property
     def clean(self) -> bool:
         return bool(self.ok) and not self.diverged
 
-    def marks(self) -> str:
-        """†k: k seeds diverged (excluded); ‡k: k failed (excluded); (k not run): pending or unfinished."""
-        out = f" †{self.diverged}" if self.diverged and self.ok else ""
-        out += f" ‡{self.failed}" if self.failed and (self.ok or self.diverged) else ""
+    def eligible(self, convention: str = "excluded") -> bool:
+        """Whether the cell may be called best or chosen as a tuned value (module docstring)."""
+        if convention == "excluded":
+            return self.clean
+        m = self.mean(convention)
+        return m is not None and math.isfinite(m)
+
+    def marks(self, convention: str = "excluded") -> str:
+        """n=k: seeds in the number; †k: k seeds diverged (excluded, or included by the convention); ‡k: k failed
+        (excluded); ▲k: k runs ended worse than the pretrained model; (k not run): pending or unfinished."""
+        n = len(self.values(convention))
+        out = f" n={n}" if n else ""
+        out += f" †{self.diverged}" if self.diverged and n else ""
+        out += f" ‡{self.failed}" if self.failed and (n or self.diverged) else ""
+        out += f" ▲{self.worse(convention)}" if n and self.worse(convention) else ""
         return out + (f" ({self.waiting} not run)" if self.waiting and len(self.runs) > self.waiting else "")
 
-    def text(self) -> str:
-        """E.g. ``2.2591 ± 0.0031``, ``2.3100 ± 0.0200 †1``, ``diverged (4/4)``, ``failed (1/1)``, ``pending``."""
-        n = len(self.runs)
-        if self.ok:
-            core = f"{self.mean:.4f}" + (f" ± {self.std:.4f}" if self.std is not None else "")
+    def text(self, convention: str = "excluded") -> str:
+        """E.g. ``2.2591 ± 0.0031 n=2``, ``2.3100 n=1 †1``, ``diverged (4/4)``, ``failed (1/1)``, ``pending``."""
+        n, mean, std = len(self.runs), self.mean(convention), self.std(convention)
+        if mean is not None:
+            core = f"{mean:.4f}" if math.isfinite(mean) else "not finite"
+            core += f" ± {std:.4f}" if std is not None else ""
         elif self.diverged:
             core = f"diverged ({self.diverged}/{n})"
         elif self.failed:
             core = f"failed ({self.failed}/{n})"
         else:
             return "pending" if n else "—"
-        return core + self.marks()
+        return core + self.marks(convention)
 
-    def relative_text(self, ref: Cell) -> str:
-        """This cell's mean relative to ``ref``'s in %, e.g. ``+1.23%``; non-numeric cells keep their text."""
-        if self.mean is None or ref.mean is None:
-            return self.text() if self.mean is None else "n/a (no reference)"
-        return f"{100.0 * (self.mean / ref.mean - 1.0):+.2f}%" + self.marks()
+    def relative_text(self, ref: Cell, convention: str = "excluded") -> str:
+        """This cell's mean relative to ``ref``'s in %, e.g. ``+1.23% n=2``; non-numeric cells keep their text."""
+        mean, ref_mean = self.mean(convention), ref.mean(convention)
+        if mean is None or ref_mean is None:
+            return self.text(convention) if mean is None else "n/a (no reference)"
+        if not (math.isfinite(mean) and math.isfinite(ref_mean)):
+            return "not finite" + self.marks(convention)
+        return f"{100.0 * (mean / ref_mean - 1.0):+.2f}%" + self.marks(convention)
 
 
 @dataclass(frozen=True)
@@ -188,16 +242,48 @@ def cell_grid(layout: Layout, records: Sequence[RunRecord]) -> dict[tuple[int, i
     return {k: Cell(tuple(v)) for k, v in runs.items()}
 
 
-def best_in_column(cells: Mapping, layout: Layout, g: int, c: int) -> int | None:
-    """Row index of the clean cell with the lowest mean in column ``c`` of group ``g``."""
-    means = {r: cells[g, r, c].mean for r in range(len(layout.rows)) if cells[g, r, c].clean}
+def best_in_column(cells: Mapping, layout: Layout, g: int, c: int, convention: str = "excluded") -> int | None:
+    """Row index of the eligible cell with the lowest mean in column ``c`` of group ``g``."""
+    means = {r: cells[g, r, c].mean(convention) for r in range(len(layout.rows)) if cells[g, r, c].eligible(convention)}
     return min(means, key=lambda k: means[k]) if means else None
 
 
-def best_in_row(cells: Mapping, layout: Layout, g: int, r: int) -> int | None:
-    """Column index of the clean cell with the lowest mean in row ``r`` of group ``g``."""
-    means = {c: cells[g, r, c].mean for c in range(len(layout.cols)) if cells[g, r, c].clean}
+def best_in_row(cells: Mapping, layout: Layout, g: int, r: int, convention: str = "excluded") -> int | None:
+    """Column index of the eligible cell with the lowest mean in row ``r`` of group ``g``."""
+    means = {c: cells[g, r, c].mean(convention) for c in range(len(layout.cols)) if cells[g, r, c].eligible(convention)}
     return min(means, key=lambda k: means[k]) if means else None
+
+
+def eval_splits(records: Sequence[RunRecord]) -> tuple[str, str] | str:
+    """``(selection split, reported split)`` when every finished run has per-chunk losses on the same chunks:
+    ``("val", "test")``, or ``("eval", "eval")`` for the old single eval set. Otherwise why not, as a sentence."""
+    done = [r for r in records if r.status in ("ok", "diverged")]
+    lacking = [r for r in done if r.eval_chunks is None]
+    if not done or lacking:
+        return (f"{len(lacking)} of the {len(done)} finished runs have no per-chunk eval losses (eval_chunks.npz; "
+                "stores written before loralab recorded them have none)") if done else "no finished runs"
+    first = done[0].eval_chunks
+    assert first is not None
+    for r in done:
+        chunks = r.eval_chunks
+        assert chunks is not None
+        same = chunks.pool_digest == first.pool_digest and list(chunks.splits) == list(first.splits) and all(
+            np.array_equal(chunks.splits[k].ids, first.splits[k].ids) for k in first.splits)
+        if not same:
+            return (f"runs `{done[0].run_id}` and `{r.run_id}` were evaluated on different chunks (held-out pools "
+                    f"{first.pool_digest} and {chunks.pool_digest}), so their losses do not pair")
+    return ("val", "test") if {"val", "test"} <= set(first.splits) else ("eval", "eval")
+
+
+def chunk_losses(cell: Cell, convention: str, split: str, rep_axis: str) -> Losses | None:
+    """The cell's per-chunk final losses on ``split`` as ``(seeds, chunks)``, rows labelled by the replicate axis's
+    value; ``None`` when no run counts under ``convention`` or one lacks per-chunk losses."""
+    runs = cell.finished(convention)
+    if not runs or any(r.eval_chunks is None or split not in r.eval_chunks.splits for r in runs):
+        return None
+    seeds = tuple(r.axes.get(rep_axis, i) for i, r in enumerate(runs))
+    values = np.stack([r.eval_chunks.splits[split].final for r in runs if r.eval_chunks is not None])
+    return Losses(seeds, values.astype(np.float64))
 
 
 def diagnostic_stats(runs: Sequence[RunRecord]) -> dict[str, float] | None:

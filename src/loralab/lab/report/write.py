@@ -1,11 +1,20 @@
 """A sweep's report (markdown, self-contained HTML, PNG plots), read only from the store.
 
-The report follows the study it reproduces: final eval loss per init (rows) and LR (columns), mean ± std over seeds,
-the same table relative to ``standard`` in %, loss-vs-LR plots (full and zoomed) and eval-loss curves. Following
-the tuning playbook, the init is the scientific variable and the LR a nuisance tuned away per init: each init's best
-LR is reported, with a warning when it sits on the grid's edge (the optimum may lie outside the range tuned).
-Diverged and failed runs are shown as such, never averaged in. Grid axes other than row/column/replicate (e.g.
-``lora.rank``) give one table per combination of their values.
+The report follows the study it reproduces: final eval loss per init (rows) and LR (columns), the same relative to a
+baseline init (``standard`` unless ``--baseline`` says otherwise), loss-vs-LR plots (full and zoomed) and eval-loss
+curves. Following the tuning playbook, the init is the scientific variable and the LR a nuisance tuned away per init.
+Grid axes other than row/column/replicate (e.g. ``lora.rank``) give one table per combination of their values.
+
+Diverged runs enter the numbers by two conventions, and every table of numbers comes in both, named above it
+(:data:`.cells.CONVENTIONS`): excluded (the lab's) and included at their final loss (the published study's). Every
+cell shows its seed count; ▲ marks runs that ended worse than the pretrained model.
+
+With per-chunk eval losses in the store (docs/evaluation.md), the report can tell inits apart: every cell gets a 95%
+bootstrap interval over seeds and chunks (:mod:`.stats`), the table against the baseline holds paired differences
+(same seed, same chunks) marked ✱ where the interval excludes 0, and the *tuned comparison* puts each init at its
+own best LR, chosen on the validation chunks and reported on the test chunks (Lee et al. 2026: only tuned inits are
+compared fairly). A store without per-chunk losses (written before loralab stored them) gets means ± std, the table
+relative to the baseline in %, and the best LR per init, with a note on what it lacks.
 
 The document is built once as a list of blocks, then rendered twice (markdown and HTML), so both say the same.
 """
@@ -14,6 +23,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,32 +31,90 @@ from typing import Any
 from ..store import RunRecord, SweepStore
 from . import plots
 from .cells import (
+    CONVENTIONS,
     DIAG_KEYS,
     Layout,
     best_in_column,
     best_in_row,
     cell_grid,
+    chunk_losses,
     diagnostic_stats,
+    eval_splits,
     fmt_value,
     make_layout,
     mean_curve,
 )
 from .markup import to_html, to_markdown
+from .stats import LEVEL, N_BOOT, Estimate, choose, interval, paired_difference, seed_for
 
-REFERENCE_ROW = "standard"
+BASELINE = "standard"
 STATUS_ORDER = ("ok", "diverged", "failed", "unfinished", "pending")
 PNGS = {"loss_vs_lr": "final eval loss vs LR, per init (diverged runs: x at their loss, ^ when not finite)",
         "loss_vs_lr_zoom": "the same without diverged runs",
         "curves": "eval loss during training (mean over ok seeds; dashed: diverged runs)",
         "diagnostics": "step-0 diagnostics per init"}
-LEGEND = ("Final eval loss (nats/token): mean ± sample std over seeds that finished ok. "
-          "†k: k seeds diverged (excluded from the mean); ‡k: k seeds failed (excluded); (k not run): pending or "
-          "unfinished. **Bold**: the lowest mean in its column among cells where no seed diverged.")
+CONVENTION_TEXT = {
+    "excluded": "Convention: **diverged runs excluded** (the lab's): a cell is over its seeds that finished ok; †k: "
+                "k seeds diverged and are left out.",
+    "included": "Convention: **diverged runs included at their final loss** (the published study's): a cell is over "
+                "every finished seed, blown-up ones too; †k: k of them diverged. A diverged run's final loss is where "
+                "it stopped (train.on_divergence = \"stop\") or at the last step (\"continue\")."}
+MARKS = ("n=k: seeds in the number; ‡k: k seeds failed (left out); ▲k: k runs ended above the pretrained model's "
+         "loss on the same chunks; (k not run): pending or unfinished.")
+SUFFIX = {"excluded": "", "included": ", diverged runs included"}
 Block = tuple  # see markup.py
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """What every table of one report needs."""
+
+    lay: Layout
+    cells: dict
+    rep_axis: str
+    baseline: str
+    base: int | None                      # the baseline's row, None when it is not a row
+    splits: tuple[str, str] | None        # (selection split, reported split) with per-chunk losses, else None
+    why_not: str                          # why there are no per-chunk statistics ("" when there are)
+
+    def estimate(self, g: int, r: int, c: int, convention: str, split: str) -> Estimate | None:
+        losses = chunk_losses(self.cells[g, r, c], convention, split, self.rep_axis)
+        if losses is None:
+            return None
+        return interval(losses.values, seed=seed_for(self.lay.groups[g], self.lay.row_labels[r],
+                                                     self.lay.col_labels[c], convention, split))
+
+    def paired(self, g: int, r: int, c: int, rb: int, cb: int, convention: str) -> Estimate | None:
+        """``(r, c) − (rb, cb)`` of group ``g`` on the reported split, same seeds and chunks."""
+        assert self.splits is not None
+        split = self.splits[1]
+        a, b = (chunk_losses(self.cells[g, i, j], convention, split, self.rep_axis) for i, j in ((r, c), (rb, cb)))
+        if a is None or b is None:
+            return None
+        return paired_difference(a, b, seed=seed_for(self.lay.groups[g], self.lay.row_labels[r],
+                                                     self.lay.col_labels[c], self.lay.col_labels[cb], convention))
 
 
 def _num(v: Any, spec: str = ".4f") -> str:
     return "—" if v is None else ("0" if v == 0 else format(float(v), spec))
+
+
+def _ci(est: Estimate) -> str:
+    """``3.6653 [3.6601, 3.6705]``; a non-finite loss has no mean worth a number, nor an interval."""
+    if not est.finite:
+        return "not finite"
+    return f"{est.mean:.4f} [{est.lo:.4f}, {est.hi:.4f}]"
+
+
+def _delta(est: Estimate | None) -> str:
+    """``−0.0123 [−0.0150, −0.0096] ✱ n=2``: ✱ when the interval excludes 0."""
+    if est is None:
+        return "n/a (no seed in common)"
+    if not est.finite:
+        return f"not finite n={est.seeds}"
+    star = " ✱" if est.excludes_zero else ""
+    lo, mean, hi = (round(v, 4) + 0.0 for v in (est.lo, est.mean, est.hi))   # + 0.0: no "-0.0000"
+    return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]{star} n={est.seeds}"
 
 
 def _header(name: str, manifest: dict, records: Sequence[RunRecord], out_dir: Path) -> list[Block]:
@@ -64,60 +132,203 @@ def _header(name: str, manifest: dict, records: Sequence[RunRecord], out_dir: Pa
             ("p", f"Store `{out_dir}`, created {manifest.get('created', '?')}; report generated {when}.")]
 
 
-def _loss_table(lay: Layout, cells: dict, g: int, ref: int | None) -> Block:
-    """The loss table of group ``g``; relative to row ``ref`` in % when ``ref`` is given."""
+def _evaluation(ctx: _Ctx, records: Sequence[RunRecord], manifest: dict) -> list[Block]:
+    """How the numbers below were measured, or what this store lacks for intervals."""
+    if ctx.splits is None:
+        return [("h", 2, "Evaluation"),
+                ("p", f"No intervals, paired differences or tuned comparison: {ctx.why_not}. The tables give means ± "
+                      "sample std over seeds, and the best learning rate is chosen and reported on the same eval "
+                      "chunks, which flatters it (selection bias). Rerun the sweep with data.val_chunks and "
+                      "data.test_chunks set for a report that can tell inits apart (docs/evaluation.md).")]
+    first = next(r.eval_chunks for r in records if r.eval_chunks is not None)
+    sizes = {k: len(v.ids) for k, v in first.splits.items()}
+    seq = manifest.get("base", {}).get("data", {}).get("seq_len")
+    tokens = f" of {seq} tokens" if seq else ""
+    sel, rep = ctx.splits
+    where = (f"{sizes['val']} validation and {sizes['test']} test chunks{tokens}: learning rates are chosen on "
+             "validation, and every number below is on test" if sel != rep else
+             f"{sizes['eval']} eval chunks{tokens}, with no validation split: a learning rate is chosen and reported "
+             "on the same chunks, which flatters it")
+    return [("h", 2, "Evaluation"),
+            ("p", f"Final eval on {where}; the same chunks for every run (held-out pool {first.pool_digest}), so "
+                  "differences between runs are paired by chunk and seed. Intervals: "
+                  f"{LEVEL:.0%} percentile bootstrap over seeds and chunks (pigeonhole scheme, {N_BOOT} replicates, "
+                  "seeded per cell; loralab/lab/report/stats.py). An interval covers seed-to-seed variation only as "
+                  "well as the cell's seeds show it: with 1 seed, chunk noise only (docs/evaluation.md).")]
+
+
+def _loss_table(ctx: _Ctx, g: int, convention: str) -> Block:
+    """Final eval loss of group ``g``: with an interval when the store has per-chunk losses."""
+    lay, cells = ctx.lay, ctx.cells
     header = [f"{lay.row_axis} \\ {lay.col_axis}"] + list(lay.col_labels)
     rows = []
     for r, label in enumerate(lay.row_labels):
         row = [f"`{label}`"]
         for c in range(len(lay.cols)):
             cell = cells[g, r, c]
-            text = cell.text() if ref is None else cell.relative_text(cells[g, ref, c])
-            best = len(lay.rows) > 1 and best_in_column(cells, lay, g, c) == r  # one row: nothing to compare
+            est = ctx.estimate(g, r, c, convention, ctx.splits[1]) if ctx.splits else None
+            text = _ci(est) + cell.marks(convention) if est is not None else cell.text(convention)
+            best = len(lay.rows) > 1 and best_in_column(cells, lay, g, c, convention) == r
             row.append(f"**{text}**" if best else text)
         rows.append(row)
     return ("table", header, rows)
 
 
-def _best_lr(lay: Layout, cells: dict, g: int) -> list[Block]:
-    """Each init's best column value, warning when it is the grid's first or last value."""
-    items, warnings = [], []
+def _relative_table(ctx: _Ctx, g: int, convention: str) -> Block:
+    """Means relative to the baseline row in % (stores without per-chunk losses)."""
+    lay, cells = ctx.lay, ctx.cells
+    assert ctx.base is not None
+    header = [f"{lay.row_axis} \\ {lay.col_axis}"] + list(lay.col_labels)
+    rows = []
     for r, label in enumerate(lay.row_labels):
-        c = best_in_row(cells, lay, g, r)
-        if c is None:
-            items.append(f"`{label}`: no clean cell (every {lay.col_axis} diverged, failed or is not done)")
-            continue
-        items.append(f"`{label}`: best {lay.col_axis} = {lay.col_labels[c]} ({cells[g, r, c].mean:.4f})")
+        row = [f"`{label}`"]
+        for c in range(len(lay.cols)):
+            text = cells[g, r, c].relative_text(cells[g, ctx.base, c], convention)
+            best = len(lay.rows) > 1 and best_in_column(cells, lay, g, c, convention) == r
+            row.append(f"**{text}**" if best else text)
+        rows.append(row)
+    return ("table", header, rows)
+
+
+def _paired_table(ctx: _Ctx, g: int, convention: str) -> Block:
+    """Paired differences from the baseline row in the same column, with intervals."""
+    lay, cells = ctx.lay, ctx.cells
+    assert ctx.base is not None
+    header = [f"{lay.row_axis} \\ {lay.col_axis}"] + list(lay.col_labels)
+    rows = []
+    for r, label in enumerate(lay.row_labels):
+        row = [f"`{label}`"]
+        for c in range(len(lay.cols)):
+            if r == ctx.base:
+                row.append("baseline")
+            elif not cells[g, r, c].finished(convention) or not cells[g, ctx.base, c].finished(convention):
+                row.append(cells[g, r, c].text(convention) if not cells[g, r, c].finished(convention) else
+                           "n/a (no baseline)")
+            else:
+                row.append(_delta(ctx.paired(g, r, c, ctx.base, c, convention)))
+        rows.append(row)
+    return ("table", header, rows)
+
+
+def _edge_warnings(lay: Layout, chosen: dict[int, int]) -> list[Block]:
+    out = []
+    for r, c in chosen.items():
         edge = "lowest" if c == 0 else "highest" if c == len(lay.cols) - 1 else None
         if edge and len(lay.cols) > 1:
-            warnings.append(("warn", f"`{label}`: the best {lay.col_axis} ({lay.col_labels[c]}) is the {edge} "
-                                     "value of the grid; the optimum may lie outside the range tuned: extend the grid "
-                                     "(tuning playbook)."))
+            out.append(("warn", f"`{lay.row_labels[r]}`: the best {lay.col_axis} ({lay.col_labels[c]}) is the {edge} "
+                                "value of the grid; the optimum may lie outside the range tuned: extend the grid "
+                                "(tuning playbook)."))
     if len(lay.cols) == 1:
-        warnings.append(("warn", f"only one value of {lay.col_axis}: it was not tuned."))
-    best = [(cells[g, r, c].mean, r, c) for r in range(len(lay.rows))
-            if (c := best_in_row(cells, lay, g, r)) is not None]
+        out.append(("warn", f"only one value of {lay.col_axis}: it was not tuned."))
+    return out
+
+
+def _best_lr(ctx: _Ctx, g: int, convention: str) -> list[Block]:
+    """Each row's best column by mean (stores without per-chunk losses), warning when it is the grid's edge."""
+    lay, cells = ctx.lay, ctx.cells
+    items, chosen = [], {}
+    for r, label in enumerate(lay.row_labels):
+        c = best_in_row(cells, lay, g, r, convention)
+        if c is None:
+            items.append(f"`{label}`: no eligible cell (every {lay.col_axis} diverged, failed or is not done)")
+            continue
+        chosen[r] = c
+        items.append(f"`{label}`: best {lay.col_axis} = {lay.col_labels[c]} ({cells[g, r, c].mean(convention):.4f})")
+    best = sorted((cells[g, r, c].mean(convention), r, c) for r, c in chosen.items())
     overall = [("p", f"Lowest overall: `{lay.row_labels[r]}` at {lay.col_axis} = {lay.col_labels[c]} ({m:.4f}).")
-               for m, r, c in sorted(best)[:1]]
-    return overall + [("ul", items)] + warnings
+               for m, r, c in best[:1]]
+    return overall + [("ul", items)] + _edge_warnings(lay, chosen)
 
 
-def _tables(lay: Layout, cells: dict) -> list[Block]:
-    ref = lay.row_labels.index(REFERENCE_ROW) if REFERENCE_ROW in lay.row_labels else None
-    sections = [("h", 2, "Final eval loss"), ("p", LEGEND)]
-    if ref is not None:
-        rel = [("h", 2, f"Relative to `{REFERENCE_ROW}`"),
-               ("p", f"(mean / mean of `{REFERENCE_ROW}` in the same column − 1) × 100; negative = lower loss. Bold "
-                     "as in the table above.")]
-    best = [("h", 2, f"Best {lay.col_axis} per {lay.row_axis}"),
-            ("p", "Lowest mean final eval loss over cells where no seed diverged.")]
-    for g in range(len(lay.groups)):
-        head = [("h", 3, lay.group_label(g))] if lay.others else []
-        sections += head + [_loss_table(lay, cells, g, None)]
-        if ref is not None:
-            rel += head + [_loss_table(lay, cells, g, ref)]
-        best += head + _best_lr(lay, cells, g)
-    return sections + (rel if ref is not None else []) + best
+def _tuned(ctx: _Ctx, g: int, convention: str) -> list[Block]:
+    """Each row at its own best column, chosen on the validation split only and reported on the test split."""
+    lay, cells = ctx.lay, ctx.cells
+    assert ctx.splits is not None
+    sel, rep = ctx.splits
+    val: dict[tuple[int, int], float] = {}
+    for r in range(len(lay.rows)):
+        for c in range(len(lay.cols)):
+            losses = chunk_losses(cells[g, r, c], convention, sel, ctx.rep_axis)
+            if losses is not None and cells[g, r, c].eligible(convention):
+                val[r, c] = float(losses.values.mean())
+    chosen = {r: c for r in range(len(lay.rows))
+              if (c := choose({c: v for (i, c), v in val.items() if i == r})) is not None}   # validation only
+    base_c = chosen.get(ctx.base) if ctx.base is not None else None
+    delta_head = f"Δ vs `{ctx.baseline}` at its own {lay.col_axis}" if ctx.base is not None else "Δ (no baseline)"
+    header = [lay.row_axis, f"{lay.col_axis} (lowest {sel} loss)", f"{sel} loss", f"{rep} loss [95% CI]",
+              f"{delta_head} [95% CI]"]
+    rows = []
+    for r, label in enumerate(lay.row_labels):
+        if r not in chosen:
+            rows.append([f"`{label}`", "none eligible", "—", "—", "—"])
+            continue
+        c = chosen[r]
+        est = ctx.estimate(g, r, c, convention, rep)
+        test = (_ci(est) + f" n={est.seeds}") if est is not None else "—"
+        if r == ctx.base:
+            delta = "baseline"
+        elif base_c is None or ctx.base is None:
+            delta = "—"
+        else:
+            delta = _delta(ctx.paired(g, r, c, ctx.base, base_c, convention))
+        rows.append([f"`{label}`", lay.col_labels[c], f"{val[r, c]:.4f}", test, delta])
+    blocks: list[Block] = [("table", header, rows)]
+    if val:
+        r, c = choose(val)   # the lowest validation loss of the whole table
+        est = ctx.estimate(g, r, c, convention, rep)
+        blocks.append(("p", f"Lowest overall, chosen on {sel}: `{lay.row_labels[r]}` at {lay.col_axis} = "
+                            f"{lay.col_labels[c]}: {rep} loss {_ci(est) if est else '—'}."))
+    if sel == rep:
+        blocks.append(("warn", "no validation split: each choice is made and reported on the same chunks, so its "
+                               "loss is biased low; set data.val_chunks and data.test_chunks."))
+    return blocks + _edge_warnings(lay, chosen)
+
+
+def _tables(ctx: _Ctx) -> list[Block]:
+    lay = ctx.lay
+    heads = [[("h", 3, lay.group_label(g))] if lay.others else [] for g in range(len(lay.groups))]
+    ci = (" Each cell: mean [95% interval]." if ctx.splits else " Each cell: mean ± sample std over seeds.")
+    out: list[Block] = []
+    for conv in CONVENTIONS:
+        out += [("h", 2, f"Final eval loss{SUFFIX[conv]}"),
+                ("p", f"{CONVENTION_TEXT[conv]}{ci} {MARKS} **Bold**: the lowest mean in its column among eligible "
+                      "cells (no seed diverged; under the included convention, a finite mean).")]
+        for g in range(len(lay.groups)):
+            out += heads[g] + [_loss_table(ctx, g, conv)]
+    if ctx.base is not None:
+        for conv in CONVENTIONS:
+            if ctx.splits:
+                out += [("h", 2, f"Paired difference vs `{ctx.baseline}`{SUFFIX[conv]}"),
+                        ("p", f"{CONVENTION_TEXT[conv]} Each cell: the mean over seeds and {ctx.splits[1]} chunks of "
+                              f"(loss − `{ctx.baseline}`'s loss in the same column, same seed, same chunk), in nats "
+                              "(negative = lower loss), its 95% interval, ✱ when the interval excludes 0, and "
+                              "n = the seeds both have.")]
+                body = [_paired_table(ctx, g, conv) for g in range(len(lay.groups))]
+            else:
+                out += [("h", 2, f"Relative to `{ctx.baseline}`{SUFFIX[conv]}"),
+                        ("p", f"{CONVENTION_TEXT[conv]} (mean / mean of `{ctx.baseline}` in the same column − 1) × "
+                              "100; negative = lower loss. Bold as in the table above.")]
+                body = [_relative_table(ctx, g, conv) for g in range(len(lay.groups))]
+            for g in range(len(lay.groups)):
+                out += heads[g] + [body[g]]
+    for conv in CONVENTIONS:
+        if ctx.splits:
+            sel, rep = ctx.splits
+            out += [("h", 2, f"Tuned comparison: each {lay.row_axis} at its best {lay.col_axis}{SUFFIX[conv]}"),
+                    ("p", f"{CONVENTION_TEXT[conv]} Each row's {lay.col_axis} is the one with the lowest mean {sel} "
+                          f"loss among its eligible cells; the {rep} loss of that cell is reported, and compared with "
+                          f"`{ctx.baseline}` at *its* best {lay.col_axis} (paired: same seeds, same chunks; ✱ when "
+                          "the interval excludes 0). This decides which init is better (Lee et al. 2026: once each "
+                          "method's learning rate is tuned, gaps shrink); the interval is conditional on the choice.")]
+            for g in range(len(lay.groups)):
+                out += heads[g] + _tuned(ctx, g, conv)
+        else:
+            out += [("h", 2, f"Best {lay.col_axis} per {lay.row_axis}{SUFFIX[conv]}"),
+                    ("p", f"{CONVENTION_TEXT[conv]} Lowest mean final eval loss over eligible cells, chosen and "
+                          "reported on the same eval chunks.")]
+            for g in range(len(lay.groups)):
+                out += heads[g] + _best_lr(ctx, g, conv)
+    return out
 
 
 def _diagnostics(lay: Layout, cells: dict) -> list[Block]:
@@ -225,7 +436,8 @@ def _plot_all(report_dir: Path, lay: Layout, cells: dict) -> dict[str, Path]:
 
 
 def write_report(out_dir: str | Path, *, row_axis: str = "lora.init", col_axis: str = "train.lr",
-                 rep_axis: str = "train.seed", out: str | Path | None = None) -> dict[str, Path]:
+                 rep_axis: str = "train.seed", out: str | Path | None = None,
+                 baseline: str | None = None) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and the PNG plots into ``<out_dir>/report/`` (or ``out``).
 
     Args:
@@ -233,6 +445,7 @@ def write_report(out_dir: str | Path, *, row_axis: str = "lora.init", col_axis: 
         out: where to write the report instead of ``<out_dir>/report``.
         row_axis, col_axis, rep_axis: grid axes for table rows (the scientific variable), columns (the nuisance
             parameter tuned per row) and replicates (averaged over). A missing axis gives one row / column.
+        baseline: the row the others are compared with; ``None``: ``standard`` when it is a row, else no comparison.
 
     Returns:
         ``{"md", "html", "loss_vs_lr", "loss_vs_lr_zoom", "curves", "diagnostics"}`` → file paths
@@ -243,6 +456,7 @@ def write_report(out_dir: str | Path, *, row_axis: str = "lora.init", col_axis: 
     Raises:
         FileNotFoundError: ``out_dir`` holds no ``sweep.json``.
         CorruptFileError: ``sweep.json`` cannot be read (naming it).
+        ValueError: ``baseline`` is not one of the rows (naming them).
     """
     out_dir = Path(out_dir).expanduser()
     store = SweepStore(out_dir)
@@ -251,13 +465,22 @@ def write_report(out_dir: str | Path, *, row_axis: str = "lora.init", col_axis: 
         raise FileNotFoundError(f"{out_dir / 'sweep.json'} not found: {out_dir} is not a sweep directory")
     records = store.records()
     lay = make_layout(manifest, row_axis, col_axis, rep_axis)
+    if baseline is not None and baseline not in lay.row_labels:
+        raise ValueError(f"--baseline {baseline!r} is not a row of this report; the rows ({row_axis}) are "
+                         f"{', '.join(lay.row_labels)}")
+    name_of_base = baseline or BASELINE
     cells = cell_grid(lay, records)
+    splits = eval_splits(records)
+    ctx = _Ctx(lay, cells, rep_axis, name_of_base,
+               lay.row_labels.index(name_of_base) if name_of_base in lay.row_labels else None,
+               splits if isinstance(splits, tuple) else None, splits if isinstance(splits, str) else "")
     report_dir = Path(out).expanduser() if out is not None else out_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     paths = _plot_all(report_dir, lay, cells)
     name = manifest.get("name", out_dir.name)
     images = [("h", 2, "Plots")] + [("img", paths[k], cap) for k, cap in PNGS.items() if k in paths]
-    blocks = (_header(name, manifest, records, out_dir) + _tables(lay, cells) + images + _diagnostics(lay, cells)
+    blocks = (_header(name, manifest, records, out_dir) + _evaluation(ctx, records, manifest) + _tables(ctx) + images
+              + _diagnostics(lay, cells)
               + _problems(records, out_dir) + _listing(records, list(manifest.get("grid", {}))))
     paths["md"] = report_dir / "report.md"
     paths["md"].write_text(to_markdown(blocks), encoding="utf-8")

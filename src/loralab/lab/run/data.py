@@ -1,15 +1,23 @@
 """Chat datasets -> packed token chunks for causal-LM training, as the study prepares them.
 
-A conversation's text is one ``"Role: content"`` line per message; texts are tokenized in one batch, EOS follows
-each, and the stream is cut into ``seq_len`` chunks (remainder dropped; labels = inputs, the trainer shifts). Without
-a test split, a seeded share of whole *conversations* is held out before packing, so none straddles train and eval.
-Packed tensors are cached in ``<cache>/data/<key>.pt``, keyed by all they depend on (source files' paths, sizes,
-mtimes; the tokenizer's vocabulary and a probe's ids; ``seq_len``; split parameters); a corrupt file is rebuilt.
+A conversation's text is one ``"Role: content"`` per message, joined with ``joiner`` (``"\n"``; the published study
+used ``"\n\n"``); texts are tokenized in one batch, EOS follows each, and the stream is cut into ``seq_len`` chunks
+(remainder dropped; labels = inputs, the trainer shifts). Without a test split, a seeded share of whole
+*conversations* is held out before packing, so none straddles train and eval. Packed tensors are cached in
+``<cache>/data/<key>.pt``, keyed by all they depend on (source files' paths, sizes, mtimes; the tokenizer's vocabulary
+and a probe's ids; ``seq_len``; the joiner; split parameters); a corrupt file is rebuilt.
+
+Evaluation (docs/evaluation.md): the held-out chunks are a *pool*. With ``val_chunks``/``test_chunks`` the final eval
+uses two disjoint draws from it, made once per dataset from a seed that depends only on ``split_seed``: validation
+takes the first ``val_chunks`` of one seeded permutation of the pool and test the last ``test_chunks``, so every run
+on this data sees the same chunks (paired comparisons), and a larger eval contains a smaller one's val and test sets.
+Chunk ids are positions in the pool; the pool's digest tells whether two runs' ids name the same chunks.
 
 Decisions beyond the shared spec:
     * Tokenized with ``add_special_tokens=False``: EOS is the only separator (no BOS inside every chunk).
-    * ``max_train_chunks``/``max_eval_chunks`` take a seeded random subset of chunks (in stream order), not the first
-      ones, so a quick run still sees the whole dataset's variety; applied after the cache, so changing them reuses it.
+    * ``max_train_chunks``/``max_eval_chunks`` (and the val/test draw) take a seeded random subset of chunks, not the
+      first ones, so a quick run still sees the whole dataset's variety; applied after the cache, so changing them
+      reuses it.
     * Chitchat's 3,150 one-turn conversations (one person talking, no reply) are kept as one user message.
     * Directories (and hub datasets in the local HF cache) are searched recursively for ``train*``/``test*`` files,
       as the hub lays them out (``data/train-00000-of-00001.parquet``).
@@ -21,7 +29,7 @@ import hashlib
 import importlib.util
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,7 +44,7 @@ from ..config.schema import DataConfig
 from ..runtime import cache_root
 from .models import is_hub_id
 
-__all__ = ["DataError", "PackedData", "check_data", "chitchat_conversation", "format_conversation",
+__all__ = ["DataError", "PackedData", "check_data", "chitchat_conversation", "format_conversation", "held_out_ids",
            "iterate_batches", "load_data"]
 
 ROLES = ("user", "assistant", "system")
@@ -54,11 +62,27 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class PackedData:
-    """Token chunks for training and evaluation (labels = inputs)."""
+    """Token chunks for training and evaluation (labels = inputs).
+
+    ``eval`` holds the final eval's chunks split after split (``"val"`` then ``"test"``, or the single ``"eval"``
+    split of a config without val/test sizes); ``splits`` names them with their ids in the held-out pool, in row
+    order. Periodic evals during training use ``eval[:curve_rows]`` (a prefix of the validation chunks).
+    """
 
     train: Tensor   # (N, seq_len) int64
     eval: Tensor    # (M, seq_len) int64
     info: dict      # {train,eval}_{conversations,tokens,chunks}, source, eval_split, seq_len, cache, cache_hit
+    splits: Mapping[str, Tensor]   # split name -> (n,) int64 ids into the held-out pool; the n sum to M
+    curve_rows: int                # rows of ``eval`` used by periodic evals
+    pool_digest: str               # identifies the held-out pool the ids index
+
+    def rows(self) -> dict[str, slice]:
+        """Split name -> its rows of ``eval``."""
+        out, start = {}, 0
+        for name, ids in self.splits.items():
+            out[name] = slice(start, start + len(ids))
+            start += len(ids)
+        return out
 
 
 class _Source(NamedTuple):
@@ -68,9 +92,9 @@ class _Source(NamedTuple):
     label: str
 
 
-def format_conversation(messages: list[dict]) -> str:
-    """The study's text for one conversation: ``"Role: content"`` per message, joined with newlines."""
-    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+def format_conversation(messages: list[dict], joiner: str = "\n") -> str:
+    """The study's text for one conversation: ``"Role: content"`` per message, joined with ``joiner``."""
+    return joiner.join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
 def chitchat_conversation(record: dict) -> list[dict]:
@@ -86,7 +110,8 @@ def check_data(cfg: DataConfig) -> str:
     if any(p.suffix == ".parquet" for p in src.train + src.test) and importlib.util.find_spec("pyarrow") is None:
         raise DataError(f"data.source={cfg.source!r} has parquet files, which need pyarrow: pip install pyarrow")
     held = "its test split" if src.test else f"{cfg.eval_fraction * 100:g}% of the conversations held out"
-    return f"{src.label}; eval on {held}; packed into {cfg.seq_len}-token chunks"
+    sizes = f"{cfg.val_chunks} val + {cfg.test_chunks} test chunks of " if cfg.split else ""
+    return f"{src.label}; eval on {sizes}{held}; packed into {cfg.seq_len}-token chunks"
 
 
 def load_data(cfg: DataConfig, tokenizer) -> PackedData:
@@ -98,11 +123,34 @@ def load_data(cfg: DataConfig, tokenizer) -> PackedData:
     if blob is None:
         blob = _build(cfg, src, tokenizer)
         _save_cache(path, blob)
-    train = _limit(blob["train"].long(), cfg.max_train_chunks, cfg.split_seed, "train")
-    eval_ = _limit(blob["eval"].long(), cfg.max_eval_chunks, cfg.split_seed, "eval")
-    info = {**blob["info"], "train_chunks": len(train), "eval_chunks": len(eval_), "cache": str(path),
+    train = blob["train"].long()
+    train = train[_subset(len(train), cfg.max_train_chunks, cfg.split_seed, "train")]
+    pool = blob["eval"]
+    splits = held_out_ids(len(pool), cfg)
+    ids = torch.cat(list(splits.values()))
+    curve = (cfg.curve_chunks or cfg.val_chunks) if cfg.split else len(ids)
+    info = {**blob["info"], "train_chunks": len(train), "eval_chunks": len(ids), "cache": str(path),
             "cache_hit": hit}
-    return PackedData(train=train, eval=eval_, info=info)
+    return PackedData(train=train, eval=pool[ids].long(), info=info, splits=splits, curve_rows=curve,
+                      pool_digest=hashlib.sha256(pool.to(torch.int32).numpy().tobytes()).hexdigest()[:16])
+
+
+def held_out_ids(n_pool: int, cfg: DataConfig) -> dict[str, Tensor]:
+    """The final eval's chunks as ids into a held-out pool of ``n_pool`` chunks: ``{"val": ..., "test": ...}``
+    (disjoint; see the module docstring), or ``{"eval": ...}`` (the old single set, ``max_eval_chunks`` of them).
+
+    Raises:
+        DataError: the pool holds fewer chunks than ``val_chunks + test_chunks``.
+    """
+    if not cfg.split:
+        return {"eval": _subset(n_pool, cfg.max_eval_chunks, cfg.split_seed, "eval")}
+    if cfg.val_chunks + cfg.test_chunks > n_pool:
+        raise DataError(f"data.val_chunks={cfg.val_chunks} + data.test_chunks={cfg.test_chunks} is more than the "
+                        f"{n_pool} held-out chunks of {cfg.seq_len} tokens: lower them, or hold out more (a larger "
+                        "data.eval_fraction, a shorter data.seq_len)")
+    g = torch.Generator().manual_seed(stable_seed("held-out", cfg.split_seed))
+    perm = torch.randperm(n_pool, generator=g)
+    return {"val": perm[:cfg.val_chunks], "test": perm[n_pool - cfg.test_chunks:]}
 
 
 def iterate_batches(chunks: Tensor, batch_size: int, *, seed: int, epoch: int) -> Iterator[Tensor]:
@@ -211,7 +259,7 @@ def _build(cfg: DataConfig, src: _Source, tokenizer) -> dict:
     info = {"source": src.label, "eval_split": how, "seq_len": cfg.seq_len}
     blob: dict[str, Any] = {"version": _CACHE_VERSION}
     for name, split in (("train", train), ("eval", eval_)):
-        chunks, n_tokens = _pack(split, tokenizer, cfg.seq_len)
+        chunks, n_tokens = _pack(split, tokenizer, cfg.seq_len, cfg.joiner)
         if len(chunks) == 0:
             raise DataError(f"the {name} split has {n_tokens:,} tokens in {len(split):,} conversations, fewer than "
                             f"one chunk of data.seq_len={cfg.seq_len}: lower data.seq_len"
@@ -233,10 +281,10 @@ def _holdout(convs: list, fraction: float, seed: int) -> tuple[list, list]:
     return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
 
 
-def _pack(convs: list, tokenizer, seq_len: int) -> tuple[Tensor, int]:
+def _pack(convs: list, tokenizer, seq_len: int, joiner: str) -> tuple[Tensor, int]:
     """Tokenize in one batch (a fast tokenizer parallelises it), EOS after each conversation, cut into chunks.
     ``verbose=False``: the "longer than model_max_length" warning does not apply; we pack, not truncate."""
-    texts = [format_conversation(c) for c in convs]
+    texts = [format_conversation(c, joiner) for c in convs]
     ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     stream = [t for seq in ids for t in (*seq, tokenizer.eos_token_id)]
     n_chunks = len(stream) // seq_len
@@ -244,17 +292,20 @@ def _pack(convs: list, tokenizer, seq_len: int) -> tuple[Tensor, int]:
     return chunks, len(stream)
 
 
-def _limit(chunks: Tensor, k: int, seed: int, split: str) -> Tensor:
-    if k == 0 or k >= len(chunks):
-        return chunks
+def _subset(n: int, k: int, seed: int, split: str) -> Tensor:
+    """Ids of a seeded random subset of ``k`` of ``n`` chunks, in stream order (all of them when ``k`` is 0)."""
+    if k == 0 or k >= n:
+        return torch.arange(n)
     g = torch.Generator().manual_seed(stable_seed("limit", split, seed))
-    return chunks[torch.randperm(len(chunks), generator=g)[:k].sort().values]
+    return torch.randperm(n, generator=g)[:k].sort().values
 
 
 def _cache_path(cfg: DataConfig, src: _Source, tokenizer) -> Path:
     files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in src.train + src.test]
     key = {"version": _CACHE_VERSION, "kind": src.kind, "files": files, "tokenizer": _tokenizer_identity(tokenizer),
            "seq_len": cfg.seq_len}
+    if cfg.joiner != "\n":   # the default's key is left as it was, so existing caches stay valid
+        key["joiner"] = cfg.joiner
     if not src.test:   # with a test split these do not change the data, so leave them out and share the cache
         key.update(eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]

@@ -4,8 +4,18 @@ The loop is written out (nanoGPT style) in :meth:`_Trainer.loop`: AdamW over the
 per run: its own lr, schedule and weight decay), linear schedule with warmup (HF's formula), gradient accumulation,
 per-run clipping, autocast for a half-precision model, and the fused chunked loss of :mod:`.loss` where the model
 allows it. A solo run is a pack of one. A run that blows up (NaN/inf loss, or a loss above ``diverge_factor`` × its
-initial eval loss) leaves the pack with status ``diverged`` after a last eval; it is recorded, never dropped, and the
-others go on. Step-0 diagnostics come from the first micro-batch's backward, so they cost nothing extra.
+initial eval loss) is ``diverged``: with ``on_divergence = "stop"`` it leaves the pack after its final eval, with
+``"continue"`` it trains to the last step as the published study's runs did (its final loss is the blown-up one); it
+is recorded either way, never dropped, and the others go on. Step-0 diagnostics come from the first micro-batch's
+backward, so they cost nothing extra.
+
+Evaluation (docs/evaluation.md): the *final* eval of a run (when it ends) covers every held-out chunk of the data
+(val and test, or the one eval set) and is stored per chunk, with the pretrained model's and the run's step-0 losses,
+in ``eval_chunks.npz`` before ``result.json``. Periodic evals (curves, divergence checks) cover only the first
+``curve_rows`` chunks, so a large eval set does not multiply the run time. The pretrained model's losses are computed
+once per process and data (``pretrained_cache``) and serve as the step-0 losses of every run whose init preserves the
+output (its diagnostics record the largest change of the output, 0 or ~1e-7); a run whose init does not (random-both)
+is evaluated at step 0 itself.
 """
 
 from __future__ import annotations
@@ -20,13 +30,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loralab.inits import get_scheme
 from loralab.inject import eval_mode
 from loralab.layers import LoraLayer
 
 from ..config.grid import RunSpec
-from ..config.schema import TrainConfig
+from ..config.schema import RunConfig, TrainConfig
 from ..runtime import versions
-from ..store import RunResult, RunStore
+from ..store import EvalChunks, RunResult, RunStore, SplitLosses
 from .data import PackedData, iterate_batches
 from .loss import fused_loss_ok, sequence_losses
 from .pack import Pack
@@ -51,17 +62,24 @@ def total_steps(cfg: TrainConfig, n_train: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, chunks: torch.Tensor, batch_size: int, runs: int, amp: Amp, fused: bool) -> list[float]:
-    """Mean eval loss of each of the ``runs`` active runs of a packed model (each sees every chunk)."""
+def evaluate(model: nn.Module, chunks: torch.Tensor, batch_size: int, runs: int, amp: Amp,
+             fused: bool) -> torch.Tensor:
+    """Per-chunk eval losses ``(runs, n)`` (float64, on the host) of the ``runs`` active runs of a packed model (each
+    sees every chunk). A chunk's loss is the mean over its predicted tokens, all chunks have as many, so the mean over
+    chunks is the mean over tokens."""
     device = next(model.parameters()).device
-    sums = torch.zeros(runs, dtype=torch.float64)
+    out = torch.empty(runs, len(chunks), dtype=torch.float64)
     with eval_mode(model):
         for i in range(0, len(chunks), batch_size):
             ids = chunks[i:i + batch_size].to(device)
             with amp():
                 losses = sequence_losses(model, ids.repeat(runs, 1), fused=fused)   # run-major (runs·b,)
-            sums += losses.view(runs, -1).sum(1).cpu().double()   # float64 on the host: MPS has none
-    return (sums / len(chunks)).tolist()
+            out[:, i:i + len(ids)] = losses.view(runs, -1).cpu().double()   # float64 on the host: MPS has none
+    return out
+
+
+def _preserves_output(run: RunConfig) -> bool:
+    return all(get_scheme(i).preserves_output for i in {run.lora.init, *run.lora.init_pattern.values()})
 
 
 def compile_backbone(model: nn.Module) -> None:
@@ -109,11 +127,14 @@ class _Run:
     tokens: int = 0
     train_time: float = 0.0
     status: str = "running"
-    initial: float = math.nan
+    initial: float = math.nan         # step-0 eval on the curve chunks: the reference of the divergence test
     best: float = math.inf
     last: float = math.nan
     last_eval_step: int = 0
+    diverged_at: int | None = None
     identity: float = 0.0
+    step0: torch.Tensor | None = None   # per-chunk losses of the final eval's chunks at step 0 and at the end
+    final: torch.Tensor | None = None
     result: RunResult | None = None   # set the moment the run ends
 
     @property
@@ -129,24 +150,29 @@ def _micro_batches(data: PackedData, cfg: TrainConfig) -> Iterator[torch.Tensor]
 
 
 def train_run(spec: RunSpec, store: RunStore, *, base_model: nn.Module, data: PackedData,
-              progress: bool = True) -> RunResult:
+              progress: bool = True, pretrained_cache: dict | None = None) -> RunResult:
     """Train one LoRA run on ``base_model`` (its frozen tensors are shared, never changed) and record everything in
     ``store`` (a pack of one)."""
-    return train_pack([spec], [store], base_model=base_model, data=data, progress=progress)[0]
+    return train_pack([spec], [store], base_model=base_model, data=data, progress=progress,
+                      pretrained_cache=pretrained_cache)[0]
 
 
 OnDone = Callable[[int, RunResult, nn.Module], None]
 
 
 def train_pack(specs: Sequence[RunSpec], stores: Sequence[RunStore], *, base_model: nn.Module, data: PackedData,
-               progress: bool = True, on_done: OnDone | None = None) -> list[RunResult]:
+               progress: bool = True, on_done: OnDone | None = None,
+               pretrained_cache: dict | None = None) -> list[RunResult]:
     """Train ``specs`` together on ``base_model`` (they must share a :func:`.pack.pack_key`).
 
     Metrics and diagnostics go to each run's store as it trains; ``on_done(k, result, model)`` is called the moment
     run ``k`` ends, with run ``k``'s own injected model (``Pack.models[k]``, what ``loralab.save_adapter`` takes): the
     sweep saves its adapter and writes its result then, so a crash later in the pack loses nothing finished.
+    ``pretrained_cache``: a dict kept with ``base_model`` and ``data`` (see :class:`.assets.Assets`), where the
+    pretrained model's per-chunk losses are kept once computed.
     """
-    trainer = _Trainer(specs, stores, base_model, data, progress, on_done or (lambda k, res, model: None))
+    trainer = _Trainer(specs, stores, base_model, data, progress, on_done or (lambda k, res, model: None),
+                       {} if pretrained_cache is None else pretrained_cache)
     trainer.loop()
     return [r.result for r in trainer.runs if r.result is not None]
 
@@ -155,9 +181,10 @@ class _Trainer:
     """The state of one pack's training: its model, optimizer, runs, data and how it computes."""
 
     def __init__(self, specs: Sequence[RunSpec], stores: Sequence[RunStore], base_model: nn.Module,
-                 data: PackedData, progress: bool, on_done: OnDone):
+                 data: PackedData, progress: bool, on_done: OnDone, pretrained_cache: dict):
         self.start, first = time.perf_counter(), specs[0].run.train
         self.data, self.progress, self.on_done = data, progress, on_done
+        self.eval_bs = first.eval_batch_size or first.batch_size
         self.device = next(base_model.parameters()).device
         self.amp = autocast_for(base_model)
         torch.manual_seed(first.seed)  # dropout masks
@@ -175,17 +202,36 @@ class _Trainer:
             idents = self.pack.identity(data.eval[:2].to(self.device), everyone, base_model)
         for r, ident in zip(self.runs, idents):
             r.identity = ident
+        self.pretrained = self.pretrained_losses(base_model, pretrained_cache)
+        self.step0(everyone)
         self.pack.set_active(everyone)
-        for r, loss in zip(self.runs, evaluate(self.pack.model, data.eval, first.batch_size, len(self.runs),
-                                               self.amp, self.fused)):
-            r.initial = r.best = r.last = loss
-            r.store.append_metric({"kind": "eval", "step": 0, "eval_loss": loss, "elapsed_s": self.elapsed()})
         groups = [{"params": self.pack.run_params(k), "lr": r.cfg.lr, "weight_decay": r.cfg.weight_decay}
                   for k, r in enumerate(self.runs)]
         self.opt = torch.optim.AdamW(groups, fused=self.device.type == "cuda")
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+    def pretrained_losses(self, base_model: nn.Module, cache: dict) -> torch.Tensor:
+        """The pretrained model's per-chunk losses on the final eval's chunks, computed once per cache."""
+        key = ("pretrained", self.eval_bs, self.fused)   # batching and the loss path change the last bits
+        if key not in cache:
+            cache[key] = evaluate(base_model, self.data.eval, self.eval_bs, 1, self.amp, self.fused)[0]
+        return cache[key]
+
+    def step0(self, which: list[int]) -> None:
+        """Step-0 losses of every run: the pretrained model's for an output-preserving init, else evaluated."""
+        changed = [k for k in which if not _preserves_output(self.runs[k].spec.run)]
+        own = {}
+        if changed:
+            self.pack.set_active(changed)
+            own = dict(zip(changed, evaluate(self.pack.model, self.data.eval, self.eval_bs, len(changed), self.amp,
+                                             self.fused)))
+        for k in which:
+            r = self.runs[k]
+            r.step0 = own.get(k, self.pretrained)
+            r.initial = r.best = r.last = r.step0[:self.data.curve_rows].mean().item()
+            r.store.append_metric({"kind": "eval", "step": 0, "eval_loss": r.initial, "elapsed_s": self.elapsed()})
 
     def loop(self) -> None:
         """The training loop: step every running run, evaluate on schedule, finish runs as they end."""
@@ -207,24 +253,21 @@ class _Trainer:
                 r.step, r.train_time = step, r.train_time + dt
                 r.store.append_metric({"kind": "train", "step": step, "loss": loss, "lr": lrs[k], "tokens": r.tokens,
                                        "elapsed_s": self.elapsed()})
-                if _blown(loss, r.initial, r.cfg.diverge_factor):
-                    r.status = "diverged"
+                self.check(r, loss)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[0]:.3f}" if len(rs) == 1 else f"{min(losses):.3f}..{max(losses):.3f}",
                             tok_s=f"{sum(r.tokens for r in rs) / pack_time:.0f}")
             running = [k for k in active if rs[k].status == "running"]
-            if running and (step % eval_every == 0 or step == self.total):
+            if running and step % eval_every == 0 and step < self.total:
                 self.eval(running)
-            stale = [k for k in active if rs[k].status == "diverged" and rs[k].last_eval_step != step]
-            if stale:   # a diverged run's final loss is measured, not carried over from its last eval
-                self.eval(stale)
-            for k in active:
+            ending = [k for k in active if rs[k].status != "running" or step == self.total]
+            if ending:   # a run's final loss is measured when it ends, on every eval chunk
+                self.final_eval(ending)
+            for k in ending:
                 r = rs[k]
-                if r.status == "running" and step == self.total:
-                    r.status = "ok"
-                if r.status != "running":
-                    r.result = self.result(r)
-                    self.on_done(k, r.result, self.pack.models[k])
+                r.status = "ok" if r.diverged_at is None else "diverged"
+                r.result = self.result(r)
+                self.on_done(k, r.result, self.pack.models[k])
         bar.close()
 
     def accumulate(self, active: list[int], first_step: bool) -> list[float]:
@@ -257,20 +300,52 @@ class _Trainer:
         self.opt.zero_grad(set_to_none=True)
         return lrs
 
-    def eval(self, which: list[int]) -> None:
-        self.pack.set_active(which)
-        losses = evaluate(self.pack.model, self.data.eval, self.runs[which[0]].cfg.batch_size, len(which), self.amp,
-                          self.fused)
-        for k, loss in zip(which, losses):
-            r = self.runs[k]
-            r.last, r.last_eval_step, r.best = loss, r.step, min(r.best, loss)
-            r.store.append_metric({"kind": "eval", "step": r.step, "eval_loss": loss, "elapsed_s": self.elapsed()})
-            if r.status == "running" and _blown(loss, r.initial, r.cfg.diverge_factor):
+    def check(self, r: _Run, loss: float) -> None:
+        """Record a blow-up (once); with ``on_divergence = "stop"`` the run ends at this step."""
+        if r.diverged_at is None and _blown(loss, r.initial, r.cfg.diverge_factor):
+            r.diverged_at = r.step
+            if r.cfg.on_divergence == "stop":
                 r.status = "diverged"
 
+    def eval(self, which: list[int]) -> None:
+        """A periodic eval, on the curve chunks."""
+        self.pack.set_active(which)
+        losses = evaluate(self.pack.model, self.data.eval[:self.data.curve_rows], self.eval_bs, len(which), self.amp,
+                          self.fused)
+        for k, chunk_losses in zip(which, losses):
+            self.log_eval(self.runs[k], chunk_losses.mean().item())
+
+    def log_eval(self, r: _Run, loss: float) -> None:
+        r.last, r.last_eval_step, r.best = loss, r.step, min(r.best, loss)
+        r.store.append_metric({"kind": "eval", "step": r.step, "eval_loss": loss, "elapsed_s": self.elapsed()})
+        self.check(r, loss)
+
+    def final_eval(self, which: list[int]) -> None:
+        """The final eval of runs that end now, on every eval chunk; stored per chunk before their results."""
+        self.pack.set_active(which)
+        losses = evaluate(self.pack.model, self.data.eval, self.eval_bs, len(which), self.amp, self.fused)
+        for k, chunk_losses in zip(which, losses):
+            r = self.runs[k]
+            r.final = chunk_losses
+            if r.last_eval_step != r.step:   # a periodic eval at this step already logged the curve chunks
+                self.log_eval(r, chunk_losses[:self.data.curve_rows].mean().item())
+            self.write_chunks(r)
+
+    def write_chunks(self, r: _Run) -> None:
+        assert r.step0 is not None and r.final is not None
+        data, rows = self.data, self.data.rows()
+        r.store.write_eval_chunks(EvalChunks(data.pool_digest, {
+            name: SplitLosses(ids=ids.numpy(), pretrained=self.pretrained[rows[name]].numpy(),
+                              step0=r.step0[rows[name]].numpy(), final=r.final[rows[name]].numpy())
+            for name, ids in data.splits.items()}))
+
     def result(self, r: _Run) -> RunResult:
-        return RunResult(run_id=r.spec.run_id, status=r.status, axes=r.spec.axes, final_eval_loss=r.last,
-                         best_eval_loss=r.best, initial_eval_loss=r.initial, steps=r.step, tokens=r.tokens,
+        assert r.step0 is not None and r.final is not None
+        reported = self.data.rows()["test" if "test" in self.data.splits else "eval"]
+        return RunResult(run_id=r.spec.run_id, status=r.status, axes=r.spec.axes,
+                         final_eval_loss=r.final[reported].mean().item(), best_eval_loss=r.best,
+                         initial_eval_loss=r.step0[reported].mean().item(), steps=r.step, tokens=r.tokens,
                          wall_time_s=self.elapsed(), tokens_per_s=r.tokens / max(r.train_time, 1e-9),
                          versions=versions(), device=str(self.device), pack_size=len(self.runs),
-                         dtype=str(next(self.pack.model.parameters()).dtype).removeprefix("torch."))
+                         dtype=str(next(self.pack.model.parameters()).dtype).removeprefix("torch."),
+                         diverged_at_step=r.diverged_at)

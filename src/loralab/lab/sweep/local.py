@@ -20,6 +20,7 @@ from ..config.grid import RunSpec
 from ..config.typecheck import to_dict
 from ..run import train
 from ..run.assets import Assets
+from ..run.data import DataError
 from ..runtime import versions
 from ..store import RunResult, RunStore, SweepStore
 from .plan import SweepAbort, SweepPlan, check_batches, check_device
@@ -35,10 +36,14 @@ def failed_result(spec: RunSpec, error: str, trace: str) -> RunResult:
 
 def _train(specs: Sequence[RunSpec], stores: Sequence[RunStore], assets: Assets, progress: bool,
            done: Callable[[int, RunResult, nn.Module], None]) -> None:
-    model, data = assets.get(specs[0].run)
+    try:
+        model, data = assets.get(specs[0].run)
+    except DataError as e:   # the data as configured (e.g. more val + test chunks than held out) fails every run
+        raise SweepAbort(str(e)) from None
     for spec in specs:
         check_batches(spec.run, len(data.train))
-    train.train_pack(specs, stores, base_model=model, data=data, progress=progress, on_done=done)
+    train.train_pack(specs, stores, base_model=model, data=data, progress=progress, on_done=done,
+                     pretrained_cache=assets.pretrained)
 
 
 def run_pack(specs: Sequence[RunSpec], stores: Sequence[RunStore], assets: Assets, progress: bool = True,
