@@ -257,7 +257,8 @@ class RunStore:
         """Clear an unfinished run so it can be redone; a finished run is never erased.
 
         A ``failed`` result is moved aside to ``result.json.failed`` (its error and traceback are kept), an
-        unreadable one to ``result.json.corrupt``; the other files of the attempt are removed.
+        unreadable one to ``result.json.corrupt``, and the attempt's ``metrics.jsonl`` beside it with the same suffix
+        (its history is data too); the other files of the attempt are removed.
 
         Returns:
             Where the old ``result.json`` went, or ``None`` if there was none.
@@ -268,9 +269,17 @@ class RunStore:
         if not self.root.exists():
             return None
         moved = move_aside(self.root / RESULT, f".{status}") if status is not None else None
+        if moved is not None:
+            _keep_beside(self.root / METRICS, moved)
         for p in [self.root / n for n in (CONFIG, METRICS, DIAGNOSTICS)] + list(self.root.glob(".*.tmp")):
             p.unlink(missing_ok=True)
         return moved
+
+
+def _keep_beside(path: Path, moved_result: Path) -> None:
+    """Move ``path`` aside with the suffix the result got (``result.json.failed-2`` -> ``metrics.jsonl.failed-2``)."""
+    if path.exists():
+        move_aside(path, moved_result.name[len(RESULT):])
 
 
 class ManifestMismatchError(ValueError):
