@@ -59,7 +59,7 @@ class SweepLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):   # a second try after taking over a stale lock
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)   # umask decides, as for any file
             except FileExistsError:
                 if self._held_here():
                     return self   # this process holds it already (re-entered): the outer block releases it
