@@ -260,3 +260,32 @@ def test_unreadable_manifest_is_named(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / 'sweep.json'} is not valid JSON" in err
+
+
+# ---- hand-edited result files (issue 22, items 6 and 11): through the command line, the rest is still reported -------
+
+def _edit_result(path, **fields):
+    import json
+
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, **fields}))   # json.dumps writes NaN as the bare token NaN, as a hand edit would
+
+
+@pytest.mark.parametrize("value", [float("nan"), "abc"], ids=["NaN", "a string"])
+def test_a_hand_edited_final_loss_does_not_stop_the_report(tmp_path, capsys, value):
+    from loralab.cli import main
+
+    grid = {"lora.init": ["standard", "reversed"], "train.seed": [0, 1, 2]}
+    build_grid_store(tmp_path, grid, lambda a: ("ok", 2.0 + a["train.seed"] / 10))
+    bad = tmp_path / "runs" / "initstandard__seed0" / "result.json"
+    _edit_result(bad, final_eval_loss=value)
+    assert main(["report", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "md: " in out
+    md = (tmp_path / "report" / "report.md").read_text()
+    cells = {k: [c.strip("*") for c in v] for k, v in table(md, "Final eval loss").items()}   # bold: the best
+    assert cells["reversed"] == [f"{statistics.fmean([2.0, 2.1, 2.2]):.4f} ± {statistics.stdev([2.0, 2.1, 2.2]):.4f}"]
+    assert cells["standard"][0].startswith(f"{statistics.fmean([2.1, 2.2]):.4f} ± {statistics.stdev([2.1, 2.2]):.4f}")
+    if value == "abc":   # named, marked unreadable, left out of the numbers
+        (line,) = [x for x in md.splitlines() if x.startswith("- `initstandard__seed0`")]
+        assert "unfinished" in line and str(bad) in line and "final_eval_loss" in line
