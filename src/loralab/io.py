@@ -1,7 +1,8 @@
 """Adapters on disk in the HF PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 A ``loralab.json`` sidecar records what PEFT's config cannot (the exact init scheme and its options, the seed); PEFT
-ignores it. Loading is all-or-nothing: files, keys and shapes are checked against the model before the first
+ignores it, and may save over the adapter leaving it stale, so it records a digest of the files it describes and
+is ignored (with a warning) when they changed. Loading is all-or-nothing: files, keys and shapes are checked against the model before the first
 tensor is written, so a bad adapter raises and leaves the model as it was.
 
 Base-modifying schemes (pissa, olora): saved as-is they carry ``init_lora_weights: "pissa"``, so PEFT (and loralab)
@@ -12,11 +13,13 @@ recompute the residual base on load. ``portable=True`` writes the rank-2r form `
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -148,6 +151,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, portable: bool = 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
+    sidecar["adapter_sha256"] = _adapter_digest(out)   # ties the sidecar to these files (see _sidecar)
     atomic_write(out / SIDECAR_FILE, lambda p: p.write_text(json.dumps(sidecar, indent=2)))
     return out
 
@@ -190,6 +194,39 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise AdapterError(f"{path} must hold a JSON object")
     return data
+
+
+def _adapter_digest(root: Path) -> str:
+    """sha256 over the adapter's config and weights files, as they are on disk."""
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(root / name, "rb") as f:
+            h.update(f"{name}:{os.fstat(f.fileno()).st_size}:".encode())
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _sidecar(root: Path) -> dict | None:
+    """``loralab.json`` if it describes the adapter files beside it, else ``None``.
+
+    PEFT (or any other tool) saving into the directory leaves a loralab sidecar in place; followed, it would apply
+    another adapter's init (pissa rewrites the base weights). A sidecar whose recorded digest does not match the files
+    is ignored with a warning; one without a digest (written before loralab recorded it) is followed as before.
+    """
+    path = root / SIDECAR_FILE
+    if not path.exists():
+        return None
+    sidecar = _read_json(path)
+    recorded = sidecar.get("adapter_sha256")
+    if recorded is None or not all((root / n).is_file() for n in (CONFIG_FILE, WEIGHTS_FILE)):
+        return sidecar   # a missing file fails the load below, naming it
+    if recorded != _adapter_digest(root):
+        warnings.warn(f"{path} does not describe this adapter: {CONFIG_FILE} or {WEIGHTS_FILE} changed since loralab "
+                      "saved it (e.g. PEFT saved over it), so it is ignored and the adapter loads as its "
+                      f"{CONFIG_FILE} says; delete {path} to silence this warning", stacklevel=3)
+        return None
+    return sidecar
 
 
 def config_from_peft(data: dict, sidecar: dict | None = None) -> LoraConfig:
@@ -278,7 +315,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, seed: int = 0) ->
     if not root.is_dir():
         raise AdapterError(f"adapter directory {root} does not exist (or is not a directory)")
     data = _read_json(root / CONFIG_FILE)
-    sidecar = _read_json(root / SIDECAR_FILE) if (root / SIDECAR_FILE).exists() else None
+    sidecar = _sidecar(root)
     cfg = _present_targets(config_from_peft(data, sidecar), model)
     tensors = _read_weights(root / WEIGHTS_FILE)
     existing = lora_layers(model)
