@@ -148,6 +148,11 @@ def test_loraplus_param_groups():
     (dict(rslora="no"), ValueError, r"rslora must be True or False, got 'no'"),
     (dict(dropout="0.1"), ValueError, r"dropout must be in \[0, 1\), got '0.1'"),
     (dict(targets="([bad"), ValueError, "not a valid regex"),
+    (dict(targets="(.*.*)*z"), ValueError, "itself varies in length .* exponential time"),
+    (dict(targets="(a|ab)*c"), ValueError, "exponential time"),
+    (dict(rank_pattern={r"(\w+)+\.q_proj": 4}), ValueError, r"pattern key .*exponential time"),
+    (dict(targets=".*.*.*.*.*z"), ValueError, "5 variable-length repeats"),
+    (dict(targets="q" * 5000), ValueError, r"^LoraConfig: targets 'q{59}\.\.\.\[4,882 more characters\]\.\.\.q{59}' is 5,000 "),
 ])
 def test_config_errors(cfg, err, match):
     with pytest.raises(err, match=match):
@@ -211,3 +216,9 @@ def test_tied_weights_refuse_base_rewriting_inits_and_merging():
     model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())   # untied: merging is exact again
     merge(model)
     assert torch.allclose(model(ids).logits, y, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", [r".*\.(q_proj|v_proj)", r"model\.layers\.\d+\.self_attn\.(q|k|v)_proj",
+                                     r".*decoder.*(SelfAttention|EncDecAttention).*(q|v)$", r".*\.(?:q|v)*_proj"])
+def test_ordinary_regexes_pass_the_backtracking_check(pattern):
+    assert LoraConfig(targets=pattern, rank_pattern={pattern: 2}).targets == pattern

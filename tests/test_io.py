@@ -156,6 +156,10 @@ def corrupt(path, how):
         (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     if how == "no-weights":
         (path / "adapter_model.safetensors").unlink()
+    if how in ("regex-targets", "regex-rank-pattern"):   # catastrophic backtracking: would match for ever
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg.update({"target_modules": "(.*.*)*z"} if how == "regex-targets" else {"rank_pattern": {"(.*.*)*z": 2}})
+        (path / "adapter_config.json").write_text(json.dumps(cfg))
     if how in ("dora", "not-lora"):
         cfg = json.loads((path / "adapter_config.json").read_text())
         cfg.update({"use_dora": True} if how == "dora" else {"peft_type": "IA3"})
@@ -167,13 +171,15 @@ def corrupt(path, how):
     ("missing-dir", "does not exist"), ("no-config", "adapter_config.json is missing"),
     ("bad-json", "not valid JSON"), ("truncated", "corrupt or truncated"),
     ("no-weights", "adapter_model.safetensors is missing"), ("dora", "use_dora=True.*Load it with PEFT"),
-    ("not-lora", "peft_type is 'IA3'"),
+    ("not-lora", "peft_type is 'IA3'"), ("regex-targets", "exponential time"),
+    ("regex-rank-pattern", "exponential time"),
 ])
-def test_bad_adapter_dirs_raise_and_change_nothing(tmp_path, how, match):
+def test_bad_adapter_dirs_raise_and_change_nothing(tmp_path, how, match, deadline):
     base, model = adapted()
     save_adapter(model, tmp_path)
     target = copy.deepcopy(base)
     before = state(target)
+    deadline(20)
     with pytest.raises(AdapterError, match=match):
         load_adapter(target, corrupt(tmp_path, how))
     after = state(target)

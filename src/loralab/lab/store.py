@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from loralab.config import clip
 from loralab.io import atomic_write
 
 from .config.schema import EXECUTION, fields_with_role
@@ -292,7 +293,7 @@ def _manifest_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 
     a = {**flat(old.get("base", {})), **flat({"grid": old.get("grid", {})}), "name": old.get("name")}
     b = {**flat(new["base"]), **flat({"grid": new["grid"]}), "name": new["name"]}
     missing = "(absent)"
-    diffs = [f"{k}: {json.dumps(a.get(k, missing))} in the store, {json.dumps(b.get(k, missing))} now"
+    diffs = [f"{k}: {clip(json.dumps(a.get(k, missing)))} in the store, {clip(json.dumps(b.get(k, missing)))} now"
              for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
     if not diffs:   # same fields, other run ids: e.g. a loralab version that hashes configs differently
         return f"{len(old.get('run_ids', []))} run ids in the store, {len(new['run_ids'])} now, with other ids"
@@ -308,8 +309,9 @@ def config_diff(config: Mapping[str, Any], base: Mapping[str, Any], axes: Sequen
     """
     skip = [*axes, *(f"{section}.{name}" for section, name in fields_with_role(EXECUTION))]
     a, b = flat(config), flat(base)
-    diffs = [f"{k}: {json.dumps(a[k])} in the run, {json.dumps(b[k])} in the sweep" for k in sorted(set(a) & set(b))
-             if a[k] != b[k] and not any(k == s or k.startswith(s + ".") for s in skip)]
+    differ = [k for k in sorted(set(a) & set(b))
+              if a[k] != b[k] and not any(k == s or k.startswith(s + ".") for s in skip)]
+    diffs = [f"{k}: {clip(json.dumps(a[k]))} in the run, {clip(json.dumps(b[k]))} in the sweep" for k in differ]
     return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
 
 

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from loralab.config import clip
+
 from .schema import EXECUTION, RunConfig, SweepConfig, fields_with_role
 from .typecheck import ConfigError, from_dict, set_path, to_dict
 
@@ -80,7 +82,7 @@ def expand(sweep: SweepConfig) -> list[tuple[dict[str, Any], RunConfig]]:
         try:
             points.append((axes, from_dict(RunConfig, data)))
         except ConfigError as e:
-            raise ConfigError(f"grid point {axes}: {e}") from e
+            raise ConfigError(f"grid point {clip(repr(axes))}: {e}") from e
     return points
 
 
