@@ -16,22 +16,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..runtime import pid_alive
+
 LOCK = "sweep.lock"
 EMPTY_GRACE_S = 10.0   # a lock without a pid is young (being written) for this long, then stale
 
 
 class SweepLockedError(ValueError):
     """Another live process holds the sweep directory's lock."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # someone else's process: alive
-        return True
-    return True
 
 
 def _holder(path: Path) -> tuple[int | None, str]:
@@ -85,7 +77,7 @@ class SweepLock:
                 return   # released meanwhile: create it again
             if young:
                 raise self._locked(pid, host)
-        elif host not in ("", socket.gethostname()) or _alive(pid):
+        elif host not in ("", socket.gethostname()) or pid_alive(pid):
             raise self._locked(pid, host)
         # Two processes may take over the same stale lock: each moves the file aside atomically and checks it moved
         # the stale one; one that moved a fresh lock (made by the other after it read the stale one) puts it back.
@@ -115,4 +107,4 @@ class SweepLock:
 def lock_holder(root: str | os.PathLike) -> int | None:
     """The pid of a live sweep holding ``root``'s lock on this host, else ``None`` (for a dry run's note)."""
     pid, host = _holder(Path(root).expanduser() / LOCK)
-    return pid if pid is not None and host in ("", socket.gethostname()) and _alive(pid) else None
+    return pid if pid is not None and host in ("", socket.gethostname()) and pid_alive(pid) else None
