@@ -196,11 +196,19 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except (ValueError, TypeError) as e:  # bad input: the message names the problem and fix
-        print(f"loralab {args.command}: error: {e}", file=sys.stderr)
+        print(f"loralab {args.command}: error: {_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:   # FileNotFoundError, an out path that is a file, a full disk: name the path
-        print(f"loralab {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        print(f"loralab {args.command}: error: {_line(_os_error(e))}", file=sys.stderr)
         return 2
+
+
+def _line(message: str) -> str:
+    """An error message as the one line it should be: a quoted megabyte of user input is cut from its middle (the
+    problem leads, the fix ends it)."""
+    from loralab.config import clip
+
+    return clip(message, 4000)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,15 @@ from typing import Any
 from .inits import get_scheme
 
 ALL_LINEAR = "all-linear"   # PEFT's shorthand: every linear-like layer but the output head (inject.py selects them)
+try:   # the parser behind the re module (private, but the same tree since Python 3.0; renamed in 3.11)
+    from re import _constants as _sre  # type: ignore[attr-defined]
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
+except ImportError:   # Python 3.10
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+MAX_PATTERN_CHARS = 1000   # module-name regexes are short; a longer one is a mistake (or an attack)
+MAX_VARIABLE_REPEATS = 4   # .*.*.*.*z over ~400 module names takes ~0.05 s; each more multiplies it by ~8
 
 
 class FrozenMap(Mapping):
@@ -222,11 +231,65 @@ def layer_index(name: str, layers_pattern: str | Iterable[str] | None) -> int | 
     return int(match.group(1)) if match else None
 
 
+def clip(text: str, limit: int = 120) -> str:
+    """``text`` cut to about ``limit`` characters, head and tail kept, for user input quoted in an error message (a
+    1 MB regex must not make a 1 MB message)."""
+    if len(text) <= limit:
+        return text
+    keep = limit // 2
+    return f"{text[:keep]}...[{len(text) - 2 * keep:,} more characters]...{text[-keep:]}"
+
+
 def _compile(pattern: str, what: str) -> re.Pattern:
+    """Compile a module-name regex, refusing one whose matching could run for ever.
+
+    Python's regex engine backtracks: a part of variable length repeated inside a repetition (``(a+)+``,
+    ``(.*.*)*z``, ``(a|ab)*``) takes exponential time on a name it does not match, and every extra ``.*`` in a row
+    multiplies the time by the name's length. Matching cannot be interrupted, so such patterns are refused before
+    any name is matched.
+    """
+    where = f"LoraConfig: {what} {clip(repr(pattern))}"
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"{where} is {len(pattern):,} characters long, more than a module-name pattern needs "
+                         f"(at most {MAX_PATTERN_CHARS}); shorten it, or give a list of module-name suffixes")
     try:
-        return re.compile(pattern)
+        compiled = re.compile(pattern)
+        repeats, nested = _repeats(_sre_parse.parse(pattern), in_loop=False)
     except re.error as e:
-        raise ValueError(f"LoraConfig: {what} {pattern!r} is not a valid regex ({e})") from None
+        raise ValueError(f"{where} is not a valid regex ({e})") from None
+    if nested:
+        raise ValueError(f"{where} repeats a part that itself varies in length (as in (a+)+, (.*.*)*z or (a|ab)*): "
+                         "matching it can take exponential time. Write it without nested repetition, e.g. "
+                         r"'.*\.(q_proj|v_proj)', or give a list of module-name suffixes")
+    if repeats > MAX_VARIABLE_REPEATS:
+        raise ValueError(f"{where} has {repeats} variable-length repeats (.*, +, {{m,n}}); with more than "
+                         f"{MAX_VARIABLE_REPEATS} matching can take minutes (the time grows as the name's length to "
+                         r"that power): use fewer, e.g. one leading '.*' as in '.*\.(q_proj|v_proj)'")
+    return compiled
+
+
+def _repeats(items: Any, in_loop: bool) -> tuple[int, bool]:
+    """``(variable-length repeats, whether one sits inside a repetition)`` of a parsed regex."""
+    count, nested = 0, False
+    for op, av in items:
+        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT):
+            lo, hi, body = av
+            count, nested = count + (hi != lo), nested or (in_loop and hi != lo)
+            subs, loop = [body], in_loop or hi > 1
+        elif op is _sre.BRANCH:   # alternatives inside a repetition: as ambiguous as a nested repeat
+            subs, loop, nested = av[1], in_loop, nested or in_loop
+        elif op is _sre.SUBPATTERN:
+            subs, loop = [av[3]], in_loop
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            subs, loop = [av[1]], in_loop
+        elif op is _sre.GROUPREF_EXISTS:
+            subs, loop = [b for b in av[1:] if b is not None], in_loop
+        else:   # single characters, classes, anchors; possessive repeats and atomic groups never backtrack
+            continue
+        for sub in subs:
+            c, n = _repeats(sub, loop)
+            count, nested = count + c, nested or n
+    return count, nested
 
 
 def _lookup(patterns: Mapping[str, Any], name: str, default: Any) -> Any:

@@ -11,6 +11,9 @@ mode (PEFT's conv LoRA runs A as a dense conv without them), or a pissa/olora ad
 cannot recompute on load. There is no ``adapter_config.json`` in it, so PEFT refuses the directory instead of
 loading something else.
 
+The ``loralab.json`` sidecar records a digest of the config and weights files it describes: PEFT (or any tool) may
+save over the adapter and leave it stale, and then it is ignored with a warning.
+
 Base-modifying schemes (pissa, olora): saved as-is they carry ``init_lora_weights: "pissa"``, so PEFT (and loralab)
 recompute the residual base on load. ``portable=True`` writes the rank-2r form ``A = [A; A0]``, ``B = [B | -B0]``,
 α → 2α (√2·α with rsLoRA), a plain adapter that loads on the unmodified base.
@@ -22,6 +25,7 @@ so a bad adapter raises and leaves the model as it was.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -284,7 +288,9 @@ def _write(out: Path, files: dict[str, Any]) -> None:
         return lambda p: p.write_text(json.dumps(content, indent=2))
 
     out.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
+    for name, content in files.items():   # the sidecar last: it records a digest of the files it describes
+        if name == SIDECAR_FILE:
+            content = {**content, "adapter_sha256": _adapter_digest(out)}
         atomic_write(out / name, writer(name, content))
     for stale in {CONFIG_FILE, WEIGHTS_FILE, SIDECAR_FILE, OWN_CONFIG_FILE, OWN_WEIGHTS_FILE} - set(files):
         (out / stale).unlink(missing_ok=True)
@@ -328,6 +334,39 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise AdapterError(f"{path} must hold a JSON object")
     return data
+
+
+def _adapter_digest(root: Path) -> str:
+    """sha256 over the adapter's config and weights files, as they are on disk."""
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(root / name, "rb") as f:
+            h.update(f"{name}:{os.fstat(f.fileno()).st_size}:".encode())
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _read_sidecar(root: Path) -> dict | None:
+    """``loralab.json`` if it describes the adapter files beside it, else ``None``.
+
+    PEFT (or any other tool) saving into the directory leaves a loralab sidecar in place; followed, it would apply
+    another adapter's init (pissa rewrites the base weights). A sidecar whose recorded digest does not match the files
+    is ignored with a warning; one without a digest (written before loralab recorded it) is followed as before.
+    """
+    path = root / SIDECAR_FILE
+    if not path.exists():
+        return None
+    sidecar = _read_json(path)
+    recorded = sidecar.get("adapter_sha256")
+    if recorded is None or not all((root / n).is_file() for n in (CONFIG_FILE, WEIGHTS_FILE)):
+        return sidecar   # a missing file fails the load below, naming it
+    if recorded != _adapter_digest(root):
+        warnings.warn(f"{path} does not describe this adapter: {CONFIG_FILE} or {WEIGHTS_FILE} changed since loralab "
+                      "saved it (e.g. PEFT saved over it), so it is ignored and the adapter loads as its "
+                      f"{CONFIG_FILE} says; delete {path} to silence this warning", stacklevel=3)
+        return None
+    return sidecar
 
 
 def config_from_peft(data: dict, sidecar: dict | None = None) -> LoraConfig:
@@ -452,7 +491,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, seed: int = 0) ->
         raise AdapterError(f"adapter directory {root} does not exist (or is not a directory)")
     peft = (root / CONFIG_FILE).exists() or not (root / OWN_CONFIG_FILE).exists()
     if peft:
-        sidecar = _read_json(root / SIDECAR_FILE) if (root / SIDECAR_FILE).exists() else None
+        sidecar = _read_sidecar(root)
         cfg = config_from_peft(_read_json(root / CONFIG_FILE), sidecar)
         tensors = _read_weights(root / WEIGHTS_FILE)
     else:

@@ -23,7 +23,7 @@ import torch
 import loralab
 
 __all__ = ["DeviceUnavailable", "auto_dtype", "cache_root", "check_out_dir", "cpu_has_native_bf16", "native_bf16_in",
-           "pick_device", "versions"]
+           "pick_device", "pid_alive", "versions"]
 
 
 class DeviceUnavailable(ValueError):
@@ -86,6 +86,17 @@ def versions() -> dict[str, str]:
         pass
     out["python"] = platform.python_version()
     return out
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (someone else's process counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def cache_root(cfg_cache_dir: str = "") -> Path:

@@ -43,12 +43,14 @@ from typing import Any
 
 import numpy as np
 
+from loralab.config import clip
 from loralab.io import atomic_write
 
+from .config.schema import EXECUTION, fields_with_role
 from .config.typecheck import ConfigError, from_dict
 
 __all__ = ["CorruptFileError", "EvalChunks", "ManifestMismatchError", "RunRecord", "RunResult", "RunStore",
-           "SplitLosses", "SweepStore", "atomic_write_json", "read_json", "to_strict_json"]
+           "SplitLosses", "SweepStore", "atomic_write_json", "config_diff", "read_json", "to_strict_json"]
 
 def to_strict_json(obj: Any) -> Any:
     """``obj`` with every non-finite float replaced by ``None`` (tuples become lists), ready for ``allow_nan=False``."""
@@ -367,7 +369,8 @@ class RunStore:
         """Clear an unfinished run so it can be redone; a finished run is never erased.
 
         A ``failed`` result is moved aside to ``result.json.failed`` (its error and traceback are kept), an
-        unreadable one to ``result.json.corrupt``; the other files of the attempt are removed.
+        unreadable one to ``result.json.corrupt``, and the attempt's ``metrics.jsonl`` beside it with the same suffix
+        (its history is data too); the other files of the attempt are removed.
 
         Returns:
             Where the old ``result.json`` went, or ``None`` if there was none.
@@ -378,6 +381,8 @@ class RunStore:
         if not self.root.exists():
             return None
         moved = move_aside(self.root / RESULT, f".{status}") if status is not None else None
+        if moved is not None:
+            _keep_beside(self.root / METRICS, moved)
         for p in [self.root / n for n in (CONFIG, METRICS, DIAGNOSTICS, EVAL_CHUNKS)] + list(self.root.glob(".*.tmp")):
             p.unlink(missing_ok=True)
         for d in [self.root / ADAPTER, *self.root.glob(f".{ADAPTER}.*")]:   # an attempt's adapter, whole or half
@@ -429,6 +434,12 @@ class RunStore:
         return {f.name: f.read_bytes() for f in sorted(self.adapter_dir.iterdir()) if f.is_file()}
 
 
+def _keep_beside(path: Path, moved_result: Path) -> None:
+    """Move ``path`` aside with the suffix the result got (``result.json.failed-2`` -> ``metrics.jsonl.failed-2``)."""
+    if path.exists():
+        move_aside(path, moved_result.name[len(RESULT):])
+
+
 class ManifestMismatchError(ValueError):
     """The sweep in ``out_dir`` was made from a different config (its run ids differ)."""
 
@@ -438,10 +449,25 @@ def _manifest_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 
     a = {**flat(old.get("base", {})), **flat({"grid": old.get("grid", {})}), "name": old.get("name")}
     b = {**flat(new["base"]), **flat({"grid": new["grid"]}), "name": new["name"]}
     missing = "(absent)"
-    diffs = [f"{k}: {json.dumps(a.get(k, missing))} in the store, {json.dumps(b.get(k, missing))} now"
+    diffs = [f"{k}: {clip(json.dumps(a.get(k, missing)))} in the store, {clip(json.dumps(b.get(k, missing)))} now"
              for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
     if not diffs:   # same fields, other run ids: e.g. a loralab version that hashes configs differently
         return f"{len(old.get('run_ids', []))} run ids in the store, {len(new['run_ids'])} now, with other ids"
+    return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
+def config_diff(config: Mapping[str, Any], base: Mapping[str, Any], axes: Sequence[str], limit: int = 4) -> str:
+    """``"train.max_steps: 400 in the run, 60 in the sweep"``: where a run's resolved config (its config.json's
+    ``config``) differs from a sweep's base config outside the grid ``axes``; ``""`` when it does not.
+
+    Fields whose role is :data:`~.config.schema.EXECUTION` (how fast a run trains, left out of run ids) are not
+    compared, nor fields only one side has (a config written by another loralab version).
+    """
+    skip = [*axes, *(f"{section}.{name}" for section, name in fields_with_role(EXECUTION))]
+    a, b = flat(config), flat(base)
+    differ = [k for k in sorted(set(a) & set(b))
+              if a[k] != b[k] and not any(k == s or k.startswith(s + ".") for s in skip)]
+    diffs = [f"{k}: {clip(json.dumps(a[k]))} in the run, {clip(json.dumps(b[k]))} in the sweep" for k in differ]
     return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
 
 
@@ -455,17 +481,39 @@ class SweepStore:
                        base: Mapping[str, Any]) -> dict | None:
         """The existing manifest (``None`` if there is none), if it lists the same runs.
 
+        Without ``sweep.json`` (deleted, lost in a copy) the run directories are the store's record of its config:
+        one that this config does not plan is refused in the same way.
+
         Raises:
             ManifestMismatchError: it lists other runs (resuming would mix two sweeps), naming the fields that differ.
             CorruptFileError: ``sweep.json`` cannot be read.
         """
         old = self.manifest()
+        if old is None:
+            self._check_runs_without_manifest(grid, run_ids, base)
         if old is not None and list(old.get("run_ids", [])) != list(run_ids):
             diff = _manifest_diff(old, {"name": name, "grid": grid, "run_ids": run_ids, "base": base})
             raise ManifestMismatchError(
                 f"{self.root / MANIFEST} was written by a different sweep config ({diff}). Its results would mix "
                 f"with the new ones: use a new out_dir (--set out_dir=...), or rerun with the config it was made with")
         return old
+
+    def _check_runs_without_manifest(self, grid: Mapping[str, Sequence], run_ids: Sequence[str],
+                                     base: Mapping[str, Any]) -> None:
+        runs_dir, planned = self.root / "runs", set(run_ids)
+        others = sorted(p for p in runs_dir.iterdir() if p.is_dir() and p.name not in planned and any(p.iterdir())) \
+            if runs_dir.is_dir() else []
+        if not others:
+            return
+        try:
+            config = (RunStore(others[0]).config() or {}).get("config")
+        except CorruptFileError:
+            config = None
+        diff = config_diff(config, base, list(grid)) if isinstance(config, dict) else ""
+        raise ManifestMismatchError(
+            f"{self.root / MANIFEST} is missing, and {runs_dir} holds {len(others)} run(s) this config does not plan, "
+            f"e.g. {others[0].name} ({diff or 'another grid, or another loralab version'}). Their results would mix "
+            "with the new ones: use a new out_dir (--set out_dir=...), or rerun with the config they were made with")
 
     def write_manifest(self, name: str, grid: Mapping[str, Sequence], run_ids: Sequence[str],
                        base: Mapping[str, Any], run_axes: Sequence[Mapping[str, Any]] | None = None) -> None:

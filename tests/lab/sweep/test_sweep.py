@@ -166,3 +166,21 @@ def test_a_second_sweep_on_the_same_out_dir_is_refused(cfg, tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1, err
     assert f"another sweep (pid {other.pid}) is writing to {tmp_path / 'out'}" in err
     assert not (tmp_path / "out" / "sweep.json").exists() and not (tmp_path / "out" / "runs").exists()
+
+
+def test_without_sweep_json_another_config_is_refused_and_the_same_one_resumes(cfg, tmp_path, capsys, one_thread):
+    """sweep.json deleted by hand or lost in a copy: the run directories still tell which config made the store
+    (issue 22, item 1)."""
+    out = tmp_path / "out"
+    assert sweep(capsys, tmp_path, cfg)[0] == 0
+    before = sorted(p.name for p in (out / "runs").iterdir())
+    (out / "sweep.json").unlink()
+    for extra in ((), ("--dry-run",)):
+        rc, _, err = sweep(capsys, tmp_path, cfg, "--set", "train.max_steps=3", *extra)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert f"{out / 'sweep.json'} is missing" in err and "train.max_steps: 2 in the run, 3 in the sweep" in err
+        assert "use a new out_dir" in err
+    assert sorted(p.name for p in (out / "runs").iterdir()) == before and not (out / "sweep.json").exists()
+    rc, stdout, _ = sweep(capsys, tmp_path, cfg)   # the config the runs were made with: resumes, nothing redone
+    assert rc == 0 and "2 runs, 2 already finished, 0 to run" in stdout
+    assert (out / "sweep.json").exists()

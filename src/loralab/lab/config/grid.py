@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from loralab.config import clip
+
 from ..runtime import auto_dtype, pick_device
 from .schema import EXECUTION, RunConfig, SweepConfig, added_fields, fields_with_role
 from .typecheck import ConfigError, from_dict, set_path, to_dict
@@ -102,7 +104,7 @@ def expand(sweep: SweepConfig) -> list[tuple[dict[str, Any], RunConfig]]:
         try:
             points.append((axes, from_dict(RunConfig, data)))
         except ConfigError as e:
-            raise ConfigError(f"grid point {axes}: {e}") from e
+            raise ConfigError(f"grid point {clip(repr(axes))}: {e}") from e
     return points
 
 

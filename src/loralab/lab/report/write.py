@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..store import RunRecord, SweepStore
+from ..store import RunRecord, SweepStore, config_diff
 from . import plots
 from .cells import (
     CONVENTIONS,
@@ -370,6 +370,24 @@ def _problems(records: Sequence[RunRecord], out_dir: Path) -> list[Block]:
     return blocks
 
 
+def _other_configs(manifest: dict, records: Sequence[RunRecord]) -> tuple[list[RunRecord], list[Block]]:
+    """The runs made with this sweep's config, and a section naming those made with another one (left out).
+
+    A run's config.json that differs from ``sweep.json``'s base outside the grid axes belongs to another experiment
+    (e.g. runs of two configs that shared an out_dir whose sweep.json was lost): averaging it in would mix them.
+    """
+    base, axes = manifest.get("base", {}), list(manifest.get("grid", {}))
+    configs = {r.run_id: (r.config or {}).get("config") for r in records}
+    diffs = {k: config_diff(c, base, axes) for k, c in configs.items() if isinstance(c, dict)}
+    others = [f"`{r.run_id}` ({_axes_text(r)}): {diffs[r.run_id]}" for r in records if diffs.get(r.run_id)]
+    if not others:
+        return list(records), []
+    note = (f"{len(others)} run(s) in this store were made with another config than sweep.json's (the fields that "
+            "differ are named below). They are left out of every table and plot; move them to their own out_dir.")
+    return [r for r in records if not diffs.get(r.run_id)], [
+        ("warn", note), ("h", 2, f"Runs of another config, left out ({len(others)})"), ("ul", others)]
+
+
 def _axes_text(r: RunRecord) -> str:
     return ", ".join(f"{k}={fmt_value(v)}" for k, v in r.axes.items()) or "axes unknown"
 
@@ -451,7 +469,8 @@ def write_report(out_dir: str | Path, *, row_axis: str = "lora.init", col_axis: 
         ``{"md", "html", "loss_vs_lr", "loss_vs_lr_zoom", "curves", "diagnostics"}`` → file paths
         (``diagnostics`` only when some run has step-0 diagnostics).
 
-    A run whose ``result.json`` cannot be read is listed as unfinished, with the reason.
+    A run whose ``result.json`` cannot be read is listed as unfinished, with the reason. Runs made with another
+    config (their config.json differs from ``sweep.json``'s outside the grid axes) are left out and named.
 
     Raises:
         FileNotFoundError: ``out_dir`` holds no ``sweep.json``.
@@ -463,7 +482,7 @@ def write_report(out_dir: str | Path, *, row_axis: str = "lora.init", col_axis: 
     manifest = store.manifest()
     if manifest is None:
         raise FileNotFoundError(f"{out_dir / 'sweep.json'} not found: {out_dir} is not a sweep directory")
-    records = store.records()
+    records, other_configs = _other_configs(manifest, store.records())
     lay = make_layout(manifest, row_axis, col_axis, rep_axis)
     if baseline is not None and baseline not in lay.row_labels:
         raise ValueError(f"--baseline {baseline!r} is not a row of this report; the rows ({row_axis}) are "
@@ -479,8 +498,8 @@ def write_report(out_dir: str | Path, *, row_axis: str = "lora.init", col_axis: 
     paths = _plot_all(report_dir, lay, cells)
     name = manifest.get("name", out_dir.name)
     images = [("h", 2, "Plots")] + [("img", paths[k], cap) for k, cap in PNGS.items() if k in paths]
-    blocks = (_header(name, manifest, records, out_dir) + _evaluation(ctx, records, manifest) + _tables(ctx) + images
-              + _diagnostics(lay, cells)
+    blocks = (_header(name, manifest, records, out_dir) + other_configs + _evaluation(ctx, records, manifest)
+              + _tables(ctx) + images + _diagnostics(lay, cells)
               + _problems(records, out_dir) + _listing(records, list(manifest.get("grid", {}))))
     paths["md"] = report_dir / "report.md"
     paths["md"].write_text(to_markdown(blocks), encoding="utf-8")

@@ -16,22 +16,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..runtime import pid_alive
+
 LOCK = "sweep.lock"
 EMPTY_GRACE_S = 10.0   # a lock without a pid is young (being written) for this long, then stale
 
 
 class SweepLockedError(ValueError):
     """Another live process holds the sweep directory's lock."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # someone else's process: alive
-        return True
-    return True
 
 
 def _holder(path: Path) -> tuple[int | None, str]:
@@ -59,7 +51,7 @@ class SweepLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):   # a second try after taking over a stale lock
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)   # umask decides, as for any file
             except FileExistsError:
                 if self._held_here():
                     return self   # this process holds it already (re-entered): the outer block releases it
@@ -85,7 +77,7 @@ class SweepLock:
                 return   # released meanwhile: create it again
             if young:
                 raise self._locked(pid, host)
-        elif host not in ("", socket.gethostname()) or _alive(pid):
+        elif host not in ("", socket.gethostname()) or pid_alive(pid):
             raise self._locked(pid, host)
         # Two processes may take over the same stale lock: each moves the file aside atomically and checks it moved
         # the stale one; one that moved a fresh lock (made by the other after it read the stale one) puts it back.
@@ -115,4 +107,4 @@ class SweepLock:
 def lock_holder(root: str | os.PathLike) -> int | None:
     """The pid of a live sweep holding ``root``'s lock on this host, else ``None`` (for a dry run's note)."""
     pid, host = _holder(Path(root).expanduser() / LOCK)
-    return pid if pid is not None and host in ("", socket.gethostname()) and _alive(pid) else None
+    return pid if pid is not None and host in ("", socket.gethostname()) and pid_alive(pid) else None
