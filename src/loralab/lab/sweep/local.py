@@ -17,6 +17,8 @@ from ..config.grid import RunSpec
 from ..config.typecheck import to_dict
 from ..run import train
 from ..run.assets import Assets
+from ..run.data import DataError
+from ..run.models import ModelError
 from ..runtime import versions
 from ..store import RunResult, RunStore, SweepStore
 from .plan import SweepAbort, SweepPlan, check_batches, check_device
@@ -32,7 +34,10 @@ def failed_result(spec: RunSpec, error: str, trace: str) -> RunResult:
 
 def _train(specs: Sequence[RunSpec], stores: Sequence[RunStore], assets: Assets, progress: bool,
            done: Callable[[int, RunResult], None]) -> None:
-    model, data = assets.get(specs[0].run)
+    try:
+        model, data = assets.get(specs[0].run)
+    except (ModelError, DataError) as e:   # the model's or the data's fault: every run on them would fail alike
+        raise SweepAbort(str(e)) from None
     for spec in specs:
         check_batches(spec.run, len(data.train))
     train.train_pack(specs, stores, base_model=model, data=data, progress=progress, on_done=done)
