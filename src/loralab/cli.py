@@ -67,12 +67,12 @@ def _report(args) -> int:
 def _width(args) -> int:
     from .lab.runtime import check_out_dir
     from .lab.studies.width.report import write_width_report
-    from .lab.studies.width.study import load_width, plan_width, run_width
+    from .lab.studies.width.study import load_width, out_dir, plan_width, run_width
 
     config = load_width(args.config, args.set)
-    out = check_out_dir(args.out or config.out_dir, "--out" if args.out else "out_dir")   # before any training
+    out = check_out_dir(out_dir(config, args.out), "--out" if args.out else "out_dir")   # before any training
+    print(plan_width(config, out), flush=True)   # what will run, and where, before it starts
     if args.dry_run:
-        print(plan_width(config, out))
         return 0
     run_width(config, out)
     for kind, path in write_width_report(out).items():

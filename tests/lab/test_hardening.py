@@ -11,11 +11,10 @@ import stat
 from pathlib import Path
 
 import pytest
+from sweep.test_dry_run import toml_text
 
 from loralab.cli import main
 from loralab.lab.sweep.lock import SweepLock
-
-from sweep.test_dry_run import toml_text
 
 
 @pytest.fixture

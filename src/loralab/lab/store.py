@@ -527,6 +527,12 @@ class SweepStore:
             manifest["run_axes"] = [dict(a) for a in run_axes]
         atomic_write_json(self.root / MANIFEST, manifest)
 
+    def drop_unused_manifest(self) -> None:
+        """Remove ``sweep.json`` while no run directory holds a file (a sweep stopped before any run wrote one)."""
+        runs = self.root / "runs"
+        if not (runs.is_dir() and any(p.is_file() for p in runs.glob("*/*"))):
+            (self.root / MANIFEST).unlink(missing_ok=True)
+
     def manifest(self) -> dict | None:
         """``sweep.json`` parsed, ``None`` when missing (``CorruptFileError`` naming it when unreadable)."""
         return read_object(self.root / MANIFEST, "restore it from a copy, or use a new out_dir: without it the "

@@ -105,13 +105,16 @@ def chitchat_conversation(record: dict) -> list[dict]:
 
 
 def check_data(cfg: DataConfig) -> str:
-    """Validate ``cfg.source`` without reading it (``--dry-run``): a one-line description, or DataError with a fix."""
+    """Validate ``cfg.source`` without tokenizing (``--dry-run``, and the sweep before training): a one-line
+    description, or DataError with a fix. Files are read and parsed (a bad byte or line, named with its line, would
+    fail every run); the chitchat package's own data is not."""
     src = _resolve(cfg.source)
     if any(p.suffix == ".parquet" for p in src.train + src.test) and importlib.util.find_spec("pyarrow") is None:
         raise DataError(f"data.source={cfg.source!r} has parquet files, which need pyarrow: pip install pyarrow")
     held = "its test split" if src.test else f"{cfg.eval_fraction * 100:g}% of the conversations held out"
     sizes = f"{cfg.val_chunks} val + {cfg.test_chunks} test chunks of " if cfg.split else ""
-    return f"{src.label}; eval on {sizes}{held}; packed into {cfg.seq_len}-token chunks"
+    read = f" ({len(_read(src, src.train + src.test)):,} conversations read)" if src.kind == "files" else ""
+    return f"{src.label}{read}; eval on {sizes}{held}; packed into {cfg.seq_len}-token chunks"
 
 
 def load_data(cfg: DataConfig, tokenizer) -> PackedData:
@@ -218,8 +221,9 @@ def _read(src: _Source, paths: tuple[Path, ...]) -> list[list[dict]]:
 
 def _read_jsonl(path: Path) -> list[list[dict]]:
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:   # decoded line by line, so that a bad byte is named with its line
+        for n, raw in enumerate(f, 1):
+            line = _utf8(raw, path, n)
             if not line.strip():
                 continue
             try:
@@ -227,6 +231,14 @@ def _read_jsonl(path: Path) -> list[list[dict]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e}); each line must be {_FORMAT}") from None
     return convs
+
+
+def _utf8(raw: bytes, path: Path, n: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the "
+                        "file as UTF-8, or fix or remove that line") from None
 
 
 def _read_parquet(path: Path) -> list[list[dict]]:

@@ -21,6 +21,7 @@ from ..config.typecheck import to_dict
 from ..run import train
 from ..run.assets import Assets
 from ..run.data import DataError
+from ..run.models import ModelError
 from ..runtime import versions
 from ..store import RunResult, RunStore, SweepStore
 from .plan import SweepAbort, SweepPlan, check_batches, check_device
@@ -38,7 +39,7 @@ def _train(specs: Sequence[RunSpec], stores: Sequence[RunStore], assets: Assets,
            done: Callable[[int, RunResult, nn.Module], None]) -> None:
     try:
         model, data = assets.get(specs[0].run)
-    except DataError as e:   # the data as configured (e.g. more val + test chunks than held out) fails every run
+    except (ModelError, DataError) as e:   # the model's or the data's fault: every run on them would fail alike
         raise SweepAbort(str(e)) from None
     for spec in specs:
         check_batches(spec.run, len(data.train))

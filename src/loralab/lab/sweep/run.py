@@ -22,7 +22,7 @@ from ..config.schema import EXECUTORS, SweepConfig
 from ..store import FINISHED, SweepStore
 from .local import LocalExecutor
 from .lock import SweepLock
-from .plan import Executor, SweepPlan
+from .plan import Executor, SweepAbort, SweepPlan
 
 __all__ = ["make_executor", "outcome", "run_sweep"]
 
@@ -67,14 +67,21 @@ def run_sweep(plan: SweepPlan, executor: Executor | None = None, log: Callable[[
     executor = executor or LocalExecutor(plan, log=log)
     store = plan.check(executor)
     with SweepLock(store.root, log):
-        store.write_manifest(**plan.manifest(), run_axes=[s.axes for s in plan.runs])
         statuses = store.statuses(plan.run_ids)
         todo = [s for s in plan.runs if statuses[s.run_id] not in FINISHED]
+        plan.check_inputs(todo)   # what would fail every run alike stops the sweep here, once, writing nothing
+        fresh = store.manifest() is None
+        store.write_manifest(**plan.manifest(), run_axes=[s.axes for s in plan.runs])
         failed = _prepare_redo(store, todo, statuses, log)
         log(f"sweep {plan.sweep.name!r}: {len(plan.runs)} runs, {len(plan.runs) - len(todo)} already finished, "
             f"{len(todo)} to run" + (f" ({failed} of them failed before: redoing them)" if failed else "")
             + f" -> {store.root}")
-        executor.run(todo, store)
+        try:
+            executor.run(todo, store)
+        except SweepAbort:   # the fix (another model, data or batch size) gives other run ids: let them start here
+            if fresh:
+                store.drop_unused_manifest()
+            raise
     return store
 
 

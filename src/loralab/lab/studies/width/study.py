@@ -57,8 +57,8 @@ from .probe import (
     run_probe,
 )
 
-__all__ = ["RESULTS", "STUDY_INITS", "WidthConfig", "features", "load_width", "plan_width", "pretrained", "run_width",
-           "search_cell"]
+__all__ = ["RESULTS", "STUDY_INITS", "WidthConfig", "features", "load_width", "out_dir", "plan_width", "pretrained",
+           "run_width", "search_cell"]
 
 STUDY_INITS = ("standard", "reversed", "orthogonal-eye", "orthogonal-qr-const", "orthogonal-qr-match")
 RESULTS = "results.json"
@@ -69,7 +69,7 @@ class WidthConfig:
     """A width sweep: every init × width × seed gets its max stable LR (TOML: top-level keys, [family], [probe])."""
 
     name: str = "width"
-    out_dir: str = "docs/results/width"   # results.json, tables, figures; --out overrides
+    out_dir: str = ""                     # results.json, tables, figures (required here or as --out)
     widths: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
     inits: tuple[str, ...] = STUDY_INITS
     seeds: tuple[int, ...] = (0, 1, 2)    # each seed redraws teacher, student, data, shift and adapter
@@ -104,6 +104,9 @@ def load_width(path: str | Path, overrides: Sequence[str] = ()) -> WidthConfig:
         ConfigError: naming the file and the key (unknown keys included) and how to fix it.
     """
     data = read_toml(path)
+    if not data:   # a wrong or emptied file would otherwise start the full default study (105 cells)
+        raise ConfigError(f"{path} is empty: a width study's config names at least where its results go (out_dir); "
+                          "start from configs/width.toml")
     apply_overrides(data, overrides, "probe.steps=50, widths=[64,128]")
     try:
         return from_dict(WidthConfig, data)
@@ -215,9 +218,17 @@ def _session(device: torch.device) -> dict:
             "device": str(device), **versions(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
+def out_dir(cfg: WidthConfig, out: str | Path | None = None) -> Path:
+    """Where the results go: ``out`` (``--out``), else the config's ``out_dir``; never a default nobody chose."""
+    if not (out or cfg.out_dir):
+        raise ConfigError("the config sets no out_dir: say where the results go, out_dir = \"runs/width\" in the "
+                          "file or --out DIR")
+    return Path(out or cfg.out_dir)
+
+
 def plan_width(cfg: WidthConfig, out: str | Path | None = None) -> str:
     """What :func:`run_width` would do, checked as it would check it (device, store settings), training nothing."""
-    out, device = Path(out or cfg.out_dir), pick_device(cfg.device)
+    out, device = out_dir(cfg, out), pick_device(cfg.device)
     path = out / RESULTS
     cells = _open(path, cfg, device)[0]["cells"]   # reads, never writes: a missing store is an empty one
     keys = [cell_key(i, n, s) for n in cfg.widths for s in cfg.seeds for i in cfg.inits]
@@ -229,7 +240,7 @@ def plan_width(cfg: WidthConfig, out: str | Path | None = None) -> str:
 
 def run_width(cfg: WidthConfig, out: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Find the max stable LR of every init × width × seed not yet in ``<out>/results.json``; returns the store."""
-    out, device, started = Path(out or cfg.out_dir), pick_device(cfg.device), time.perf_counter()
+    out, device, started = out_dir(cfg, out), pick_device(cfg.device), time.perf_counter()
     path, cache = out / RESULTS, Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     (store, config_changed), session = _open(path, cfg, device), _session(device)
     cells, total = store["cells"], len(cfg.widths) * len(cfg.seeds) * len(cfg.inits)
