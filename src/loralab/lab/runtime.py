@@ -22,8 +22,17 @@ import torch
 
 import loralab
 
-__all__ = ["DeviceUnavailable", "auto_dtype", "cache_root", "check_out_dir", "cpu_has_native_bf16", "native_bf16_in",
-           "pick_device", "pid_alive", "versions"]
+__all__ = [
+    "DeviceUnavailable",
+    "auto_dtype",
+    "cache_root",
+    "check_out_dir",
+    "cpu_has_native_bf16",
+    "native_bf16_in",
+    "pick_device",
+    "pid_alive",
+    "versions",
+]
 
 
 class DeviceUnavailable(ValueError):
@@ -48,8 +57,10 @@ def pick_device(name: str = "auto", what: str = "device") -> torch.device:
         return torch.device(next(k for k in ("cuda", "mps", "cpu") if _available(k)))
     kind = torch.device(name).type
     if not _available(kind):
-        raise DeviceUnavailable(f"{what}={name!r} but this machine (torch {torch.__version__}) has no "
-                                f"{kind.upper()} device; set {what}=auto (or cpu), or run where {kind} is available")
+        raise DeviceUnavailable(
+            f"{what}={name!r} but this machine (torch {torch.__version__}) has no "
+            f"{kind.upper()} device; set {what}=auto (or cpu), or run where {kind} is available"
+        )
     return torch.device(name)
 
 
@@ -110,7 +121,7 @@ def check_out_dir(path: str | os.PathLike, what: str = "out_dir") -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what} {path} is an existing file, not a directory; choose another {what}")
-    parent = next(p for p in (path, *path.parents) if p.exists())   # the root always exists
+    parent = next(p for p in (path, *path.parents) if p.exists())  # the root always exists
     if not parent.is_dir():
         raise ValueError(f"{what} {path} cannot be created: {parent} is a file; choose another {what}")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -49,8 +49,21 @@ from loralab.io import atomic_write
 from .config.schema import EXECUTION, fields_with_role
 from .config.typecheck import ConfigError, from_dict
 
-__all__ = ["CorruptFileError", "EvalChunks", "ManifestMismatchError", "RunRecord", "RunResult", "RunStore",
-           "SplitLosses", "SweepStore", "atomic_write_json", "config_diff", "read_json", "to_strict_json"]
+__all__ = [
+    "CorruptFileError",
+    "EvalChunks",
+    "ManifestMismatchError",
+    "RunRecord",
+    "RunResult",
+    "RunStore",
+    "SplitLosses",
+    "SweepStore",
+    "atomic_write_json",
+    "config_diff",
+    "read_json",
+    "to_strict_json",
+]
+
 
 def to_strict_json(obj: Any) -> Any:
     """``obj`` with every non-finite float replaced by ``None`` (tuples become lists), ready for ``allow_nan=False``."""
@@ -119,11 +132,11 @@ def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 STATUSES = ("ok", "diverged", "failed")
-FINISHED = ("ok", "diverged")   # results; a failed run is recorded, but a resumed sweep tries it again
+FINISHED = ("ok", "diverged")  # results; a failed run is recorded, but a resumed sweep tries it again
 CONFIG, METRICS, DIAGNOSTICS, RESULT = "config.json", "metrics.jsonl", "diagnostics.json", "result.json"
 EVAL_CHUNKS = "eval_chunks.npz"
 STAGES = ("pretrained", "step0", "final")
-ADAPTER = "adapter"   # the run's trained adapter: a directory in PEFT's format
+ADAPTER = "adapter"  # the run's trained adapter: a directory in PEFT's format
 MANIFEST = "sweep.json"
 
 
@@ -189,7 +202,7 @@ class RunResult:
         result = from_dict(cls, dict(d))
         for name in ("final_eval_loss", "best_eval_loss", "initial_eval_loss"):
             value = getattr(result, name)
-            if value is not None and not math.isfinite(value):   # NaN written by hand or by another writer
+            if value is not None and not math.isfinite(value):  # NaN written by hand or by another writer
                 object.__setattr__(result, name, None)
         return result
 
@@ -215,7 +228,7 @@ class SplitLosses:
 class EvalChunks:
     """The per-chunk eval losses of one run (``eval_chunks.npz``): splits ``val``/``test``, or ``eval``."""
 
-    pool_digest: str                      # which held-out pool the ids index
+    pool_digest: str  # which held-out pool the ids index
     splits: Mapping[str, SplitLosses]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -228,9 +241,11 @@ class EvalChunks:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> EvalChunks:
         """The inverse of :meth:`to_arrays`; ``ValueError`` naming the key when one is missing or misshapen."""
-        order = ("val", "test", "eval")   # the eval's row order; other names after them
-        names = sorted({k.split(".")[0] for k in arrays if k.endswith(".ids")},
-                       key=lambda n: (order.index(n) if n in order else len(order), n))
+        order = ("val", "test", "eval")  # the eval's row order; other names after them
+        names = sorted(
+            {k.split(".")[0] for k in arrays if k.endswith(".ids")},
+            key=lambda n: (order.index(n) if n in order else len(order), n),
+        )
         if "pool_digest" not in arrays or not names:
             raise ValueError("no 'pool_digest' or no '<split>.ids' array")
         splits = {}
@@ -282,8 +297,8 @@ class RunStore:
         arrays = chunks.to_arrays()
 
         def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:   # a file object: np.savez would append ".npz" to a path
-                np.savez_compressed(f, **arrays)   # type: ignore[arg-type]
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+                np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
 
         atomic_write(self.root / EVAL_CHUNKS, write)
 
@@ -299,9 +314,11 @@ class RunStore:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 return EvalChunks.from_arrays({k: npz[k] for k in npz.files})
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:   # truncated, foreign, misshapen
-            raise CorruptFileError(f"{path} is not a per-chunk eval file ({e}); rerun the run, or move the file "
-                                   "aside (the report then shows this run without intervals)") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated, foreign, misshapen
+            raise CorruptFileError(
+                f"{path} is not a per-chunk eval file ({e}); rerun the run, or move the file "
+                "aside (the report then shows this run without intervals)"
+            ) from None
 
     def write_result(self, result: RunResult) -> None:
         """Write ``result.json``; a result is written once (a second one raises; :meth:`reset` moves one aside)."""
@@ -317,8 +334,10 @@ class RunStore:
                 the wrong type), naming the file, the field and the fix.
         """
         path = self.root / RESULT
-        fix = (f"rerun the sweep to redo the run (it moves the file aside to {RESULT}.corrupt), or restore the file "
-               "from a copy")
+        fix = (
+            f"rerun the sweep to redo the run (it moves the file aside to {RESULT}.corrupt), or restore the file "
+            "from a copy"
+        )
         data = read_object(path, fix)
         if data is None:
             return None
@@ -385,7 +404,7 @@ class RunStore:
             _keep_beside(self.root / METRICS, moved)
         for p in [self.root / n for n in (CONFIG, METRICS, DIAGNOSTICS, EVAL_CHUNKS)] + list(self.root.glob(".*.tmp")):
             p.unlink(missing_ok=True)
-        for d in [self.root / ADAPTER, *self.root.glob(f".{ADAPTER}.*")]:   # an attempt's adapter, whole or half
+        for d in [self.root / ADAPTER, *self.root.glob(f".{ADAPTER}.*")]:  # an attempt's adapter, whole or half
             shutil.rmtree(d, ignore_errors=True)
         return moved
 
@@ -407,16 +426,17 @@ class RunStore:
             The adapter directory.
         """
         if (self.root / RESULT).exists():
-            raise FileExistsError(f"{self.root / RESULT} exists: a finished run's adapter is written before its "
-                                  "result, never after")
+            raise FileExistsError(
+                f"{self.root / RESULT} exists: a finished run's adapter is written before its result, never after"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER}.", dir=self.root))
         try:
             mask = os.umask(0)
             os.umask(mask)
-            os.chmod(tmp, 0o777 & ~mask)   # the mode a plain mkdir gives, not mkdtemp's 0700
+            os.chmod(tmp, 0o777 & ~mask)  # the mode a plain mkdir gives, not mkdtemp's 0700
             fill(tmp)
-            for f in tmp.iterdir():   # on disk before the rename makes them visible
+            for f in tmp.iterdir():  # on disk before the rename makes them visible
                 if f.is_file():
                     with open(f, "rb+") as fh:
                         os.fsync(fh.fileno())
@@ -437,7 +457,7 @@ class RunStore:
 def _keep_beside(path: Path, moved_result: Path) -> None:
     """Move ``path`` aside with the suffix the result got (``result.json.failed-2`` -> ``metrics.jsonl.failed-2``)."""
     if path.exists():
-        move_aside(path, moved_result.name[len(RESULT):])
+        move_aside(path, moved_result.name[len(RESULT) :])
 
 
 class ManifestMismatchError(ValueError):
@@ -449,9 +469,12 @@ def _manifest_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 
     a = {**flat(old.get("base", {})), **flat({"grid": old.get("grid", {})}), "name": old.get("name")}
     b = {**flat(new["base"]), **flat({"grid": new["grid"]}), "name": new["name"]}
     missing = "(absent)"
-    diffs = [f"{k}: {clip(json.dumps(a.get(k, missing)))} in the store, {clip(json.dumps(b.get(k, missing)))} now"
-             for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
-    if not diffs:   # same fields, other run ids: e.g. a loralab version that hashes configs differently
+    diffs = [
+        f"{k}: {clip(json.dumps(a.get(k, missing)))} in the store, {clip(json.dumps(b.get(k, missing)))} now"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing)
+    ]
+    if not diffs:  # same fields, other run ids: e.g. a loralab version that hashes configs differently
         return f"{len(old.get('run_ids', []))} run ids in the store, {len(new['run_ids'])} now, with other ids"
     return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
 
@@ -465,8 +488,9 @@ def config_diff(config: Mapping[str, Any], base: Mapping[str, Any], axes: Sequen
     """
     skip = [*axes, *(f"{section}.{name}" for section, name in fields_with_role(EXECUTION))]
     a, b = flat(config), flat(base)
-    differ = [k for k in sorted(set(a) & set(b))
-              if a[k] != b[k] and not any(k == s or k.startswith(s + ".") for s in skip)]
+    differ = [
+        k for k in sorted(set(a) & set(b)) if a[k] != b[k] and not any(k == s or k.startswith(s + ".") for s in skip)
+    ]
     diffs = [f"{k}: {clip(json.dumps(a[k]))} in the run, {clip(json.dumps(b[k]))} in the sweep" for k in differ]
     return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
 
@@ -475,10 +499,11 @@ class SweepStore:
     """A sweep's directory: ``sweep.json`` plus ``runs/<run_id>/`` for each run."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).expanduser()   # "~/runs" in a config means the home directory, not a dir named "~"
+        self.root = Path(root).expanduser()  # "~/runs" in a config means the home directory, not a dir named "~"
 
-    def check_manifest(self, name: str, grid: Mapping[str, Sequence], run_ids: Sequence[str],
-                       base: Mapping[str, Any]) -> dict | None:
+    def check_manifest(
+        self, name: str, grid: Mapping[str, Sequence], run_ids: Sequence[str], base: Mapping[str, Any]
+    ) -> dict | None:
         """The existing manifest (``None`` if there is none), if it lists the same runs.
 
         Without ``sweep.json`` (deleted, lost in a copy) the run directories are the store's record of its config:
@@ -495,14 +520,19 @@ class SweepStore:
             diff = _manifest_diff(old, {"name": name, "grid": grid, "run_ids": run_ids, "base": base})
             raise ManifestMismatchError(
                 f"{self.root / MANIFEST} was written by a different sweep config ({diff}). Its results would mix "
-                f"with the new ones: use a new out_dir (--set out_dir=...), or rerun with the config it was made with")
+                f"with the new ones: use a new out_dir (--set out_dir=...), or rerun with the config it was made with"
+            )
         return old
 
-    def _check_runs_without_manifest(self, grid: Mapping[str, Sequence], run_ids: Sequence[str],
-                                     base: Mapping[str, Any]) -> None:
+    def _check_runs_without_manifest(
+        self, grid: Mapping[str, Sequence], run_ids: Sequence[str], base: Mapping[str, Any]
+    ) -> None:
         runs_dir, planned = self.root / "runs", set(run_ids)
-        others = sorted(p for p in runs_dir.iterdir() if p.is_dir() and p.name not in planned and any(p.iterdir())) \
-            if runs_dir.is_dir() else []
+        others = (
+            sorted(p for p in runs_dir.iterdir() if p.is_dir() and p.name not in planned and any(p.iterdir()))
+            if runs_dir.is_dir()
+            else []
+        )
         if not others:
             return
         try:
@@ -513,16 +543,27 @@ class SweepStore:
         raise ManifestMismatchError(
             f"{self.root / MANIFEST} is missing, and {runs_dir} holds {len(others)} run(s) this config does not plan, "
             f"e.g. {others[0].name} ({diff or 'another grid, or another loralab version'}). Their results would mix "
-            "with the new ones: use a new out_dir (--set out_dir=...), or rerun with the config they were made with")
+            "with the new ones: use a new out_dir (--set out_dir=...), or rerun with the config they were made with"
+        )
 
-    def write_manifest(self, name: str, grid: Mapping[str, Sequence], run_ids: Sequence[str],
-                       base: Mapping[str, Any], run_axes: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def write_manifest(
+        self,
+        name: str,
+        grid: Mapping[str, Sequence],
+        run_ids: Sequence[str],
+        base: Mapping[str, Any],
+        run_axes: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         """Write ``sweep.json``, or keep the existing one if it lists the same runs (see :meth:`check_manifest`)."""
         if self.check_manifest(name, grid, run_ids, base) is not None:
             return
-        manifest: dict[str, Any] = {"name": name, "grid": {k: list(v) for k, v in grid.items()},
-                                    "run_ids": list(run_ids), "base": dict(base),
-                                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        manifest: dict[str, Any] = {
+            "name": name,
+            "grid": {k: list(v) for k, v in grid.items()},
+            "run_ids": list(run_ids),
+            "base": dict(base),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         if run_axes is not None:
             manifest["run_axes"] = [dict(a) for a in run_axes]
         atomic_write_json(self.root / MANIFEST, manifest)
@@ -535,8 +576,11 @@ class SweepStore:
 
     def manifest(self) -> dict | None:
         """``sweep.json`` parsed, ``None`` when missing (``CorruptFileError`` naming it when unreadable)."""
-        return read_object(self.root / MANIFEST, "restore it from a copy, or use a new out_dir: without it the "
-                                                    "store cannot tell which runs belong to the sweep")
+        return read_object(
+            self.root / MANIFEST,
+            "restore it from a copy, or use a new out_dir: without it the "
+            "store cannot tell which runs belong to the sweep",
+        )
 
     def run(self, run_id: str) -> RunStore:
         """The store of one run; ``run_id`` must be a plain directory name."""
@@ -597,8 +641,11 @@ class RunRecord:
 
     def eval_curve(self) -> list[tuple[int, float]]:
         """``(step, eval_loss)`` pairs with a finite loss, in order."""
-        return [(int(m["step"]), float(m["eval_loss"])) for m in self.metrics
-                if m.get("kind") == "eval" and isinstance(m.get("eval_loss"), (int, float))]
+        return [
+            (int(m["step"]), float(m["eval_loss"]))
+            for m in self.metrics
+            if m.get("kind") == "eval" and isinstance(m.get("eval_loss"), (int, float))
+        ]
 
 
 def load_record(run: RunStore, axes: Mapping[str, Any] | None = None) -> RunRecord:
@@ -620,7 +667,17 @@ def load_record(run: RunStore, axes: Mapping[str, Any] | None = None) -> RunReco
         status = result.status
     else:
         status = "unfinished" if config is not None or metrics or problems else "pending"
-    chunks = read(run.eval_chunks)   # a bad file costs this run its intervals, not its result
+    chunks = read(run.eval_chunks)  # a bad file costs this run its intervals, not its result
     found = (result.axes if result else None) or (config or {}).get("axes") or axes or {}
-    return RunRecord(run.run_id, status, dict(found), run.root, config, result, diagnostics, tuple(metrics),
-                     "; ".join(problems) or None, chunks)
+    return RunRecord(
+        run.run_id,
+        status,
+        dict(found),
+        run.root,
+        config,
+        result,
+        diagnostics,
+        tuple(metrics),
+        "; ".join(problems) or None,
+        chunks,
+    )

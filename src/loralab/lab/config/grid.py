@@ -49,9 +49,9 @@ def run_id(run: RunConfig, axes: Mapping[str, Any]) -> str:
     """
     d = to_dict(run)
     d["model"]["dtype"] = dtype_identity(run)
-    for section, name in fields_with_role(EXECUTION):   # how fast a run trains is not what it is: same id
+    for section, name in fields_with_role(EXECUTION):  # how fast a run trains is not what it is: same id
         d[section].pop(name)
-    for section, name, default in added_fields():   # stores made before the field existed keep their ids
+    for section, name, default in added_fields():  # stores made before the field existed keep their ids
         if d[section][name] == to_dict(default):
             d[section].pop(name)
     canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -66,7 +66,7 @@ def dtype_identity(run: RunConfig) -> str:
     name = run.train.device
     kind = pick_device(name).type if name == "auto" else torch.device(name).type
     resolved = auto_dtype(kind) if run.model.dtype == "auto" else run.model.dtype
-    legacy = "bfloat16" if kind == "cuda" else "float32"   # "auto" before CPUs could get bfloat16
+    legacy = "bfloat16" if kind == "cuda" else "float32"  # "auto" before CPUs could get bfloat16
     return "auto" if resolved == legacy else resolved
 
 

@@ -75,8 +75,11 @@ def from_dict(cls: type, data: Any, *, where: str = "") -> Any:
     for key in data:
         if key not in hints:
             raise unknown_key(where, str(key), list(hints))
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [name for name in required if name not in data]
     if missing:
         raise ConfigError(f"missing key {join(where, missing[0])!r}: {cls.__name__} has no default for it")

