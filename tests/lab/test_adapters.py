@@ -189,6 +189,23 @@ def test_best_is_the_lowest_final_eval_loss_among_ok_runs(tmp_path):
         best_run(store)
 
 
+def test_best_chooses_on_validation_chunks_never_on_test(tmp_path):
+    """With a val/test split, ``final_eval_loss`` is the test mean: ``--best`` must not read it (selection bias)."""
+    import numpy as np
+
+    from loralab.lab.store import EvalChunks, SplitLosses
+
+    def split(ids, final):
+        ids, final = np.array(ids), np.array(final, dtype=np.float32)
+        return SplitLosses(ids=ids, pretrained=final + 1, step0=final + 1, final=final)
+
+    store = SweepStore(tmp_path)
+    for run_id, val, test in (("a", [2.0, 2.2], [3.0, 3.2]), ("b", [2.5, 2.7], [1.0, 1.2])):
+        store.run(run_id).write_eval_chunks(EvalChunks("pool", {"val": split([0, 1], val), "test": split([2, 3], test)}))
+        store.run(run_id).write_result(RunResult(run_id, "ok", final_eval_loss=float(np.mean(test))))
+    assert best_run(store) == "a"   # lower on validation, though "b" is lower on test
+
+
 def test_export_best_exports_the_run_best_names(swept, tmp_path, capsys):
     ok = {r: res["final_eval_loss"] for r, res in results(swept).items() if res["status"] == "ok"}
     rc, out, err = cli(capsys, "export", swept, "--best", "--out", tmp_path / "best")

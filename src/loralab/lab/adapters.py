@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import shutil
 import tempfile
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 import loralab
@@ -112,22 +114,30 @@ def save_run_adapter(store: RunStore, spec: RunSpec, model: nn.Module, result: R
 def best_run(store: SweepStore) -> str:
     """The run ``--best`` picks: the lowest final validation loss among the runs that finished ``ok``.
 
-    The validation loss is the final eval loss in ``result.json`` (the runs' held-out split); diverged, failed,
-    unfinished and unreadable runs never count; a tie goes to the first run in manifest order.
+    With a val/test split that is the mean of the run's final losses on its validation chunks (``eval_chunks.npz``),
+    never the test chunks the report scores the choice on; a run without a split (or without the file) is judged
+    by its one eval set (``final_eval_loss``). Diverged, failed, unfinished and unreadable runs never count; a tie
+    goes to the first run in manifest order.
 
     Raises:
         ValueError: no run finished ``ok`` with a finite loss.
     """
     best: tuple[float, str] | None = None
     for run_id in store.run_ids():
+        run = store.run(run_id)
         try:
-            result = store.run(run_id).result()
+            result = run.result()
+            chunks = run.eval_chunks()
         except CorruptFileError:
             continue
-        if result is None or result.status != "ok" or result.final_eval_loss is None:
+        if result is None or result.status != "ok":
             continue
-        if best is None or result.final_eval_loss < best[0]:
-            best = (result.final_eval_loss, run_id)
+        val = chunks.splits.get("val") if chunks is not None else None
+        loss = float(np.mean(val.final)) if val is not None else result.final_eval_loss
+        if loss is None or not math.isfinite(loss):
+            continue
+        if best is None or loss < best[0]:
+            best = (loss, run_id)
     if best is None:
         raise ValueError(
             f"no run in {store.root} finished ok, so --best has nothing to choose from; name a run with "
