@@ -6,7 +6,8 @@ curves. Following the tuning playbook, the init is the scientific variable and t
 Grid axes other than row/column/replicate (e.g. ``lora.rank``) give one table per combination of their values.
 
 Diverged runs enter the numbers by two conventions, and every table of numbers comes in both, named above it
-(:data:`.cells.CONVENTIONS`): excluded (the lab's) and included at their final loss (the published study's). Every
+(:data:`.cells.CONVENTIONS`): excluded (the lab's) and included at their final loss (the published study's); when no
+run diverged they agree, and the report says so and shows one set. Every
 cell shows its seed count; ▲ marks runs that ended worse than the pretrained model.
 
 With per-chunk eval losses in the store (docs/evaluation.md), the report can tell inits apart: every cell gets a 95%
@@ -72,6 +73,7 @@ class _Ctx:
     lay: Layout
     cells: dict
     rep_axis: str
+    conventions: tuple[str, ...]          # both, or only "excluded" when no run diverged (they then agree)
     baseline: str
     base: int | None                      # the baseline's row, None when it is not a row
     splits: tuple[str, str] | None        # (selection split, reported split) with per-chunk losses, else None
@@ -81,8 +83,9 @@ class _Ctx:
         losses = chunk_losses(self.cells[g, r, c], convention, split, self.rep_axis)
         if losses is None:
             return None
+        # seeded by the cell, not the convention: the same runs give the same interval under either
         return interval(losses.values, seed=seed_for(self.lay.groups[g], self.lay.row_labels[r],
-                                                     self.lay.col_labels[c], convention, split))
+                                                     self.lay.col_labels[c], split))
 
     def paired(self, g: int, r: int, c: int, rb: int, cb: int, convention: str) -> Estimate | None:
         """``(r, c) − (rb, cb)`` of group ``g`` on the reported split, same seeds and chunks."""
@@ -92,7 +95,8 @@ class _Ctx:
         if a is None or b is None:
             return None
         return paired_difference(a, b, seed=seed_for(self.lay.groups[g], self.lay.row_labels[r],
-                                                     self.lay.col_labels[c], self.lay.col_labels[cb], convention))
+                                                     self.lay.col_labels[c], self.lay.row_labels[rb],
+                                                     self.lay.col_labels[cb]))
 
 
 def _num(v: Any, spec: str = ".4f") -> str:
@@ -289,14 +293,17 @@ def _tables(ctx: _Ctx) -> list[Block]:
     heads = [[("h", 3, lay.group_label(g))] if lay.others else [] for g in range(len(lay.groups))]
     ci = (" Each cell: mean [95% interval]." if ctx.splits else " Each cell: mean ± sample std over seeds.")
     out: list[Block] = []
-    for conv in CONVENTIONS:
+    if ctx.conventions != CONVENTIONS:
+        out.append(("p", "No run diverged, so the two conventions for diverged runs (excluded, or included at their "
+                         "final loss) give the same numbers: one set of tables."))
+    for conv in ctx.conventions:
         out += [("h", 2, f"Final eval loss{SUFFIX[conv]}"),
                 ("p", f"{CONVENTION_TEXT[conv]}{ci} {MARKS} **Bold**: the lowest mean in its column among eligible "
                       "cells (no seed diverged; under the included convention, a finite mean).")]
         for g in range(len(lay.groups)):
             out += heads[g] + [_loss_table(ctx, g, conv)]
     if ctx.base is not None:
-        for conv in CONVENTIONS:
+        for conv in ctx.conventions:
             if ctx.splits:
                 out += [("h", 2, f"Paired difference vs `{ctx.baseline}`{SUFFIX[conv]}"),
                         ("p", f"{CONVENTION_TEXT[conv]} Each cell: the mean over seeds and {ctx.splits[1]} chunks of "
@@ -311,7 +318,7 @@ def _tables(ctx: _Ctx) -> list[Block]:
                 body = [_relative_table(ctx, g, conv) for g in range(len(lay.groups))]
             for g in range(len(lay.groups)):
                 out += heads[g] + [body[g]]
-    for conv in CONVENTIONS:
+    for conv in ctx.conventions:
         if ctx.splits:
             sel, rep = ctx.splits
             out += [("h", 2, f"Tuned comparison: each {lay.row_axis} at its best {lay.col_axis}{SUFFIX[conv]}"),
@@ -471,7 +478,8 @@ def write_report(out_dir: str | Path, *, row_axis: str = "lora.init", col_axis: 
     name_of_base = baseline or BASELINE
     cells = cell_grid(lay, records)
     splits = eval_splits(records)
-    ctx = _Ctx(lay, cells, rep_axis, name_of_base,
+    conventions = CONVENTIONS if any(r.status == "diverged" for r in records) else CONVENTIONS[:1]
+    ctx = _Ctx(lay, cells, rep_axis, conventions, name_of_base,
                lay.row_labels.index(name_of_base) if name_of_base in lay.row_labels else None,
                splits if isinstance(splits, tuple) else None, splits if isinstance(splits, str) else "")
     report_dir = Path(out).expanduser() if out is not None else out_dir / "report"
