@@ -10,8 +10,19 @@ import numpy as np
 import pytest
 
 from loralab.lab import store as store_mod
-from loralab.lab.store import CorruptFileError, EvalChunks, SplitLosses, ManifestMismatchError, RunResult, RunStore, SweepStore, atomic_write_json, read_json, to_strict_json
 from loralab.lab.runtime import check_out_dir
+from loralab.lab.store import (
+    CorruptFileError,
+    EvalChunks,
+    ManifestMismatchError,
+    RunResult,
+    RunStore,
+    SplitLosses,
+    SweepStore,
+    atomic_write_json,
+    read_json,
+    to_strict_json,
+)
 
 
 def _strict_load(path):
