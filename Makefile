@@ -14,5 +14,6 @@ quick: install
 
 test: install
 	$(PY) -m ruff check src
+	$(PY) -m ruff format --check src
 	$(PY) -m mypy
 	$(PY) -m pytest -q --runslow

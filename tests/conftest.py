@@ -37,6 +37,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _float32_auto_on_cpu():
+    """``model.dtype = auto`` computes in float32 on the CPU in every test, whatever this CPU can do: tests that
+    compare numbers need one precision on every machine; tests of the bfloat16 path patch this themselves."""
+    from loralab.lab import runtime
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     old = os.environ.get("LORALAB_CACHE")
     os.environ["LORALAB_CACHE"] = str(tmp_path_factory.mktemp("loralab-cache"))
@@ -141,3 +152,21 @@ def tiny_assets(tiny_lm_dir, chat_jsonl):
     model.requires_grad_(False)
     data = load_data(DataConfig(source=str(chat_jsonl), seq_len=32, max_train_chunks=16, max_eval_chunks=4), tokenizer)
     return model, data
+
+
+@pytest.fixture
+def deadline():
+    """``deadline(seconds)``: past it the test fails with ``TimeoutError`` instead of hanging (SIGALRM, POSIX only).
+    Python's regex engine checks for signals while it backtracks, so a catastrophic match is interrupted too."""
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError("still running at the test's deadline: it would hang")
+
+    def arm(seconds: float) -> None:
+        signal.signal(signal.SIGALRM, expired)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    yield arm
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)

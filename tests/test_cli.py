@@ -142,6 +142,20 @@ def test_ctrl_c_in_check_does_not_talk_about_resuming(capsys, monkeypatch):
     assert err.strip() == "interrupted"
 
 
+def test_check_on_a_truncated_model_is_one_line_naming_the_file(capsys, tiny_lm_dir, tmp_path):
+    """``loralab check --model DIR`` with a cut safetensors file: exit 2, the file and the fix, no traceback
+    (issue 22, item 7)."""
+    import shutil
+
+    bad = shutil.copytree(tiny_lm_dir, tmp_path / "bad")
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert main(["check", "--model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loralab check: error: ") and err.count("\n") == 1, err
+    assert f"{weights} is damaged" in err and "save_pretrained" in err
+
+
 # ---- out paths that are files: one line naming the path, exit 2 ------------------------------------------------------
 
 def test_report_out_that_is_a_file(tmp_path, capsys, monkeypatch):

@@ -5,9 +5,9 @@ import warnings
 
 import pytest
 import torch
-from core_helpers import perturb, tiny_gpt2, tiny_llama
 from torch import nn
 
+from core_helpers import perturb, tiny_gpt2, tiny_llama
 from loralab import (
     IdentityWarning,
     LoraConfig,
@@ -162,6 +162,12 @@ def test_loraplus_param_groups():
     ({"rslora": "no"}, ValueError, r"rslora must be True or False, got 'no'"),
     ({"dropout": "0.1"}, ValueError, r"dropout must be in \[0, 1\), got '0.1'"),
     ({"targets": "([bad"}, ValueError, "not a valid regex"),
+    ({"targets": "(.*.*)*z"}, ValueError, "itself varies in length .* exponential time"),
+    ({"targets": "(a|ab)*c"}, ValueError, "exponential time"),
+    ({"rank_pattern": {r"(\w+)+\.q_proj": 4}}, ValueError, r"pattern key .*exponential time"),
+    ({"targets": ".*.*.*.*.*z"}, ValueError, "5 variable-length repeats"),
+    ({"targets": "q" * 5000}, ValueError,
+     r"^LoraConfig: targets 'q{59}\.\.\.\[4,882 more characters\]\.\.\.q{59}' is 5,000 "),
 ])
 def test_config_errors(cfg, err, match):
     with pytest.raises(err, match=match):
@@ -368,3 +374,9 @@ def test_modules_to_save_typos_and_tied_modules_are_refused_and_change_nothing()
     gpt2 = tiny_gpt2()   # lm_head is tied to wte: training it would train the embedding too
     with pytest.raises(ValueError, match=r"training 'lm_head', whose weight is shared with 'transformer.wte'"):
         inject(gpt2, LoraConfig(rank=4, targets=["c_attn"], modules_to_save=["lm_head"]))
+
+
+@pytest.mark.parametrize("pattern", [r".*\.(q_proj|v_proj)", r"model\.layers\.\d+\.self_attn\.(q|k|v)_proj",
+                                     r".*decoder.*(SelfAttention|EncDecAttention).*(q|v)$", r".*\.(?:q|v)*_proj"])
+def test_ordinary_regexes_pass_the_backtracking_check(pattern):
+    assert LoraConfig(targets=pattern, rank_pattern={pattern: 2}).targets == pattern

@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
-from core_helpers import perturb, tiny_gpt2, tiny_llama
 from torch import nn
 
+from core_helpers import perturb, tiny_gpt2, tiny_llama
 from loralab import (
     AdapterError,
     AdapterFormatWarning,
@@ -387,3 +387,30 @@ def test_task_type_is_the_models_auto_class_or_none(tmp_path):
     assert hasattr(whisper, "generate") and hasattr(t5, "generate")
     save_adapter(inject(whisper, LoraConfig(rank=2, targets=["q_proj"])), tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] is None
+
+
+
+
+
+
+def test_a_stale_sidecar_left_by_peft_is_ignored_with_a_warning(tmp_path):
+    """loralab saves pissa, then PEFT saves a plain adapter into the same directory and leaves loralab.json there:
+    the sidecar must not make loralab rewrite the base weights as pissa does (issue 22, item 2)."""
+    base, model = adapted(targets=["q_proj", "v_proj"], init="pissa")
+    save_adapter(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # its own sidecar: followed, silently
+        assert load_adapter(copy.deepcopy(base), tmp_path).lora_config.init == "pissa"
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    pm.eval().save_pretrained(tmp_path)
+    assert (tmp_path / "loralab.json").exists()   # PEFT leaves it
+    with pytest.warns(UserWarning, match="loralab.json does not describe this adapter"):
+        ours = load_adapter(copy.deepcopy(base), tmp_path)
+    assert ours.lora_config.init == "standard"
+    q = lora_layers(ours)["model.layers.0.self_attn.q_proj"].base_layer.weight
+    assert torch.equal(q, base.model.layers[0].self_attn.q_proj.weight)   # the base is left alone
+    assert torch.allclose(logits(ours), logits(pm), atol=1e-5)

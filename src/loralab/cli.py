@@ -13,8 +13,10 @@ def _inits(args) -> int:
     # "on embedding": the scheme an embedding target gets under `init` (its input is one-hot; see docs/library.md)
     print(f"{'name':<22}{'preserves output':>17}{'moves base':>11}{'even rank':>10}  {'on embedding':<16}  summary")
     for name, s in init_schemes().items():
-        print(f"{name:<22}{s.preserves_output!s:>17}{s.modifies_base!s:>11}{s.even_rank!s:>10}  "
-              f"{s.one_hot or 'same':<16}  {s.summary}")
+        print(
+            f"{name:<22}{s.preserves_output!s:>17}{s.modifies_base!s:>11}{s.even_rank!s:>10}  "
+            f"{s.one_hot or 'same':<16}  {s.summary}"
+        )
     return 0
 
 
@@ -24,7 +26,7 @@ def _check(args) -> int:
     from .lab.config.schema import ModelConfig
     from .lab.studies.identity import format_identity_table, identity_table
 
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]   # "q_proj, v_proj" names two modules
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]  # "q_proj, v_proj" names two modules
     lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(targets))
     rows = identity_table(ModelConfig(name=args.model), lora)
     print(format_identity_table(rows))
@@ -48,7 +50,7 @@ def _sweep(args) -> int:
     executor = make_executor(plan, name, progress=not args.no_progress, address=args.address)
     if args.dry_run:
         return dry_run(plan, executor)
-    code, line = outcome(sweep, run_sweep(plan, executor))   # 1 when a run failed: scripts and CI see it
+    code, line = outcome(sweep, run_sweep(plan, executor))  # 1 when a run failed: scripts and CI see it
     print(line)
     return code
 
@@ -67,12 +69,12 @@ def _report(args) -> int:
 def _width(args) -> int:
     from .lab.runtime import check_out_dir
     from .lab.studies.width.report import write_width_report
-    from .lab.studies.width.study import load_width, plan_width, run_width
+    from .lab.studies.width.study import load_width, out_dir, plan_width, run_width
 
     config = load_width(args.config, args.set)
-    out = check_out_dir(args.out or config.out_dir, "--out" if args.out else "out_dir")   # before any training
+    out = check_out_dir(out_dir(config, args.out), "--out" if args.out else "out_dir")  # before any training
+    print(plan_width(config, out), flush=True)  # what will run, and where, before it starts
     if args.dry_run:
-        print(plan_width(config, out))
         return 0
     run_width(config, out)
     for kind, path in write_width_report(out).items():
@@ -101,8 +103,9 @@ def _generate(args) -> int:
     from .lab.adapters import describe, find_run, generate
 
     run = find_run(args.run_dir, args.run, args.best)
-    answers = generate(run, args.prompt, max_new_tokens=args.max_new_tokens, fmt=args.format, device=args.device,
-                       with_base=args.base)
+    answers = generate(
+        run, args.prompt, max_new_tokens=args.max_new_tokens, fmt=args.format, device=args.device, with_base=args.base
+    )
     print(describe(run))
     for who, text in answers.items():
         print(f"--- {who}:\n{text}")
@@ -129,8 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=_check)
     s = sub.add_parser("sweep", help="run a grid of training runs (resumable)")
     s.add_argument("config", help="a TOML file, e.g. configs/quick.toml")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field (train.lr=1e-3) or a grid axis (grid.train.lr=[1e-4,1e-3])")
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field (train.lr=1e-3) or a grid axis (grid.train.lr=[1e-4,1e-3])",
+    )
     s.add_argument("--dry-run", action="store_true", help="print the grid and validate everything; train nothing")
     s.add_argument("--executor", choices=["local", "ray"], default=None, help="default: the config's executor")
     s.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
@@ -141,24 +149,40 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR/report)")
     r.add_argument("--rows", default="lora.init", help="the axis compared (table rows; default lora.init)")
     r.add_argument("--cols", default="train.lr", help="the axis tuned per row (columns; default train.lr)")
-    r.add_argument("--reps", default="train.seed", help="the axis averaged over (default train.seed); the grid's "
-                                                        "other axes give one table each")
-    r.add_argument("--baseline", default=None, help="the row the others are compared with (paired differences, "
-                                                    "tuned comparison); default: standard, when it is a row")
+    r.add_argument(
+        "--reps",
+        default="train.seed",
+        help="the axis averaged over (default train.seed); the grid's other axes give one table each",
+    )
+    r.add_argument(
+        "--baseline",
+        default=None,
+        help="the row the others are compared with (paired differences, "
+        "tuned comparison); default: standard, when it is a row",
+    )
     r.set_defaults(fn=_report)
     w = sub.add_parser("width", help="max stable LR vs width per init (Hayou et al. 2024 scaling); resumable")
     w.add_argument("config", help="a TOML file, e.g. configs/width.toml")
-    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field (probe.steps=50, widths=[64,128], device=cuda)")
+    w.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field (probe.steps=50, widths=[64,128], device=cuda)",
+    )
     w.add_argument("--out", default=None, help="results directory (default: the config's out_dir)")
-    w.add_argument("--dry-run", action="store_true", help="print the cells, check the config, device and store; "
-                                                          "train nothing")
+    w.add_argument(
+        "--dry-run", action="store_true", help="print the cells, check the config, device and store; train nothing"
+    )
     w.set_defaults(fn=_width)
     e = sub.add_parser("export", help="write a run's trained adapter (PEFT format), or with --merged a full model")
     _run_choice(e)
     e.add_argument("--out", required=True, help="a new (or empty) directory to write")
-    e.add_argument("--merged", action="store_true", help="the base model with the adapter merged in, plus its "
-                                                         "tokenizer (save_pretrained), instead of the adapter")
+    e.add_argument(
+        "--merged",
+        action="store_true",
+        help="the base model with the adapter merged in, plus its tokenizer (save_pretrained), instead of the adapter",
+    )
     e.set_defaults(fn=_export)
     v = sub.add_parser("evaluate", help="recompute a run's eval loss from its saved adapter, next to the stored one")
     _run_choice(v)
@@ -168,9 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     _run_choice(g)
     g.add_argument("prompt", help="what the user says")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--format", choices=["chat", "train", "raw"], default="chat",
-                   help="chat: the tokenizer's chat template (the lab's training text when it has none); train: "
-                        "'User: ...' as the lab trains; raw: the prompt as it is")
+    g.add_argument(
+        "--format",
+        choices=["chat", "train", "raw"],
+        default="chat",
+        help="chat: the tokenizer's chat template (the lab's training text when it has none); train: "
+        "'User: ...' as the lab trains; raw: the prompt as it is",
+    )
     g.add_argument("--base", action="store_true", help="also print the base model's answer (adapter off)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
     g.set_defaults(fn=_generate)
@@ -181,8 +209,10 @@ def _os_error(e: OSError) -> str:
     """One line naming the path, e.g. ``cannot write /x/report: File exists (an existing file is in the way)``."""
     if e.filename is None:
         return str(e)
-    hint = {FileExistsError: " (an existing file is in the way: choose another path)",
-            NotADirectoryError: " (a part of the path is a file, not a directory: choose another path)"}
+    hint = {
+        FileExistsError: " (an existing file is in the way: choose another path)",
+        NotADirectoryError: " (a part of the path is a file, not a directory: choose another path)",
+    }
     return f"cannot use {e.filename}: {e.strerror}{hint.get(type(e), '')}"
 
 
@@ -191,16 +221,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except KeyboardInterrupt:
-        resumable = args.command in ("sweep", "width")   # only these store results as they go
-        print("interrupted" + (": finished runs are stored; rerun the same command to resume" if resumable else ""),
-              file=sys.stderr)
+        resumable = args.command in ("sweep", "width")  # only these store results as they go
+        print(
+            "interrupted" + (": finished runs are stored; rerun the same command to resume" if resumable else ""),
+            file=sys.stderr,
+        )
         return 130
     except (ValueError, TypeError) as e:  # bad input: the message names the problem and fix
-        print(f"loralab {args.command}: error: {e}", file=sys.stderr)
+        print(f"loralab {args.command}: error: {_line(str(e))}", file=sys.stderr)
         return 2
-    except OSError as e:   # FileNotFoundError, an out path that is a file, a full disk: name the path
-        print(f"loralab {args.command}: error: {_os_error(e)}", file=sys.stderr)
+    except OSError as e:  # FileNotFoundError, an out path that is a file, a full disk: name the path
+        print(f"loralab {args.command}: error: {_line(_os_error(e))}", file=sys.stderr)
         return 2
+
+
+def _line(message: str) -> str:
+    """An error message as the one line it should be: a quoted megabyte of user input is cut from its middle (the
+    problem leads, the fix ends it)."""
+    from loralab.config import clip
+
+    return clip(message, 4000)
 
 
 if __name__ == "__main__":

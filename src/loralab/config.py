@@ -10,7 +10,16 @@ from typing import Any
 
 from .inits import get_scheme
 
-ALL_LINEAR = "all-linear"   # PEFT's shorthand: every linear-like layer but the output head (inject.py selects them)
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear-like layer but the output head (inject.py selects them)
+try:  # the parser behind the re module (private, but the same tree since Python 3.0; renamed in 3.11)
+    from re import _constants as _sre  # type: ignore[attr-defined]
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
+except ImportError:  # Python 3.10
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+MAX_PATTERN_CHARS = 1000  # module-name regexes are short; a longer one is a mistake (or an attack)
+MAX_VARIABLE_REPEATS = 4  # .*.*.*.*z over ~400 module names takes ~0.05 s; each more multiplies it by ~8
 
 
 class FrozenMap(Mapping):
@@ -94,20 +103,24 @@ class LoraConfig:
         for name in ("targets", "exclude"):
             value = getattr(self, name)
             if not isinstance(value, (str, list, tuple)) or not all(isinstance(t, str) for t in value):
-                raise ValueError(f"LoraConfig.{name} must be a list of module-name suffixes or one regex string, got "
-                                 f"{value!r}; e.g. {name}=['q_proj', 'v_proj']")
+                raise ValueError(
+                    f"LoraConfig.{name} must be a list of module-name suffixes or one regex string, got "
+                    f"{value!r}; e.g. {name}=['q_proj', 'v_proj']"
+                )
             if not isinstance(value, str):
                 set_(self, name, tuple(t.strip() for t in value))
         if isinstance(self.targets, str) and self.targets.lower() == ALL_LINEAR:
             set_(self, "targets", ALL_LINEAR)
         self._check_selection()
-        if not isinstance(self.rslora, bool):   # a ValueError, as every config error (the lab names the key)
+        if not isinstance(self.rslora, bool):  # a ValueError, as every config error (the lab names the key)
             raise ValueError(f"LoraConfig.rslora must be True or False, got {self.rslora!r}")  # noqa: TRY004
         for name in ("init_kwargs", "rank_pattern", "alpha_pattern", "init_pattern"):
             set_(self, name, _frozen_map(getattr(self, name)))
         if not self.targets:
-            raise ValueError("LoraConfig.targets is empty: name the modules to adapt, e.g. targets=['q_proj', "
-                             "'v_proj'] (module-name suffixes) or a regex string such as r'.*\\.(q|v)_proj'")
+            raise ValueError(
+                "LoraConfig.targets is empty: name the modules to adapt, e.g. targets=['q_proj', "
+                "'v_proj'] (module-name suffixes) or a regex string such as r'.*\\.(q|v)_proj'"
+            )
         if isinstance(self.targets, str) and self.targets != ALL_LINEAR:
             _compile(self.targets, "targets")
         if isinstance(self.exclude, str):
@@ -131,31 +144,42 @@ class LoraConfig:
         set_ = object.__setattr__
         saved = self.modules_to_save
         if isinstance(saved, str) or not isinstance(saved, (list, tuple)) or not all(isinstance(m, str) for m in saved):
-            raise ValueError(f"LoraConfig.modules_to_save must be a list of module-name suffixes, got {saved!r}; "
-                             f"e.g. modules_to_save=['classifier']")
+            raise ValueError(
+                f"LoraConfig.modules_to_save must be a list of module-name suffixes, got {saved!r}; "
+                f"e.g. modules_to_save=['classifier']"
+            )
         set_(self, "modules_to_save", tuple(m.strip() for m in saved))
         layers = self.layers_to_transform
         if layers is not None:
             items = [layers] if isinstance(layers, int) else layers
-            if (not isinstance(items, (list, tuple)) or
-                    not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items)):
-                raise ValueError(f"LoraConfig.layers_to_transform must be a layer index or a list of them (ints "
-                                 f">= 0), got {layers!r}; e.g. layers_to_transform=[0, 1]")
+            if not isinstance(items, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
+            ):
+                raise ValueError(
+                    f"LoraConfig.layers_to_transform must be a layer index or a list of them (ints "
+                    f">= 0), got {layers!r}; e.g. layers_to_transform=[0, 1]"
+                )
             set_(self, "layers_to_transform", layers if isinstance(layers, int) else tuple(layers))
         pattern = self.layers_pattern
         if pattern is not None:
             if not isinstance(pattern, (str, list, tuple)) or not all(isinstance(p, str) for p in pattern):
-                raise ValueError(f"LoraConfig.layers_pattern must be a name or a list of names, got {pattern!r}; "
-                                 f"e.g. layers_pattern='layers'")
+                raise ValueError(
+                    f"LoraConfig.layers_pattern must be a name or a list of names, got {pattern!r}; "
+                    f"e.g. layers_pattern='layers'"
+                )
             if not isinstance(pattern, str):
                 set_(self, "layers_pattern", tuple(pattern))
             if self.layers_to_transform is None:
-                raise ValueError("LoraConfig.layers_pattern only says where layer indices are; give "
-                                 "layers_to_transform too, e.g. layers_to_transform=[0], or drop layers_pattern")
+                raise ValueError(
+                    "LoraConfig.layers_pattern only says where layer indices are; give "
+                    "layers_to_transform too, e.g. layers_to_transform=[0], or drop layers_pattern"
+                )
         if self.layers_to_transform is not None and isinstance(self.targets, str) and self.targets != ALL_LINEAR:
-            raise ValueError("LoraConfig.layers_to_transform needs targets as a list of suffixes (or 'all-linear'), "
-                             "as in PEFT; with a regex target, put the layer numbers in the regex instead, e.g. "
-                             "r'.*\\.layers\\.(0|1)\\..*q_proj'")
+            raise ValueError(
+                "LoraConfig.layers_to_transform needs targets as a list of suffixes (or 'all-linear'), "
+                "as in PEFT; with a regex target, put the layer numbers in the regex instead, e.g. "
+                "r'.*\\.layers\\.(0|1)\\..*q_proj'"
+            )
 
     def _check_scheme(self, where: str, init: str) -> None:
         try:
@@ -165,15 +189,18 @@ class LoraConfig:
         ranks = {self.rank, *self.rank_pattern.values()}
         odd = sorted(r for r in ranks if r % 2)
         if scheme.even_rank and odd:
-            raise ValueError(f"LoraConfig.{where}={init!r} pairs the rank's directions, so it needs an even rank; "
-                             f"got rank {odd[0]}: use {odd[0] + 1} or {max(odd[0] - 1, 2)}")
+            raise ValueError(
+                f"LoraConfig.{where}={init!r} pairs the rank's directions, so it needs an even rank; "
+                f"got rank {odd[0]}: use {odd[0] + 1} or {max(odd[0] - 1, 2)}"
+            )
         if init == self.init:
             params = inspect.signature(scheme.fn).parameters
             opts = sorted(set(params) - {"w", "rank", "scale", "g"})
             extra = sorted(set(self.init_kwargs) - set(opts))
             if extra:
-                raise ValueError(f"LoraConfig.init_kwargs {extra} are not options of {init!r}; its options: "
-                                 f"{opts or 'none'}")
+                raise ValueError(
+                    f"LoraConfig.init_kwargs {extra} are not options of {init!r}; its options: {opts or 'none'}"
+                )
 
     @property
     def scale(self) -> float:
@@ -222,11 +249,71 @@ def layer_index(name: str, layers_pattern: str | Iterable[str] | None) -> int | 
     return int(match.group(1)) if match else None
 
 
+def clip(text: str, limit: int = 120) -> str:
+    """``text`` cut to about ``limit`` characters, head and tail kept, for user input quoted in an error message (a
+    1 MB regex must not make a 1 MB message)."""
+    if len(text) <= limit:
+        return text
+    keep = limit // 2
+    return f"{text[:keep]}...[{len(text) - 2 * keep:,} more characters]...{text[-keep:]}"
+
+
 def _compile(pattern: str, what: str) -> re.Pattern:
+    """Compile a module-name regex, refusing one whose matching could run for ever.
+
+    Python's regex engine backtracks: a part of variable length repeated inside a repetition (``(a+)+``,
+    ``(.*.*)*z``, ``(a|ab)*``) takes exponential time on a name it does not match, and every extra ``.*`` in a row
+    multiplies the time by the name's length. Matching cannot be interrupted, so such patterns are refused before
+    any name is matched.
+    """
+    where = f"LoraConfig: {what} {clip(repr(pattern))}"
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(
+            f"{where} is {len(pattern):,} characters long, more than a module-name pattern needs "
+            f"(at most {MAX_PATTERN_CHARS}); shorten it, or give a list of module-name suffixes"
+        )
     try:
-        return re.compile(pattern)
+        compiled = re.compile(pattern)
+        repeats, nested = _repeats(_sre_parse.parse(pattern), in_loop=False)
     except re.error as e:
-        raise ValueError(f"LoraConfig: {what} {pattern!r} is not a valid regex ({e})") from None
+        raise ValueError(f"{where} is not a valid regex ({e})") from None
+    if nested:
+        raise ValueError(
+            f"{where} repeats a part that itself varies in length (as in (a+)+, (.*.*)*z or (a|ab)*): "
+            "matching it can take exponential time. Write it without nested repetition, e.g. "
+            r"'.*\.(q_proj|v_proj)', or give a list of module-name suffixes"
+        )
+    if repeats > MAX_VARIABLE_REPEATS:
+        raise ValueError(
+            f"{where} has {repeats} variable-length repeats (.*, +, {{m,n}}); with more than "
+            f"{MAX_VARIABLE_REPEATS} matching can take minutes (the time grows as the name's length to "
+            r"that power): use fewer, e.g. one leading '.*' as in '.*\.(q_proj|v_proj)'"
+        )
+    return compiled
+
+
+def _repeats(items: Any, in_loop: bool) -> tuple[int, bool]:
+    """``(variable-length repeats, whether one sits inside a repetition)`` of a parsed regex."""
+    count, nested = 0, False
+    for op, av in items:
+        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT):
+            lo, hi, body = av
+            count, nested = count + (hi != lo), nested or (in_loop and hi != lo)
+            subs, loop = [body], in_loop or hi > 1
+        elif op is _sre.BRANCH:  # alternatives inside a repetition: as ambiguous as a nested repeat
+            subs, loop, nested = av[1], in_loop, nested or in_loop
+        elif op is _sre.SUBPATTERN:
+            subs, loop = [av[3]], in_loop
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            subs, loop = [av[1]], in_loop
+        elif op is _sre.GROUPREF_EXISTS:
+            subs, loop = [b for b in av[1:] if b is not None], in_loop
+        else:  # single characters, classes, anchors; possessive repeats and atomic groups never backtrack
+            continue
+        for sub in subs:
+            c, n = _repeats(sub, loop)
+            count, nested = count + c, nested or n
+    return count, nested
 
 
 def _lookup(patterns: Mapping[str, Any], name: str, default: Any) -> Any:

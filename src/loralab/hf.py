@@ -37,28 +37,39 @@ class _SavePretrained:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def __call__(self, save_directory: str | os.PathLike, *, is_main_process: bool = True,
-                 state_dict: dict | None = None, push_to_hub: bool = False, **kwargs) -> None:
+    def __call__(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
         # kwargs such as safe_serialization or max_shard_size do not apply: an adapter is one safetensors file.
         if push_to_hub:
-            raise AdapterError("save_pretrained(push_to_hub=True) is not supported for a loralab adapter; save it "
-                               "with model.save_pretrained(dir), then upload dir (huggingface_hub.upload_folder)")
-        if state_dict is not None:   # the Trainer passes one under FSDP/DeepSpeed, where parameters are sharded
-            raise AdapterError("save_pretrained(state_dict=...) is not supported for a loralab adapter (it is "
-                               "saved from the model's own tensors, which FSDP/DeepSpeed shard); train without them, "
-                               "or merge with loralab.unload(model) and save the plain model")
+            raise AdapterError(
+                "save_pretrained(push_to_hub=True) is not supported for a loralab adapter; save it "
+                "with model.save_pretrained(dir), then upload dir (huggingface_hub.upload_folder)"
+            )
+        if state_dict is not None:  # the Trainer passes one under FSDP/DeepSpeed, where parameters are sharded
+            raise AdapterError(
+                "save_pretrained(state_dict=...) is not supported for a loralab adapter (it is "
+                "saved from the model's own tensors, which FSDP/DeepSpeed shard); train without them, "
+                "or merge with loralab.unload(model) and save the plain model"
+            )
         if is_main_process:
             save_adapter(self.model, save_directory)
 
 
 def _attach(model: nn.Module) -> None:
-    if callable(getattr(type(model), "save_pretrained", None)):   # a transformers model (or alike)
-        model.__dict__["save_pretrained"] = _SavePretrained(model)   # an instance attribute: the model alone
+    if callable(getattr(type(model), "save_pretrained", None)):  # a transformers model (or alike)
+        model.__dict__["save_pretrained"] = _SavePretrained(model)  # an instance attribute: the model alone
 
 
 def _detach(model: nn.Module) -> None:
     if isinstance(model.__dict__.get("save_pretrained"), _SavePretrained):
-        del model.__dict__["save_pretrained"]   # the class's own save_pretrained again
+        del model.__dict__["save_pretrained"]  # the class's own save_pretrained again
 
 
 register_model_hook(_attach, _detach)
@@ -119,18 +130,22 @@ class AdapterTrainerMixin:
 
 
 def __getattr__(name: str):
-    if name == "LoraTrainer":   # built on first use, so importing loralab does not import transformers
+    if name == "LoraTrainer":  # built on first use, so importing loralab does not import transformers
         from transformers import Trainer
 
-        cls = type("LoraTrainer", (AdapterTrainerMixin, Trainer), {
-            "__module__": __name__, "__doc__": "``transformers.Trainer`` with :class:`AdapterTrainerMixin`."})
+        cls = type(
+            "LoraTrainer",
+            (AdapterTrainerMixin, Trainer),
+            {"__module__": __name__, "__doc__": "``transformers.Trainer`` with :class:`AdapterTrainerMixin`."},
+        )
         globals()["LoraTrainer"] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def init_peft(peft_model: nn.Module, init: str, *, seed: int = 0, adapter_name: str | None = None,
-              **init_kwargs) -> nn.Module:
+def init_peft(
+    peft_model: nn.Module, init: str, *, seed: int = 0, adapter_name: str | None = None, **init_kwargs
+) -> nn.Module:
     """Initialise the LoRA factors of a PEFT model with a loralab scheme, in place, as :func:`loralab.inject` would.
 
     Each PEFT LoRA layer of the adapter gets the scheme's factors for its base weight (seen as a matrix), rank and
@@ -155,8 +170,10 @@ def init_peft(peft_model: nn.Module, init: str, *, seed: int = 0, adapter_name: 
 
     scheme = get_scheme(init)
     if scheme.modifies_base:
-        raise ValueError(f"init_peft: {init!r} rewrites the base weight, which a PEFT adapter file would not record "
-                         f"(it would load on the wrong base); use PEFT's own init_lora_weights={init!r}")
+        raise ValueError(
+            f"init_peft: {init!r} rewrites the base weight, which a PEFT adapter file would not record "
+            f"(it would load on the wrong base); use PEFT's own init_lora_weights={init!r}"
+        )
     adapter = str(adapter_name or getattr(peft_model, "active_adapter", "default"))
     get_base = getattr(peft_model, "get_base_model", None)
     root = get_base() if callable(get_base) else peft_model
@@ -167,7 +184,7 @@ def init_peft(peft_model: nn.Module, init: str, *, seed: int = 0, adapter_name: 
         writes.append(_peft_factors(name, module, adapter, init, seed, init_kwargs))
     if not writes:
         raise ValueError(f"init_peft: the model has no PEFT LoRA layers of adapter {adapter!r}")
-    with torch.no_grad():   # all layers were checked first: a refusal leaves the model as it was
+    with torch.no_grad():  # all layers were checked first: a refusal leaves the model as it was
         for a, b, factors in writes:
             a.copy_(factors.a.reshape(a.shape))
             b.copy_(factors.b.reshape(b.shape))
@@ -183,11 +200,15 @@ def _peft_factors(name: str, module: Any, adapter: str, init: str, seed: int, in
     if cls is None:
         raise TypeError(f"init_peft: {name!r} adapts a {type(base).__name__}, which loralab's schemes do not cover")
     if module.use_dora.get(adapter):
-        raise ValueError(f"init_peft: {name!r} uses DoRA, whose magnitude PEFT set from the factors it drew; "
-                         f"init_peft supports plain LoRA (use_dora=False)")
+        raise ValueError(
+            f"init_peft: {name!r} uses DoRA, whose magnitude PEFT set from the factors it drew; "
+            f"init_peft supports plain LoRA (use_dora=False)"
+        )
     if odd := conv_peft_differs(base):
-        raise ValueError(f"init_peft: {name!r} is a conv with {odd}: PEFT's LoRA there is not a change of its "
-                         f"weight, so a scheme's factors would not mean what they do in loralab")
+        raise ValueError(
+            f"init_peft: {name!r} is a conv with {odd}: PEFT's LoRA there is not a change of its "
+            f"weight, so a scheme's factors would not mean what they do in loralab"
+        )
     resolved = (get_scheme(init).one_hot or init) if cls.one_hot_input else init
     scheme, rank = get_scheme(resolved), module.r[adapter]
     if scheme.even_rank and rank % 2:

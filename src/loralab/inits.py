@@ -68,16 +68,24 @@ class InitScheme:
 _REGISTRY: dict[str, InitScheme] = {}
 
 
-def register(name: str, *, preserves_output: bool = True, modifies_base: bool = False, even_rank: bool = False,
-             reads_weight: bool = True, one_hot: str | None = None):
+def register(
+    name: str,
+    *,
+    preserves_output: bool = True,
+    modifies_base: bool = False,
+    even_rank: bool = False,
+    reads_weight: bool = True,
+    one_hot: str | None = None,
+):
     """Decorator that adds a scheme to the registry under ``name`` (the keywords are :class:`InitScheme`'s)."""
 
     def deco(fn: SchemeFn) -> SchemeFn:
         if name in _REGISTRY:
             raise ValueError(f"init scheme {name!r} is already registered")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _REGISTRY[name] = InitScheme(name, fn, preserves_output, modifies_base, even_rank, reads_weight, one_hot,
-                                     summary)
+        _REGISTRY[name] = InitScheme(
+            name, fn, preserves_output, modifies_base, even_rank, reads_weight, one_hot, summary
+        )
         return fn
 
     return deco

@@ -81,21 +81,31 @@ def select_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.M
     else:
         found = [(n, m) for n, m in named if name_matches(n, config.targets)]
         _check_every_target_matched(config, named, found)
-    kept = [(n, m) for n, m in found if not name_matches(n, config.exclude)
-            and not any(name_matches(a, config.modules_to_save) for a in _ancestry(n))]
+    kept = [
+        (n, m)
+        for n, m in found
+        if not name_matches(n, config.exclude)
+        and not any(name_matches(a, config.modules_to_save) for a in _ancestry(n))
+    ]
     if config.exclude and len(kept) == len(found):
-        warnings.warn(f"exclude={config.exclude!r} excluded no module (check its spelling): every module that "
-                      f"targets matched is adapted", UserWarning, stacklevel=5)   # the caller of inject
+        warnings.warn(
+            f"exclude={config.exclude!r} excluded no module (check its spelling): every module that "
+            f"targets matched is adapted",
+            UserWarning,
+            stacklevel=5,
+        )  # the caller of inject
     if config.layers_to_transform is not None:
         layers = config.layers_to_transform
         wanted = {layers} if isinstance(layers, int) else set(layers)
         kept = [(n, m) for n, m in kept if layer_index(n, config.layers_pattern) in wanted]
     if not kept:
-        raise ValueError(f"targets={config.targets!r} matched {len(found)} modules, but exclude, modules_to_save and "
-                         f"layers_to_transform={config.layers_to_transform!r} (layers_pattern="
-                         f"{config.layers_pattern!r}) left none to adapt; e.g. "
-                         f"{found[0][0] if found else 'no module'!r} is in layer "
-                         f"{layer_index(found[0][0], config.layers_pattern) if found else None}")
+        raise ValueError(
+            f"targets={config.targets!r} matched {len(found)} modules, but exclude, modules_to_save and "
+            f"layers_to_transform={config.layers_to_transform!r} (layers_pattern="
+            f"{config.layers_pattern!r}) left none to adapt; e.g. "
+            f"{found[0][0] if found else 'no module'!r} is in layer "
+            f"{layer_index(found[0][0], config.layers_pattern) if found else None}"
+        )
     return kept
 
 
@@ -109,7 +119,7 @@ def _output_heads(model: nn.Module) -> list[str]:
     """Names of the module that ``"all-linear"`` leaves out: the LM head or a classifier head."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if head is None:   # PEFT's names for a sequence classifier's head
+    if head is None:  # PEFT's names for a sequence classifier's head
         head = next((m for n in ("classifier", "score") if isinstance(m := getattr(model, n, None), nn.Module)), None)
     return [n for n, m in model.named_modules() if m is head and n] if head is not None else []
 
@@ -124,21 +134,32 @@ def _check_every_target_matched(config: LoraConfig, named: list, found: list) ->
     if isinstance(config.targets, str):
         if not found:
             example = named[-1][0] if named else "layers.0.q_proj"
-            hint = (f"; for suffix matching give a list, e.g. targets=[{config.targets!r}]"
-                    if any(name_matches(n, [config.targets]) for n, _ in named) else
-                    f"; or targets='{ALL_LINEAR}' for every linear layer")
-            raise ValueError(f"no module matched targets={config.targets!r}: a string is one regex matched against "
-                             f"the whole module name (e.g. {example!r}){hint}")
+            hint = (
+                f"; for suffix matching give a list, e.g. targets=[{config.targets!r}]"
+                if any(name_matches(n, [config.targets]) for n, _ in named)
+                else f"; or targets='{ALL_LINEAR}' for every linear layer"
+            )
+            raise ValueError(
+                f"no module matched targets={config.targets!r}: a string is one regex matched against "
+                f"the whole module name (e.g. {example!r}){hint}"
+            )
         return
     suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in named if not list(m.children())})
     unmatched = [t for t in config.targets if not any(name_matches(n, [t]) for n, _ in found)]
-    if unmatched:   # a typo in one entry would otherwise adapt fewer modules than asked, silently
-        hints = [f"{t!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(t, suffixes, 1)) else
-                 repr(t) for t in unmatched]
-        shorthand = (f"; for every linear layer write targets='{ALL_LINEAR}' (a string, not a list entry)"
-                     if ALL_LINEAR in (t.lower() for t in unmatched) else "")
-        raise ValueError(f"targets entries matched no module: {', '.join(hints)}; leaf module names in this model "
-                         f"end in: {', '.join(suffixes[:12])}{', ...' if len(suffixes) > 12 else ''}{shorthand}")
+    if unmatched:  # a typo in one entry would otherwise adapt fewer modules than asked, silently
+        hints = [
+            f"{t!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(t, suffixes, 1)) else repr(t)
+            for t in unmatched
+        ]
+        shorthand = (
+            f"; for every linear layer write targets='{ALL_LINEAR}' (a string, not a list entry)"
+            if ALL_LINEAR in (t.lower() for t in unmatched)
+            else ""
+        )
+        raise ValueError(
+            f"targets entries matched no module: {', '.join(hints)}; leaf module names in this model "
+            f"end in: {', '.join(suffixes[:12])}{', ...' if len(suffixes) > 12 else ''}{shorthand}"
+        )
 
 
 def saved_modules(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
@@ -146,8 +167,12 @@ def saved_modules(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     inside_lora = tuple(n + "." for n in lora_layers(model))
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if (name and name_matches(name, config.modules_to_save) and not name.startswith(inside_lora)
-                and not any(within(name, outer) for outer in found)):
+        if (
+            name
+            and name_matches(name, config.modules_to_save)
+            and not name.startswith(inside_lora)
+            and not any(within(name, outer) for outer in found)
+        ):
             found[name] = module
     return found
 
@@ -163,9 +188,11 @@ def _weight_sharers(model: nn.Module) -> dict[int, list[str]]:
 
 def _tied_error(name: str, holders: list[str], what: str) -> str:
     others = [h for h in holders if h != name and not h.startswith(name + ".")]
-    return (f"{what} {name!r}, whose weight is shared with {', '.join(map(repr, others))} (tied weights), would "
-            f"change those modules too; untie them first (e.g. `m.weight = nn.Parameter(m.weight.clone())` on one "
-            f"of them)")
+    return (
+        f"{what} {name!r}, whose weight is shared with {', '.join(map(repr, others))} (tied weights), would "
+        f"change those modules too; untie them first (e.g. `m.weight = nn.Parameter(m.weight.clone())` on one "
+        f"of them)"
+    )
 
 
 @dataclass
@@ -193,23 +220,32 @@ def validate(model: nn.Module, config: LoraConfig, *, loading: bool = False) -> 
     for name, module in select_targets(model, config):
         cls = layer_type_for(module)
         if cls is None:
-            raise TypeError(f"target {name!r} is a {type(module).__name__}, which loralab cannot adapt "
-                            f"(supported: {SUPPORTED_TYPES}); leave it out, e.g. with "
-                            f"exclude=[{name.rsplit('.', 1)[-1]!r}]")
+            raise TypeError(
+                f"target {name!r} is a {type(module).__name__}, which loralab cannot adapt "
+                f"(supported: {SUPPORTED_TYPES}); leave it out, e.g. with "
+                f"exclude=[{name.rsplit('.', 1)[-1]!r}]"
+            )
         weight = weight_of(module)
         if not weight.is_floating_point():
             raise TypeError(f"target {name!r} has a {weight.dtype} weight; load the model in a float dtype")
         rank, alpha, init = config.for_module(name, one_hot=cls.one_hot_input)
         d_out, d_in = cls.to_matrix(weight).shape
         if rank > min(d_in, d_out) and (get_scheme(init).reads_weight or not loading):
-            why = (f"init {init!r} cannot take {rank} directions from it" if get_scheme(init).reads_weight else
-                   "B·A cannot have a higher rank, so the extra directions would train nothing")
-            raise ValueError(f"rank {rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} of {name!r} (d_out={d_out}, "
-                             f"d_in={d_in}): {why}; lower rank or set "
-                             f"rank_pattern={{{name.rsplit('.', 1)[-1]!r}: {min(d_in, d_out)}}}")
+            why = (
+                f"init {init!r} cannot take {rank} directions from it"
+                if get_scheme(init).reads_weight
+                else "B·A cannot have a higher rank, so the extra directions would train nothing"
+            )
+            raise ValueError(
+                f"rank {rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} of {name!r} (d_out={d_out}, "
+                f"d_in={d_in}): {why}; lower rank or set "
+                f"rank_pattern={{{name.rsplit('.', 1)[-1]!r}: {min(d_in, d_out)}}}"
+            )
         if get_scheme(init).modifies_base and id(module.weight) in shared:
-            raise ValueError(_tied_error(name, shared[id(module.weight)], f"init {init!r} rewrites the weight of") +
-                             f", or give {name!r} an init that leaves the base alone (init_pattern)")
+            raise ValueError(
+                _tied_error(name, shared[id(module.weight)], f"init {init!r} rewrites the weight of")
+                + f", or give {name!r} an init that leaves the base alone (init_pattern)"
+            )
         targets.append(_Target(name, module, cls, rank, alpha, init))
     _check_saved_modules(model, config, shared)
     return targets
@@ -218,10 +254,12 @@ def validate(model: nn.Module, config: LoraConfig, *, loading: bool = False) -> 
 def _check_saved_modules(model: nn.Module, config: LoraConfig, shared: dict[int, list[str]]) -> None:
     saved = saved_modules(model, config)
     missing = [m for m in config.modules_to_save if not any(name_matches(n, [m]) for n in saved)]
-    if missing:   # the head would stay frozen at its random init, silently
+    if missing:  # the head would stay frozen at its random init, silently
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
-        hints = [f"{m!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(m, names, 1)) else
-                 repr(m) for m in missing]
+        hints = [
+            f"{m!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(m, names, 1)) else repr(m)
+            for m in missing
+        ]
         raise ValueError(f"modules_to_save entries matched no module: {', '.join(hints)}")
     for name, module in saved.items():
         for p in module.parameters():
@@ -237,14 +275,22 @@ def plan(model: nn.Module, config: LoraConfig, seed: int = 0, *, loading: bool =
     """
     planned = []
     for t in validate(model, config, loading=loading):
-        layer = t.cls(t.module, t.rank, t.alpha, rslora=config.rslora, dropout=config.dropout,
-                      dtype=_adapter_dtype(weight_of(t.module)))
+        layer = t.cls(
+            t.module,
+            t.rank,
+            t.alpha,
+            rslora=config.rslora,
+            dropout=config.dropout,
+            dtype=_adapter_dtype(weight_of(t.module)),
+        )
         g = torch.Generator().manual_seed(module_seed(seed, t.name))
         scheme = get_scheme(t.init)
         w = layer.to_matrix(weight_of(t.module).detach())
         if scheme.reads_weight and w.is_meta:
-            raise ValueError(f"init {t.init!r} reads the weight of {t.name!r}, which is on the meta device (no "
-                             f"values); load the model's weights first, or use a scheme that needs only shapes")
+            raise ValueError(
+                f"init {t.init!r} reads the weight of {t.name!r}, which is on the meta device (no "
+                f"values); load the model's weights first, or use a scheme that needs only shapes"
+            )
         w = w.to(device="cpu", dtype=torch.float32) if scheme.reads_weight else torch.empty(w.shape, device="meta")
         kwargs = config.init_kwargs if t.init == config.init else {}
         factors = scheme(w, t.rank, scale=layer.scale, g=g, **kwargs)
@@ -256,7 +302,7 @@ def plan(model: nn.Module, config: LoraConfig, seed: int = 0, *, loading: bool =
 def commit(model: nn.Module, planned: list[_Planned], config: LoraConfig, seed: int) -> nn.Module:
     """Insert planned layers, write their factors, and freeze everything but the adapters and ``modules_to_save``."""
     saved = saved_modules(model, config)
-    model.__dict__.update(lora_config=config, lora_seed=seed)   # plain attributes, read by save_adapter and hf
+    model.__dict__.update(lora_config=config, lora_seed=seed)  # plain attributes, read by save_adapter and hf
     for p in model.parameters():
         p.requires_grad_(False)
     for item in planned:
@@ -310,9 +356,12 @@ def warn_identity(planned: list[_Planned], config: LoraConfig, stacklevel: int =
     used = {p.layer.init for p in planned if p.layer.init is not None}
     broken = sorted(n for n in used if not get_scheme(n).preserves_output)
     if broken:
-        warnings.warn(f"init {', '.join(broken)} does not preserve the model's output: the adapted model differs "
-                      f"from the pretrained one before training (check_identity shows by how much)",
-                      IdentityWarning, stacklevel=stacklevel + 1)
+        warnings.warn(
+            f"init {', '.join(broken)} does not preserve the model's output: the adapted model differs "
+            f"from the pretrained one before training (check_identity shows by how much)",
+            IdentityWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -342,8 +391,9 @@ def _check_untied(model: nn.Module, layers: dict[str, LoraLayer]) -> None:
     shared = _weight_sharers(model)
     for name, layer in layers.items():
         if not layer.merged and id(layer.base_layer.weight) in shared:
-            raise LoraStateError(_tied_error(name, shared[id(layer.base_layer.weight)], "merging") +
-                                 ", or keep this adapter unmerged")
+            raise LoraStateError(
+                _tied_error(name, shared[id(layer.base_layer.weight)], "merging") + ", or keep this adapter unmerged"
+            )
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -383,8 +433,9 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def lora_param_groups(model: nn.Module, lr: float, *, weight_decay: float = 0.0,
-                      loraplus_ratio: float = 1.0) -> list[dict]:
+def lora_param_groups(
+    model: nn.Module, lr: float, *, weight_decay: float = 0.0, loraplus_ratio: float = 1.0
+) -> list[dict]:
     """Optimizer parameter groups: A at ``lr``, B at ``lr · loraplus_ratio`` (LoRA+, Hayou et al. 2024; 1 = plain),
     and, if there are any, the other trainable parameters (``modules_to_save``, or unfrozen by hand) at ``lr``."""
     layers = _require_layers(model, "lora_param_groups").values()
@@ -444,17 +495,19 @@ class TrainableSummary:
 
     trainable: int
     total: int
-    by_type: dict[str, tuple[int, int]]   # "LoRA Linear" / "modules_to_save" / "other trainable" -> (modules, params)
+    by_type: dict[str, tuple[int, int]]  # "LoRA Linear" / "modules_to_save" / "other trainable" -> (modules, params)
 
     @property
     def percent(self) -> float:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        lines = [(f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
-                  f"trainable%: {self.percent:.4f}")]
-        lines += [f"  {kind}: {n} module{'s' * (n != 1)}, {count:,d} params"
-                  for kind, (n, count) in self.by_type.items()]
+        lines = [
+            (f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.percent:.4f}")
+        ]
+        lines += [
+            f"  {kind}: {n} module{'s' * (n != 1)}, {count:,d} params" for kind, (n, count) in self.by_type.items()
+        ]
         return "\n".join(lines)
 
 
@@ -478,7 +531,7 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     config = getattr(model, "lora_config", None)
     for module in (saved_modules(model, config) if config is not None else {}).values():
         add("modules_to_save", [p for p in module.parameters() if p.requires_grad and id(p) not in seen])
-    other = {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen}   # unfrozen by hand
+    other = {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen}  # unfrozen by hand
     if other:
         owners = {n.rpartition(".")[0] for n in other}
         by_type["other trainable"] = (len(owners), sum(p.numel() for p in other.values()))

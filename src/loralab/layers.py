@@ -36,7 +36,7 @@ class Dropout(nn.Module):
     def __init__(self, p: float):
         super().__init__()
         self.p = p
-        self.drop = round(p * 65536)                    # dropped int16 values out of 65536
+        self.drop = round(p * 65536)  # dropped int16 values out of 65536
         self.scale = 65536 / (65536 - self.drop)
 
     def masked(self, x: Tensor) -> tuple[Tensor, float]:
@@ -47,9 +47,9 @@ class Dropout(nn.Module):
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True), 1.0
         n = x.numel()
-        words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-        bits = words.view(torch.int16)[:n].view(x.shape)     # uniform over [-32768, 32767]
-        keep = (bits >= self.drop - 32768).to(x.dtype)        # a float mask: its backward is one multiply
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+        bits = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
+        keep = (bits >= self.drop - 32768).to(x.dtype)  # a float mask: its backward is one multiply
         return x * keep, self.scale
 
     def forward(self, x: Tensor) -> Tensor:
@@ -66,7 +66,7 @@ def down(x: Tensor, a: Tensor, scale: float | Tensor) -> Tensor:
     ``a`` is ``(r, d_in)``, or ``(K, r, d_in)`` for K runs whose rows of ``x`` are stacked run-major.
     """
     if x.is_floating_point() and not torch.is_autocast_enabled(x.device.type):
-        x = x.to(a.dtype)   # under autocast the matmul casts x itself: a round trip through float32 is waste
+        x = x.to(a.dtype)  # under autocast the matmul casts x itself: a round trip through float32 is waste
     h = F.linear(x, a) if a.dim() == 2 else torch.bmm(x.reshape(a.shape[0], -1, a.shape[-1]), a.mT)
     return h * (scale.to(h.dtype) if isinstance(scale, Tensor) else scale)
 
@@ -82,7 +82,7 @@ def add_update(out: Tensor, h: Tensor, b: Tensor, *, inplace: bool = True) -> Te
     if torch.is_autocast_enabled(device) and out.dtype == torch.get_autocast_dtype(device):
         h, b = h.to(out.dtype), b.to(out.dtype)
     if h.dtype == b.dtype == out.dtype:
-        if b.dim() == 3:   # out may be a view (a 3-D nn.Linear output): in place would cost a copy in backward
+        if b.dim() == 3:  # out may be a view (a 3-D nn.Linear output): in place would cost a copy in backward
             return torch.baddbmm(out, h, b.mT)
         if inplace:
             return out.addmm_(h, b.t())
@@ -111,10 +111,18 @@ class LoraLayer(nn.Module):
         dtype: dtype of A and B.
     """
 
-    one_hot_input = False   # an embedding's input is one-hot: inits take their scheme's `one_hot` variant there
+    one_hot_input = False  # an embedding's input is one-hot: inits take their scheme's `one_hot` variant there
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, *, rslora: bool = False, dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        alpha: float,
+        *,
+        rslora: bool = False,
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.base_layer = base
         self.rank, self.alpha, self.rslora = rank, float(alpha), rslora
@@ -124,21 +132,21 @@ class LoraLayer(nn.Module):
         device = weight.device
         self.lora_A = nn.Parameter(torch.zeros(rank, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
-        self.dropout = Dropout(dropout)   # an identity when p = 0 (no op, no copy)
+        self.dropout = Dropout(dropout)  # an identity when p = 0 (no op, no copy)
         # Initial factors, kept only when the init moved weight out of the base (pissa/olora): they define the
         # pretrained model (base + s·B0·A0) and the portable export.
         self.register_buffer("lora_A0", None, persistent=False)
         self.register_buffer("lora_B0", None, persistent=False)
         self.merged = False
         self.disabled = False
-        self.init: str | None = None   # the init scheme that made the factors (set by inject.plan)
+        self.init: str | None = None  # the init scheme that made the factors (set by inject.plan)
 
     def __getattr__(self, name: str):
         try:
-            return super().__getattr__(name)   # own parameters, buffers and submodules
+            return super().__getattr__(name)  # own parameters, buffers and submodules
         except AttributeError:
             base = self.__dict__.get("_modules", {}).get("base_layer")
-            if base is None:   # still being built (or unpickled)
+            if base is None:  # still being built (or unpickled)
                 raise
             return getattr(base, name)
 
@@ -249,9 +257,10 @@ class Linear(LoraLayer):
         # On 2-D rows the in-place add needs no view of the output (autograd would replay one in backward, by copy).
         x2 = x.reshape(-1, x.shape[-1])
         xd, unbias = self.dropout.masked(x2)
-        hooked = bool(self.base_layer._forward_hooks)   # a hook may keep the base output: never write into it
-        out = add_update(self.base_layer(x2), down(xd, self.lora_A, self.scale * unbias), self.lora_B,
-                         inplace=not hooked)
+        hooked = bool(self.base_layer._forward_hooks)  # a hook may keep the base output: never write into it
+        out = add_update(
+            self.base_layer(x2), down(xd, self.lora_A, self.scale * unbias), self.lora_B, inplace=not hooked
+        )
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @classmethod
@@ -259,11 +268,11 @@ class Linear(LoraLayer):
         """The K updates as two batched matmuls (``bmm``) when the runs share a rank; else the generic form."""
         if len({r.rank for r in runs}) != 1 or any(type(r) is not type(runs[0]) for r in runs):
             return super().packed_forward(runs, x, *args, **kwargs)
-        x3 = x.reshape(len(runs), -1, x.shape[-1])              # (K, n, d_in): rows of run k, as a 3-D base input
-        a = torch.stack([r.lora_A * r.scale for r in runs])     # (K, r, d_in); scales as Python floats: no device copy
-        b = torch.stack([r.lora_B for r in runs])               # (K, d_out, r)
+        x3 = x.reshape(len(runs), -1, x.shape[-1])  # (K, n, d_in): rows of run k, as a 3-D base input
+        a = torch.stack([r.lora_A * r.scale for r in runs])  # (K, r, d_in); scales as Python floats: no device copy
+        b = torch.stack([r.lora_B for r in runs])  # (K, d_out, r)
         xd, unbias = runs[0].dropout.masked(x3)
-        out = add_update(runs[0].base_layer(x3, *args, **kwargs), down(xd, a, unbias), b)   # (K, n, d_out)
+        out = add_update(runs[0].base_layer(x3, *args, **kwargs), down(xd, a, unbias), b)  # (K, n, d_out)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -293,8 +302,10 @@ class Embedding(LoraLayer):
 
     def __init__(self, base: nn.Embedding, rank: int, alpha: float, **kwargs):
         if base.max_norm is not None:
-            raise ValueError("LoRA on an nn.Embedding with max_norm is not supported (the renormalisation is not "
-                             "linear); adapt a model whose embedding has max_norm=None or leave it out of targets")
+            raise ValueError(
+                "LoRA on an nn.Embedding with max_norm is not supported (the renormalisation is not "
+                "linear); adapt a model whose embedding has max_norm=None or leave it out of targets"
+            )
         kwargs["dropout"] = 0.0
         super().__init__(base, rank, alpha, **kwargs)
 
@@ -310,7 +321,7 @@ class Embedding(LoraLayer):
 
     def lora_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         h = F.embedding(x, a.T, self._padding_idx)  # (..., r)
-        return self._embed_scaled(h @ b.T * self.scale)       # (..., r) @ (r, dim)
+        return self._embed_scaled(h @ b.T * self.scale)  # (..., r) @ (r, dim)
 
     @property
     def _padding_idx(self) -> int | None:

@@ -8,5 +8,5 @@ from importlib import metadata
 
 try:
     __version__ = metadata.version("loralab")
-except metadata.PackageNotFoundError:   # a source tree put on sys.path without being installed
+except metadata.PackageNotFoundError:  # a source tree put on sys.path without being installed
     __version__ = "0+unknown"

@@ -326,3 +326,22 @@ def test_reset_removes_the_eval_chunks_of_an_unfinished_attempt(tmp_path):
     run.write_eval_chunks(_chunks())
     run.reset()
     assert run.eval_chunks() is None
+
+
+@pytest.mark.parametrize("status", ["failed", "corrupt"])
+def test_redoing_a_run_keeps_each_attempts_metrics_beside_its_result(tmp_path, status):
+    run = RunStore(tmp_path / "r")
+    for attempt in (1, 2):
+        run.write_config("r", {}, {})
+        for step in range(3):
+            run.append_metric({"kind": "train", "step": step, "loss": 10.0 * attempt + step})
+        if status == "failed":
+            run.write_result(RunResult("r", "failed", error=f"boom {attempt}"))
+        else:
+            (run.root / "result.json").write_text('{"run_id": "r", "status": "ok", "final_eval_loss": "abc"}')
+        moved = run.reset()
+        suffix = moved.name[len("result.json"):]
+        assert suffix == (f".{status}" if attempt == 1 else f".{status}-2")
+        kept = run.root / f"metrics.jsonl{suffix}"   # the full history, beside the result it belongs to
+        assert [json.loads(x)["loss"] for x in kept.read_text().splitlines()] == [10.0 * attempt + s for s in range(3)]
+        assert run.metrics() == []   # the redo starts a fresh history

@@ -48,16 +48,30 @@ from .config.typecheck import from_dict
 from .runtime import check_out_dir, pick_device
 from .store import CONFIG, MANIFEST, RESULT, CorruptFileError, RunResult, RunStore, SweepStore, atomic_write_json
 
-__all__ = ["RUN_MARKER", "Evaluation", "best_run", "evaluate_run", "export", "find_run", "generate",
-           "load_run_model", "prompt_text", "run_config", "save_run_adapter"]
+__all__ = [
+    "RUN_MARKER",
+    "Evaluation",
+    "best_run",
+    "evaluate_run",
+    "export",
+    "find_run",
+    "generate",
+    "load_run_model",
+    "prompt_text",
+    "run_config",
+    "save_run_adapter",
+]
 
-RUN_MARKER = "loralab_run.json"   # in an adapter directory: which run it is and how that run ended
+RUN_MARKER = "loralab_run.json"  # in an adapter directory: which run it is and how that run ended
 FORMATS = ("chat", "train", "raw")
-_DIVERGED = ("this run diverged (its loss blew up): the adapter is what training left when it stopped, kept as a "
-             "record of the run, not a model to use")
+_DIVERGED = (
+    "this run diverged (its loss blew up): the adapter is what training left when it stopped, kept as a "
+    "record of the run, not a model to use"
+)
 
 
 # ---- saving, as part of finishing a run ----------------------------------------------------------------------------
+
 
 def save_run_adapter(store: RunStore, spec: RunSpec, model: nn.Module, result: RunResult) -> RunResult:
     """Save the trained adapter of a run that just ended into ``store`` (before its result); returns the result to
@@ -65,8 +79,12 @@ def save_run_adapter(store: RunStore, spec: RunSpec, model: nn.Module, result: R
     adapter could not be saved."""
     if not spec.run.train.save_adapter:
         return result
-    marker: dict[str, Any] = {"run_id": spec.run_id, "status": result.status, "axes": dict(spec.axes),
-                              "final_eval_loss": result.final_eval_loss}
+    marker: dict[str, Any] = {
+        "run_id": spec.run_id,
+        "status": result.status,
+        "axes": dict(spec.axes),
+        "final_eval_loss": result.final_eval_loss,
+    }
     if result.status == "diverged":
         marker["warning"] = _DIVERGED
 
@@ -78,13 +96,18 @@ def save_run_adapter(store: RunStore, spec: RunSpec, model: nn.Module, result: R
         store.write_adapter(fill)
     except Exception as e:  # noqa: BLE001 - an adapter that cannot be saved fails the run (redone next time), not the sweep
         error = f"saving the adapter failed: {type(e).__name__}: {e}".splitlines()[0]
-        return dataclasses.replace(result, status="failed", adapter=False, traceback=traceback.format_exc(),
-                                   error=f"{error} (fix the cause, or set train.save_adapter=false to keep results "
-                                         "only)")
+        return dataclasses.replace(
+            result,
+            status="failed",
+            adapter=False,
+            traceback=traceback.format_exc(),
+            error=f"{error} (fix the cause, or set train.save_adapter=false to keep results only)",
+        )
     return dataclasses.replace(result, adapter=True)
 
 
 # ---- choosing a run --------------------------------------------------------------------------------------------------
+
 
 def best_run(store: SweepStore) -> str:
     """The run ``--best`` picks: the lowest final validation loss among the runs that finished ``ok``.
@@ -106,8 +129,10 @@ def best_run(store: SweepStore) -> str:
         if best is None or result.final_eval_loss < best[0]:
             best = (result.final_eval_loss, run_id)
     if best is None:
-        raise ValueError(f"no run in {store.root} finished ok, so --best has nothing to choose from; name a run with "
-                         f"--run ID (`loralab report {store.root}` lists them)")
+        raise ValueError(
+            f"no run in {store.root} finished ok, so --best has nothing to choose from; name a run with "
+            f"--run ID (`loralab report {store.root}` lists them)"
+        )
     return best[1]
 
 
@@ -127,8 +152,10 @@ def find_run(root: str | os.PathLike, run_id: str | None = None, best: bool = Fa
         raise ValueError(f"{path} is not a directory: give a sweep's out_dir (e.g. runs/quick) or a run's directory")
     if not (path / MANIFEST).exists() and ((path / CONFIG).exists() or (path / RESULT).exists()):
         if run_id is not None or best:
-            raise ValueError(f"{path} is one run's directory; --run and --best choose inside a sweep's out_dir: "
-                             f"give {path.parent.parent} instead, or leave them out")
+            raise ValueError(
+                f"{path} is one run's directory; --run and --best choose inside a sweep's out_dir: "
+                f"give {path.parent.parent} instead, or leave them out"
+            )
         return RunStore(path)
     store = SweepStore(path)
     ids = store.run_ids()
@@ -155,8 +182,10 @@ def run_config(run: RunStore) -> RunConfig:
     """The ``RunConfig`` the run was trained with, from its ``config.json``."""
     data = run.config()
     if data is None or not isinstance(data.get("config"), dict):
-        raise ValueError(f"{run.root / CONFIG} is missing or holds no config, so the model and data of run "
-                         f"{run.run_id} are unknown; it is not a complete run (rerun its sweep)")
+        raise ValueError(
+            f"{run.root / CONFIG} is missing or holds no config, so the model and data of run "
+            f"{run.run_id} are unknown; it is not a complete run (rerun its sweep)"
+        )
     return from_dict(RunConfig, data["config"], where="config")
 
 
@@ -168,20 +197,26 @@ def adapter_of(run: RunStore) -> Path:
             adapter removed, run older than adapter saving) and what to do.
     """
     name = run.run_id
-    result = run.result()   # CorruptFileError (a ValueError) names the file and the fix
+    result = run.result()  # CorruptFileError (a ValueError) names the file and the fix
     if result is None:
         state = "is unfinished (killed or still running)" if run.root.exists() else "has not been trained yet"
         raise ValueError(f"run {name} {state}, so it has no adapter: run (or rerun) its sweep to finish it")
     if result.status == "failed":
-        raise ValueError(f"run {name} failed ({result.error}), so it has no adapter; fix the cause and rerun its "
-                         "sweep, which redoes failed runs")
+        raise ValueError(
+            f"run {name} failed ({result.error}), so it has no adapter; fix the cause and rerun its "
+            "sweep, which redoes failed runs"
+        )
     if run.has_adapter():
         return run.adapter_dir
-    redo = (f"to get one, move {run.root} aside and rerun the sweep with --set train.save_adapter=true (run ids do "
-            "not change, so only this run trains again)")
+    redo = (
+        f"to get one, move {run.root} aside and rerun the sweep with --set train.save_adapter=true (run ids do "
+        "not change, so only this run trains again)"
+    )
     if result.adapter:
-        raise ValueError(f"run {name} saved its adapter, but {run.adapter_dir} is gone (committed example stores "
-                         f"leave adapters out); copy it back from the store it was trained in, or {redo}")
+        raise ValueError(
+            f"run {name} saved its adapter, but {run.adapter_dir} is gone (committed example stores "
+            f"leave adapters out); copy it back from the store it was trained in, or {redo}"
+        )
     trained = ((run.config() or {}).get("config") or {}).get("train") or {}
     if trained.get("save_adapter") is False:
         raise ValueError(f"run {name} was trained with train.save_adapter=false, so no adapter was kept; {redo}")
@@ -200,6 +235,7 @@ def describe(run: RunStore) -> str:
 
 # ---- using a run's adapter -----------------------------------------------------------------------------------------
 
+
 def load_run_model(run: RunStore, device: str = "cpu") -> tuple[Any, Any, RunConfig]:
     """The run's base model (a transformers causal LM, as its config loads it, on ``device``) with its trained
     adapter, frozen, in eval mode; its tokenizer; its config."""
@@ -208,7 +244,7 @@ def load_run_model(run: RunStore, device: str = "cpu") -> tuple[Any, Any, RunCon
     adapter, cfg = adapter_of(run), run_config(run)
     model, tokenizer = load_model(cfg.model, pick_device(device, "--device"))
     loralab.load_adapter(model, adapter, seed=cfg.train.seed)
-    model.requires_grad_(False)   # nothing trains here; a frozen lm_head also lets the fused loss apply
+    model.requires_grad_(False)  # nothing trains here; a frozen lm_head also lets the fused loss apply
     return model.eval(), tokenizer, cfg
 
 
@@ -247,7 +283,7 @@ def export(run: RunStore, out: str | os.PathLike, *, merged: bool = False) -> Pa
         else:
             shutil.copytree(adapter, tmp, dirs_exist_ok=True)
         if dest.exists():
-            dest.rmdir()   # empty, checked above
+            dest.rmdir()  # empty, checked above
         os.rename(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -280,8 +316,11 @@ def evaluate_run(run: RunStore, device: str = "auto") -> Evaluation:
     # the chunks result.json's final loss is over: the test chunks with a val/test split, else the one eval set
     chunks = data.eval[data.rows()["test" if "test" in data.splits else "eval"]]
     fused = fused_loss_ok(model, chunks[:1].to(next(model.parameters()).device))
-    loss = evaluate(model, chunks, cfg.train.eval_batch_size or cfg.train.batch_size, 1, autocast_for(model),
-                    fused)[0].mean().item()
+    loss = (
+        evaluate(model, chunks, cfg.train.eval_batch_size or cfg.train.batch_size, 1, autocast_for(model), fused)[0]
+        .mean()
+        .item()
+    )
     result = run.result()
     return Evaluation(run.run_id, loss, None if result is None else result.final_eval_loss, len(chunks))
 
@@ -300,8 +339,15 @@ def prompt_text(tokenizer: Any, prompt: str, fmt: str = "chat") -> str:
     return format_conversation([message]) + "\nAssistant:"
 
 
-def generate(run: RunStore, prompt: str, *, max_new_tokens: int = 64, fmt: str = "chat", device: str = "auto",
-             with_base: bool = False) -> dict[str, str]:
+def generate(
+    run: RunStore,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    fmt: str = "chat",
+    device: str = "auto",
+    with_base: bool = False,
+) -> dict[str, str]:
     """Greedy completion of ``prompt`` by the run's adapted model: ``{"adapter": text}``, plus ``"base"`` (the same
     model with its adapter switched off) when ``with_base``."""
     import torch
@@ -314,9 +360,8 @@ def generate(run: RunStore, prompt: str, *, max_new_tokens: int = 64, fmt: str =
 
     @torch.no_grad()
     def complete() -> str:
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
     answers = {"adapter": complete()}
     if with_base:

@@ -43,12 +43,27 @@ from typing import Any
 
 import numpy as np
 
+from loralab.config import clip
 from loralab.io import atomic_write
 
+from .config.schema import EXECUTION, fields_with_role
 from .config.typecheck import ConfigError, from_dict
 
-__all__ = ["CorruptFileError", "EvalChunks", "ManifestMismatchError", "RunRecord", "RunResult", "RunStore",
-           "SplitLosses", "SweepStore", "atomic_write_json", "read_json", "to_strict_json"]
+__all__ = [
+    "CorruptFileError",
+    "EvalChunks",
+    "ManifestMismatchError",
+    "RunRecord",
+    "RunResult",
+    "RunStore",
+    "SplitLosses",
+    "SweepStore",
+    "atomic_write_json",
+    "config_diff",
+    "read_json",
+    "to_strict_json",
+]
+
 
 def to_strict_json(obj: Any) -> Any:
     """``obj`` with every non-finite float replaced by ``None`` (tuples become lists), ready for ``allow_nan=False``."""
@@ -117,11 +132,11 @@ def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 STATUSES = ("ok", "diverged", "failed")
-FINISHED = ("ok", "diverged")   # results; a failed run is recorded, but a resumed sweep tries it again
+FINISHED = ("ok", "diverged")  # results; a failed run is recorded, but a resumed sweep tries it again
 CONFIG, METRICS, DIAGNOSTICS, RESULT = "config.json", "metrics.jsonl", "diagnostics.json", "result.json"
 EVAL_CHUNKS = "eval_chunks.npz"
 STAGES = ("pretrained", "step0", "final")
-ADAPTER = "adapter"   # the run's trained adapter: a directory in PEFT's format
+ADAPTER = "adapter"  # the run's trained adapter: a directory in PEFT's format
 MANIFEST = "sweep.json"
 
 
@@ -142,6 +157,7 @@ class RunResult:
         pack_size: how many runs trained together on one base (``tokens_per_s`` is this run's share).
         adapter: whether the trained adapter was saved in the run's ``adapter/`` directory (written before this
             result); false when ``train.save_adapter`` was off, for failed runs and for runs older than the field.
+        dtype: the frozen base's dtype, which the run computed in ("" in results written before it was recorded).
         diverged_at_step: the optimizer step at which the run was found diverged (``None``: it did not); with
             ``train.on_divergence = "continue"`` it trained on to ``steps`` all the same.
 
@@ -166,6 +182,7 @@ class RunResult:
     device: str = ""
     pack_size: int = 1
     adapter: bool = False
+    dtype: str = ""
     diverged_at_step: int | None = None
 
     def __post_init__(self) -> None:
@@ -185,7 +202,7 @@ class RunResult:
         result = from_dict(cls, dict(d))
         for name in ("final_eval_loss", "best_eval_loss", "initial_eval_loss"):
             value = getattr(result, name)
-            if value is not None and not math.isfinite(value):   # NaN written by hand or by another writer
+            if value is not None and not math.isfinite(value):  # NaN written by hand or by another writer
                 object.__setattr__(result, name, None)
         return result
 
@@ -206,20 +223,21 @@ class SplitLosses:
     step0: np.ndarray
     final: np.ndarray
 
-    def __eq__(self, other: object) -> bool:   # arrays compare element-wise: equal means same values (NaN = NaN)
+    def __eq__(self, other: object) -> bool:  # arrays compare element-wise: equal means same values (NaN = NaN)
         if not isinstance(other, SplitLosses):
             return NotImplemented
         return np.array_equal(self.ids, other.ids) and all(
-            np.array_equal(getattr(self, k), getattr(other, k), equal_nan=True) for k in STAGES)
+            np.array_equal(getattr(self, k), getattr(other, k), equal_nan=True) for k in STAGES
+        )
 
-    __hash__ = None   # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
 class EvalChunks:
     """The per-chunk eval losses of one run (``eval_chunks.npz``): splits ``val``/``test``, or ``eval``."""
 
-    pool_digest: str                      # which held-out pool the ids index
+    pool_digest: str  # which held-out pool the ids index
     splits: Mapping[str, SplitLosses]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -232,9 +250,11 @@ class EvalChunks:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> EvalChunks:
         """The inverse of :meth:`to_arrays`; ``ValueError`` naming the key when one is missing or misshapen."""
-        order = ("val", "test", "eval")   # the eval's row order; other names after them
-        names = sorted({k.split(".")[0] for k in arrays if k.endswith(".ids")},
-                       key=lambda n: (order.index(n) if n in order else len(order), n))
+        order = ("val", "test", "eval")  # the eval's row order; other names after them
+        names = sorted(
+            {k.split(".")[0] for k in arrays if k.endswith(".ids")},
+            key=lambda n: (order.index(n) if n in order else len(order), n),
+        )
         if "pool_digest" not in arrays or not names:
             raise ValueError("no 'pool_digest' or no '<split>.ids' array")
         splits = {}
@@ -286,8 +306,8 @@ class RunStore:
         arrays = chunks.to_arrays()
 
         def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:   # a file object: np.savez would append ".npz" to a path
-                np.savez_compressed(f, **arrays)   # type: ignore[arg-type]
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+                np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
 
         atomic_write(self.root / EVAL_CHUNKS, write)
 
@@ -303,9 +323,11 @@ class RunStore:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 return EvalChunks.from_arrays({k: npz[k] for k in npz.files})
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:   # truncated, foreign, misshapen
-            raise CorruptFileError(f"{path} is not a per-chunk eval file ({e}); rerun the run, or move the file "
-                                   "aside (the report then shows this run without intervals)") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated, foreign, misshapen
+            raise CorruptFileError(
+                f"{path} is not a per-chunk eval file ({e}); rerun the run, or move the file "
+                "aside (the report then shows this run without intervals)"
+            ) from None
 
     def write_result(self, result: RunResult) -> None:
         """Write ``result.json``; a result is written once (a second one raises; :meth:`reset` moves one aside)."""
@@ -321,8 +343,10 @@ class RunStore:
                 the wrong type), naming the file, the field and the fix.
         """
         path = self.root / RESULT
-        fix = (f"rerun the sweep to redo the run (it moves the file aside to {RESULT}.corrupt), or restore the file "
-               "from a copy")
+        fix = (
+            f"rerun the sweep to redo the run (it moves the file aside to {RESULT}.corrupt), or restore the file "
+            "from a copy"
+        )
         data = read_object(path, fix)
         if data is None:
             return None
@@ -373,7 +397,8 @@ class RunStore:
         """Clear an unfinished run so it can be redone; a finished run is never erased.
 
         A ``failed`` result is moved aside to ``result.json.failed`` (its error and traceback are kept), an
-        unreadable one to ``result.json.corrupt``; the other files of the attempt are removed.
+        unreadable one to ``result.json.corrupt``, and the attempt's ``metrics.jsonl`` beside it with the same suffix
+        (its history is data too); the other files of the attempt are removed.
 
         Returns:
             Where the old ``result.json`` went, or ``None`` if there was none.
@@ -384,9 +409,11 @@ class RunStore:
         if not self.root.exists():
             return None
         moved = move_aside(self.root / RESULT, f".{status}") if status is not None else None
+        if moved is not None:
+            _keep_beside(self.root / METRICS, moved)
         for p in [self.root / n for n in (CONFIG, METRICS, DIAGNOSTICS, EVAL_CHUNKS)] + list(self.root.glob(".*.tmp")):
             p.unlink(missing_ok=True)
-        for d in [self.root / ADAPTER, *self.root.glob(f".{ADAPTER}.*")]:   # an attempt's adapter, whole or half
+        for d in [self.root / ADAPTER, *self.root.glob(f".{ADAPTER}.*")]:  # an attempt's adapter, whole or half
             shutil.rmtree(d, ignore_errors=True)
         return moved
 
@@ -408,16 +435,17 @@ class RunStore:
             The adapter directory.
         """
         if (self.root / RESULT).exists():
-            raise FileExistsError(f"{self.root / RESULT} exists: a finished run's adapter is written before its "
-                                  "result, never after")
+            raise FileExistsError(
+                f"{self.root / RESULT} exists: a finished run's adapter is written before its result, never after"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER}.", dir=self.root))
         try:
             mask = os.umask(0)
             os.umask(mask)
-            os.chmod(tmp, 0o777 & ~mask)   # the mode a plain mkdir gives, not mkdtemp's 0700
+            os.chmod(tmp, 0o777 & ~mask)  # the mode a plain mkdir gives, not mkdtemp's 0700
             fill(tmp)
-            for f in tmp.iterdir():   # on disk before the rename makes them visible
+            for f in tmp.iterdir():  # on disk before the rename makes them visible
                 if f.is_file():
                     with open(f, "rb+") as fh:
                         os.fsync(fh.fileno())
@@ -435,6 +463,12 @@ class RunStore:
         return {f.name: f.read_bytes() for f in sorted(self.adapter_dir.iterdir()) if f.is_file()}
 
 
+def _keep_beside(path: Path, moved_result: Path) -> None:
+    """Move ``path`` aside with the suffix the result got (``result.json.failed-2`` -> ``metrics.jsonl.failed-2``)."""
+    if path.exists():
+        move_aside(path, moved_result.name[len(RESULT) :])
+
+
 class ManifestMismatchError(ValueError):
     """The sweep in ``out_dir`` was made from a different config (its run ids differ)."""
 
@@ -444,10 +478,29 @@ def _manifest_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 
     a = {**flat(old.get("base", {})), **flat({"grid": old.get("grid", {})}), "name": old.get("name")}
     b = {**flat(new["base"]), **flat({"grid": new["grid"]}), "name": new["name"]}
     missing = "(absent)"
-    diffs = [f"{k}: {json.dumps(a.get(k, missing))} in the store, {json.dumps(b.get(k, missing))} now"
-             for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
-    if not diffs:   # same fields, other run ids: e.g. a loralab version that hashes configs differently
+    diffs = [
+        f"{k}: {clip(json.dumps(a.get(k, missing)))} in the store, {clip(json.dumps(b.get(k, missing)))} now"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing)
+    ]
+    if not diffs:  # same fields, other run ids: e.g. a loralab version that hashes configs differently
         return f"{len(old.get('run_ids', []))} run ids in the store, {len(new['run_ids'])} now, with other ids"
+    return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
+def config_diff(config: Mapping[str, Any], base: Mapping[str, Any], axes: Sequence[str], limit: int = 4) -> str:
+    """``"train.max_steps: 400 in the run, 60 in the sweep"``: where a run's resolved config (its config.json's
+    ``config``) differs from a sweep's base config outside the grid ``axes``; ``""`` when it does not.
+
+    Fields whose role is :data:`~.config.schema.EXECUTION` (how fast a run trains, left out of run ids) are not
+    compared, nor fields only one side has (a config written by another loralab version).
+    """
+    skip = [*axes, *(f"{section}.{name}" for section, name in fields_with_role(EXECUTION))]
+    a, b = flat(config), flat(base)
+    differ = [
+        k for k in sorted(set(a) & set(b)) if a[k] != b[k] and not any(k == s or k.startswith(s + ".") for s in skip)
+    ]
+    diffs = [f"{k}: {clip(json.dumps(a[k]))} in the run, {clip(json.dumps(b[k]))} in the sweep" for k in differ]
     return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
 
 
@@ -455,40 +508,88 @@ class SweepStore:
     """A sweep's directory: ``sweep.json`` plus ``runs/<run_id>/`` for each run."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).expanduser()   # "~/runs" in a config means the home directory, not a dir named "~"
+        self.root = Path(root).expanduser()  # "~/runs" in a config means the home directory, not a dir named "~"
 
-    def check_manifest(self, name: str, grid: Mapping[str, Sequence], run_ids: Sequence[str],
-                       base: Mapping[str, Any]) -> dict | None:
+    def check_manifest(
+        self, name: str, grid: Mapping[str, Sequence], run_ids: Sequence[str], base: Mapping[str, Any]
+    ) -> dict | None:
         """The existing manifest (``None`` if there is none), if it lists the same runs.
+
+        Without ``sweep.json`` (deleted, lost in a copy) the run directories are the store's record of its config:
+        one that this config does not plan is refused in the same way.
 
         Raises:
             ManifestMismatchError: it lists other runs (resuming would mix two sweeps), naming the fields that differ.
             CorruptFileError: ``sweep.json`` cannot be read.
         """
         old = self.manifest()
+        if old is None:
+            self._check_runs_without_manifest(grid, run_ids, base)
         if old is not None and list(old.get("run_ids", [])) != list(run_ids):
             diff = _manifest_diff(old, {"name": name, "grid": grid, "run_ids": run_ids, "base": base})
             raise ManifestMismatchError(
                 f"{self.root / MANIFEST} was written by a different sweep config ({diff}). Its results would mix "
-                f"with the new ones: use a new out_dir (--set out_dir=...), or rerun with the config it was made with")
+                f"with the new ones: use a new out_dir (--set out_dir=...), or rerun with the config it was made with"
+            )
         return old
 
-    def write_manifest(self, name: str, grid: Mapping[str, Sequence], run_ids: Sequence[str],
-                       base: Mapping[str, Any], run_axes: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def _check_runs_without_manifest(
+        self, grid: Mapping[str, Sequence], run_ids: Sequence[str], base: Mapping[str, Any]
+    ) -> None:
+        runs_dir, planned = self.root / "runs", set(run_ids)
+        others = (
+            sorted(p for p in runs_dir.iterdir() if p.is_dir() and p.name not in planned and any(p.iterdir()))
+            if runs_dir.is_dir()
+            else []
+        )
+        if not others:
+            return
+        try:
+            config = (RunStore(others[0]).config() or {}).get("config")
+        except CorruptFileError:
+            config = None
+        diff = config_diff(config, base, list(grid)) if isinstance(config, dict) else ""
+        raise ManifestMismatchError(
+            f"{self.root / MANIFEST} is missing, and {runs_dir} holds {len(others)} run(s) this config does not plan, "
+            f"e.g. {others[0].name} ({diff or 'another grid, or another loralab version'}). Their results would mix "
+            "with the new ones: use a new out_dir (--set out_dir=...), or rerun with the config they were made with"
+        )
+
+    def write_manifest(
+        self,
+        name: str,
+        grid: Mapping[str, Sequence],
+        run_ids: Sequence[str],
+        base: Mapping[str, Any],
+        run_axes: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         """Write ``sweep.json``, or keep the existing one if it lists the same runs (see :meth:`check_manifest`)."""
         if self.check_manifest(name, grid, run_ids, base) is not None:
             return
-        manifest: dict[str, Any] = {"name": name, "grid": {k: list(v) for k, v in grid.items()},
-                                    "run_ids": list(run_ids), "base": dict(base),
-                                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        manifest: dict[str, Any] = {
+            "name": name,
+            "grid": {k: list(v) for k, v in grid.items()},
+            "run_ids": list(run_ids),
+            "base": dict(base),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         if run_axes is not None:
             manifest["run_axes"] = [dict(a) for a in run_axes]
         atomic_write_json(self.root / MANIFEST, manifest)
 
+    def drop_unused_manifest(self) -> None:
+        """Remove ``sweep.json`` while no run directory holds a file (a sweep stopped before any run wrote one)."""
+        runs = self.root / "runs"
+        if not (runs.is_dir() and any(p.is_file() for p in runs.glob("*/*"))):
+            (self.root / MANIFEST).unlink(missing_ok=True)
+
     def manifest(self) -> dict | None:
         """``sweep.json`` parsed, ``None`` when missing (``CorruptFileError`` naming it when unreadable)."""
-        return read_object(self.root / MANIFEST, "restore it from a copy, or use a new out_dir: without it the "
-                                                    "store cannot tell which runs belong to the sweep")
+        return read_object(
+            self.root / MANIFEST,
+            "restore it from a copy, or use a new out_dir: without it the "
+            "store cannot tell which runs belong to the sweep",
+        )
 
     def run(self, run_id: str) -> RunStore:
         """The store of one run; ``run_id`` must be a plain directory name."""
@@ -549,8 +650,11 @@ class RunRecord:
 
     def eval_curve(self) -> list[tuple[int, float]]:
         """``(step, eval_loss)`` pairs with a finite loss, in order."""
-        return [(int(m["step"]), float(m["eval_loss"])) for m in self.metrics
-                if m.get("kind") == "eval" and isinstance(m.get("eval_loss"), (int, float))]
+        return [
+            (int(m["step"]), float(m["eval_loss"]))
+            for m in self.metrics
+            if m.get("kind") == "eval" and isinstance(m.get("eval_loss"), (int, float))
+        ]
 
 
 def load_record(run: RunStore, axes: Mapping[str, Any] | None = None) -> RunRecord:
@@ -572,7 +676,17 @@ def load_record(run: RunStore, axes: Mapping[str, Any] | None = None) -> RunReco
         status = result.status
     else:
         status = "unfinished" if config is not None or metrics or problems else "pending"
-    chunks = read(run.eval_chunks)   # a bad file costs this run its intervals, not its result
+    chunks = read(run.eval_chunks)  # a bad file costs this run its intervals, not its result
     found = (result.axes if result else None) or (config or {}).get("axes") or axes or {}
-    return RunRecord(run.run_id, status, dict(found), run.root, config, result, diagnostics, tuple(metrics),
-                     "; ".join(problems) or None, chunks)
+    return RunRecord(
+        run.run_id,
+        status,
+        dict(found),
+        run.root,
+        config,
+        result,
+        diagnostics,
+        tuple(metrics),
+        "; ".join(problems) or None,
+        chunks,
+    )

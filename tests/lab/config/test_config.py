@@ -352,7 +352,7 @@ def test_overlapping_axes_giving_the_same_runs_are_rejected():
 
 # one other valid value per field: every field must change the id
 _CHANGES = {
-    "model": {"name": "other", "dtype": "float32", "cache_dir": "/c"},
+    "model": {"name": "other", "dtype": "bfloat16", "cache_dir": "/c"},
     "data": {"source": "x.jsonl", "seq_len": 128, "eval_fraction": 0.1, "max_train_chunks": 5,
              "max_eval_chunks": 5, "split_seed": 1, "cache_dir": "/c", "val_chunks": 9, "test_chunks": 9,
              "curve_chunks": 2, "joiner": "\n\n"},
@@ -490,3 +490,17 @@ def test_the_committed_study_store_resumes_with_todays_run_ids():
     manifest = json.loads((root / "docs/results/study-smollm2/store/sweep.json").read_text())
     sweep = parse_sweep({"name": manifest["name"], "out_dir": "runs/x", **manifest["base"], "grid": manifest["grid"]})
     assert [r.run_id for r in plan_runs(sweep)] == manifest["run_ids"]
+
+
+@pytest.mark.parametrize("command", ["sweep", "width"])
+@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b'name = "x"\nout_dir = "\xff\xfe"\n'],
+                         ids=["binary", "one bad byte"])
+def test_a_config_that_is_not_utf8_text_is_named(tmp_path, capsys, command, content):
+    """A binary or mis-encoded config file (issue 22, item 10): exit 2, one line naming the file."""
+    from loralab.cli import main
+
+    path = tmp_path / "config.toml"
+    path.write_bytes(content)
+    assert main([command, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"loralab {command}: error: {path}: cannot load the config") and err.count("\n") == 1

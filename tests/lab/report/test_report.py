@@ -436,3 +436,56 @@ def test_without_a_diverged_run_one_set_of_tables_says_why(tmp_path):
     md = write_report(tmp_path)["md"].read_text()
     assert "No run diverged, so the two conventions" in md and "diverged runs included" not in md
     assert md.count("Convention: **diverged runs excluded**") == 3   # loss, relative, best lr
+
+
+def _edit_result(path, **fields):
+    import json
+
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, **fields}))   # json.dumps writes NaN as the bare token NaN, as a hand edit would
+
+
+@pytest.mark.parametrize("value", [float("nan"), "abc"], ids=["NaN", "a string"])
+def test_a_hand_edited_final_loss_does_not_stop_the_report(tmp_path, capsys, value):
+    from loralab.cli import main
+
+    grid = {"lora.init": ["standard", "reversed"], "train.seed": [0, 1, 2]}
+    build_grid_store(tmp_path, grid, lambda a: ("ok", 2.0 + a["train.seed"] / 10))
+    bad = tmp_path / "runs" / "initstandard__seed0" / "result.json"
+    _edit_result(bad, final_eval_loss=value)
+    assert main(["report", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "md: " in out
+    md = (tmp_path / "report" / "report.md").read_text()
+    cells = {k: [c.strip("*") for c in v] for k, v in table(md, "Final eval loss").items()}   # bold: the best
+    mean, std = statistics.fmean([2.0, 2.1, 2.2]), statistics.stdev([2.0, 2.1, 2.2])
+    assert cells["reversed"] == [f"{mean:.4f} ± {std:.4f} n=3"]
+    assert cells["standard"][0].startswith(f"{statistics.fmean([2.1, 2.2]):.4f} ± {statistics.stdev([2.1, 2.2]):.4f}")
+    if value == "abc":   # named, marked unreadable, left out of the numbers
+        (line,) = [x for x in md.splitlines() if x.startswith("- `initstandard__seed0`")]
+        assert "unfinished" in line and str(bad) in line and "final_eval_loss" in line
+
+
+def test_runs_of_another_config_are_left_out_and_named(tmp_path):
+    """Two configs in one out_dir (sweep.json lost, then another config run there): a 2-seed grid's cells hold the
+    sweep's 2 runs, never 4, and the other config's runs are named with the field that differs (issue 22, item 1)."""
+    from loralab.lab.store import RunResult, SweepStore
+
+    grid = {"lora.init": ["standard", "reversed"], "train.seed": [0, 1]}
+    build_grid_store(tmp_path, grid, lambda a: ("ok", 2.0 + a["train.seed"] / 10), base={"train": {"max_steps": 60}})
+    store = SweepStore(tmp_path)
+    for rid in store.run_ids():
+        store.run(rid).write_config(rid, {}, {"train": {"max_steps": 60, "compile": False}})
+    for init in grid["lora.init"]:   # the old config's runs: other ids, same axes, far lower losses
+        for seed in grid["train.seed"]:
+            axes, rid = {"lora.init": init, "train.seed": seed}, f"old-{init}-{seed}"
+            store.run(rid).write_config(rid, axes, {"train": {"max_steps": 400, "compile": True}})
+            store.run(rid).write_result(RunResult(rid, "ok", axes, final_eval_loss=1.0))
+    md = write_report(tmp_path)["md"].read_text()
+    cells = {k: [c.strip("*") for c in v] for k, v in table(md, "Final eval loss").items()}
+    assert cells == {init: [f"{statistics.fmean([2.0, 2.1]):.4f} ± {statistics.stdev([2.0, 2.1]):.4f} n=2"]
+                     for init in grid["lora.init"]}
+    assert "**4 runs**: 4 ok." in md
+    section = md.split("## Runs of another config, left out (4)")[1].split("\n## ")[0]
+    assert section.count("train.max_steps: 400 in the run, 60 in the sweep") == 4
+    assert "compile" not in section   # how fast a run trains is not what it is (left out of run ids too)

@@ -14,9 +14,16 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loralab.lab.run import data as data_mod
 from loralab.lab.config.schema import DataConfig
-from loralab.lab.run.data import DataError, check_data, chitchat_conversation, format_conversation, iterate_batches, load_data
+from loralab.lab.run import data as data_mod
+from loralab.lab.run.data import (
+    DataError,
+    check_data,
+    chitchat_conversation,
+    format_conversation,
+    iterate_batches,
+    load_data,
+)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +209,7 @@ def test_seq_len_longer_than_a_split_is_a_clear_error(tmp_path, chat_jsonl, tok)
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())   # nothing cached
 
 
-def test_check_data_describes_without_reading(chat_jsonl):
+def test_check_data_describes_without_tokenizing(chat_jsonl):
     t0 = time.perf_counter()
     assert "5% of the conversations held out" in check_data(DataConfig(source=str(chat_jsonl)))
     if importlib.util.find_spec("chitchat_dataset"):
@@ -338,3 +345,16 @@ def test_too_many_eval_chunks_name_the_pool_size(tmp_path, chat_jsonl, tok):
 def test_eval_sizes_are_checked(kw, fragment):
     with pytest.raises(ValueError, match=fragment):
         DataConfig(**kw)
+
+
+def test_a_non_utf8_byte_is_named_with_its_file_and_line(tmp_path, chat_jsonl, tok):
+    """One bad byte in a jsonl (issue 22, item 10): the file, the line and the byte, in the dry run's check too."""
+    lines = chat_jsonl.read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3][:40] + b"\xff" + lines[3][40:]
+    bad = tmp_path / "chat.jsonl"
+    bad.write_bytes(b"".join(lines))
+    cfg = DataConfig(source=str(bad), cache_dir=str(tmp_path))
+    for call in (lambda: check_data(cfg), lambda: load_data(cfg, tok)):
+        with pytest.raises(DataError, match=re.escape(f"{bad}:4: not UTF-8 text (byte 0xff at column 41)")):
+            call()
+    assert "36 conversations read" in check_data(DataConfig(source=str(chat_jsonl)))

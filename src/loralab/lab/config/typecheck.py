@@ -19,6 +19,8 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from loralab.config import clip  # user input quoted in errors is clipped: a 1 MB value must not make a 1 MB message
+
 
 class ConfigError(ValueError):
     """A config file, grid or override is wrong; the message names the key and says how to fix it."""
@@ -41,7 +43,7 @@ def unknown_key(where: str, key: str, valid: Sequence[str]) -> ConfigError:
     close = difflib.get_close_matches(key, list(valid), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     table = f"[{where}]" if where else "the top level"
-    return ConfigError(f"unknown key {join(where, key)!r}{hint}; valid keys of {table}: {', '.join(valid)}")
+    return ConfigError(f"unknown key {clip(repr(join(where, key)))}{hint}; valid keys of {table}: {', '.join(valid)}")
 
 
 def type_name(tp: Any) -> str:
@@ -68,13 +70,16 @@ def from_dict(cls: type, data: Any, *, where: str = "") -> Any:
             ``cls.__post_init__`` (re-raised with ``where`` as prefix, e.g. ``"lora: LoraConfig.rank must ..."``).
     """
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected {type_name(cls)}, got {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected {type_name(cls)}, got {clip(repr(data))}")
     hints = fields_of(cls)
     for key in data:
         if key not in hints:
             raise unknown_key(where, str(key), list(hints))
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [name for name in required if name not in data]
     if missing:
         raise ConfigError(f"missing key {join(where, missing[0])!r}: {cls.__name__} has no default for it")
@@ -155,7 +160,7 @@ def _wrong_type(tp: Any, value: Any, key: str) -> ConfigError:
         hint = f"; write {int(value)} (no decimal point)"
     elif tp is str:
         hint = '; write it as a quoted TOML string, e.g. "..."'
-    return ConfigError(f"{key}: expected {type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
+    return ConfigError(f"{key}: expected {type_name(tp)}, got {clip(repr(value))} ({type(value).__name__}){hint}")
 
 
 def to_dict(obj: Any) -> Any:

@@ -181,8 +181,14 @@ class Layout:
 
     def place(self, rec: RunRecord) -> tuple[int, int, int] | None:
         """``(group, row, col)`` indices of a run, ``None`` if its axes are unknown or off the grid."""
-        g = next((i for i, combo in enumerate(self.groups)
-                  if all(a in rec.axes and _key(rec.axes[a]) == _key(v) for a, v in combo.items())), None)
+        g = next(
+            (
+                i
+                for i, combo in enumerate(self.groups)
+                if all(a in rec.axes and _key(rec.axes[a]) == _key(v) for a, v in combo.items())
+            ),
+            None,
+        )
         r = _index(self.rows, rec.axes, self.row_axis)
         c = _index(self.cols, rec.axes, self.col_axis)
         if g is None or r is None or c is None:
@@ -214,16 +220,21 @@ def make_layout(manifest: Mapping, row_axis: str, col_axis: str, rep_axis: str) 
         ValueError: an axis names no run field (a typo would silently give a one-row table), or two are the same.
     """
     grid, base = manifest.get("grid", {}), manifest.get("base", {})
-    for flag, axis in (("row axis (--rows)", row_axis), ("column axis (--cols)", col_axis),
-                       ("replicate axis (--reps)", rep_axis)):
+    for flag, axis in (
+        ("row axis (--rows)", row_axis),
+        ("column axis (--cols)", col_axis),
+        ("replicate axis (--reps)", rep_axis),
+    ):
         if axis not in grid:
             try:
                 field_type(RunConfig, axis)
             except ConfigError as e:
                 raise ValueError(f"{flag} {axis!r}: {e}; this sweep's grid axes: {', '.join(grid) or 'none'}") from None
     if len({row_axis, col_axis, rep_axis}) < 3:
-        raise ValueError(f"the row, column and replicate axes (--rows, --cols, --reps) must differ; got {row_axis}, "
-                         f"{col_axis}, {rep_axis}")
+        raise ValueError(
+            f"the row, column and replicate axes (--rows, --cols, --reps) must differ; got {row_axis}, "
+            f"{col_axis}, {rep_axis}"
+        )
     rows, row_labels = _axis(grid, base, row_axis)
     cols, col_labels = _axis(grid, base, col_axis)
     others = tuple(a for a in grid if a not in (row_axis, col_axis, rep_axis))
@@ -260,18 +271,29 @@ def eval_splits(records: Sequence[RunRecord]) -> tuple[str, str] | str:
     done = [r for r in records if r.status in ("ok", "diverged")]
     lacking = [r for r in done if r.eval_chunks is None]
     if not done or lacking:
-        return (f"{len(lacking)} of the {len(done)} finished runs have no per-chunk eval losses (eval_chunks.npz; "
-                "stores written before loralab recorded them have none)") if done else "no finished runs"
+        return (
+            (
+                f"{len(lacking)} of the {len(done)} finished runs have no per-chunk eval losses (eval_chunks.npz; "
+                "stores written before loralab recorded them have none)"
+            )
+            if done
+            else "no finished runs"
+        )
     first = done[0].eval_chunks
     assert first is not None
     for r in done:
         chunks = r.eval_chunks
         assert chunks is not None
-        same = chunks.pool_digest == first.pool_digest and list(chunks.splits) == list(first.splits) and all(
-            np.array_equal(chunks.splits[k].ids, first.splits[k].ids) for k in first.splits)
+        same = (
+            chunks.pool_digest == first.pool_digest
+            and list(chunks.splits) == list(first.splits)
+            and all(np.array_equal(chunks.splits[k].ids, first.splits[k].ids) for k in first.splits)
+        )
         if not same:
-            return (f"runs `{done[0].run_id}` and `{r.run_id}` were evaluated on different chunks (held-out pools "
-                    f"{first.pool_digest} and {chunks.pool_digest}), so their losses do not pair")
+            return (
+                f"runs `{done[0].run_id}` and `{r.run_id}` were evaluated on different chunks (held-out pools "
+                f"{first.pool_digest} and {chunks.pool_digest}), so their losses do not pair"
+            )
     return ("val", "test") if {"val", "test"} <= set(first.splits) else ("eval", "eval")
 
 
@@ -293,8 +315,11 @@ def diagnostic_stats(runs: Sequence[RunRecord]) -> dict[str, float] | None:
         return None
     out = {}
     for k in DIAG_KEYS:
-        per_run = [statistics.fmean(float(layer[k]) for layer in d["layers"].values() if layer.get(k) is not None)
-                   for d in diags if any(layer.get(k) is not None for layer in d["layers"].values())]
+        per_run = [
+            statistics.fmean(float(layer[k]) for layer in d["layers"].values() if layer.get(k) is not None)
+            for d in diags
+            if any(layer.get(k) is not None for layer in d["layers"].values())
+        ]
         out[k] = statistics.fmean(per_run) if per_run else float("nan")
     ident = [float(d["identity_max_abs"]) for d in diags if d.get("identity_max_abs") is not None]
     out["identity_max_abs"] = max(ident) if ident else float("nan")

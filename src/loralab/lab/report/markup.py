@@ -81,13 +81,17 @@ def _html_block(b: Block) -> str:
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
     if kind == "img":
         data = base64.b64encode(Path(b[1]).read_bytes()).decode("ascii")
-        return (f'<figure><img alt="{html.escape(b[2])}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{_inline(b[2])}</figcaption></figure>")
+        return (
+            f'<figure><img alt="{html.escape(b[2])}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{_inline(b[2])}</figcaption></figure>"
+        )
     raise ValueError(f"unknown block kind {kind!r}")
 
 
 def to_html(blocks: Sequence[Block], title: str) -> str:
     """One self-contained HTML page: inline CSS, images embedded, no external resources."""
     body = "\n".join(_html_block(b) for b in blocks)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )

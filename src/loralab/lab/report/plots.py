@@ -59,8 +59,15 @@ def _loss_panel(ax, series: LossSeries, colors: Mapping, zoom: bool) -> list[tup
         if zoom:  # the cell's mean leaves diverged seeds out: say how many, as the table does
             for x, v, ds in points:
                 if v and ds:
-                    ax.annotate(f"†{len(ds)}", (x * j, sum(v) / len(v)), xytext=(5, 3), textcoords="offset points",
-                                fontsize=9, color=color, fontweight="bold")
+                    ax.annotate(
+                        f"†{len(ds)}",
+                        (x * j, sum(v) / len(v)),
+                        xytext=(5, 3),
+                        textcoords="offset points",
+                        fontsize=9,
+                        color=color,
+                        fontweight="bold",
+                    )
             continue
         div = [(x * j, d) for x, _, ds in points for d in ds]
         finite = [(x, d) for x, d in div if d is not None and math.isfinite(d)]
@@ -91,9 +98,17 @@ def _fit_ylim(ax, series: LossSeries) -> None:
         ax.set_ylim(min(lo) - pad, max(hi) + pad)
 
 
-def plot_loss_vs_lr(path: Path, panels: Sequence[tuple[str, LossSeries]], colors: Mapping, *,
-                    xlabel: str, tick_label: Callable[[float], str] = str, zoom: bool = False,
-                    log_x: bool = True, what: str = "learning rate") -> Path:
+def plot_loss_vs_lr(
+    path: Path,
+    panels: Sequence[tuple[str, LossSeries]],
+    colors: Mapping,
+    *,
+    xlabel: str,
+    tick_label: Callable[[float], str] = str,
+    zoom: bool = False,
+    log_x: bool = True,
+    what: str = "learning rate",
+) -> Path:
     """Final eval loss vs the column axis (the LR), one line per init: mean over seeds, std error bars.
 
     Each panel is ``(title, series)``, ``series`` being init label → ``[(x, ok losses, diverged losses)]``;
@@ -113,23 +128,39 @@ def plot_loss_vs_lr(path: Path, panels: Sequence[tuple[str, LossSeries]], colors
             lo, hi = ax.get_ylim()
             ax.set_ylim(lo, hi + 0.1 * (hi - lo))
         for x, label in top_edge:
-            ax.plot(x, 0.97, marker="^", ms=7, mfc="none", mew=1.5, color=colors[label], clip_on=False,
-                    transform=ax.get_xaxis_transform())
+            ax.plot(
+                x,
+                0.97,
+                marker="^",
+                ms=7,
+                mfc="none",
+                mew=1.5,
+                color=colors[label],
+                clip_on=False,
+                transform=ax.get_xaxis_transform(),
+            )
         ax.set(title=title, xlabel=xlabel, ylabel="final " + LOSS_UNIT)
         ax.grid(True, which="major", alpha=0.3)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     handles = [Line2D([], [], color=c, marker="o", lw=1.6, label=k) for k, c in colors.items()]
     if not zoom:
-        handles += [Line2D([], [], color="0.3", marker="x", ls="none", mew=1.6, label="diverged run"),
-                    Line2D([], [], color="0.3", marker="^", mfc="none", ls="none", label="diverged, loss not finite")]
+        handles += [
+            Line2D([], [], color="0.3", marker="x", ls="none", mew=1.6, label="diverged run"),
+            Line2D([], [], color="0.3", marker="^", mfc="none", ls="none", label="diverged, loss not finite"),
+        ]
     else:
         handles.append(Line2D([], [], ls="none", label="†k: k diverged seeds left out"))
     # attached to the top-right panel, so the constrained layout makes room for it (a figure legend can hit the title)
-    axes[min(len(panels), 3) - 1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                                         frameon=False, title="init", alignment="left")
-    fig.suptitle(f"Final eval loss vs {what}" + (", zoomed: diverged runs left out" if zoom else "")
-                 + "\nmean ± std over seeds that finished ok", fontsize=11)
+    axes[min(len(panels), 3) - 1].legend(
+        handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, title="init", alignment="left"
+    )
+    fig.suptitle(
+        f"Final eval loss vs {what}"
+        + (", zoomed: diverged runs left out" if zoom else "")
+        + "\nmean ± std over seeds that finished ok",
+        fontsize=11,
+    )
     return _save(fig, path)
 
 
@@ -144,8 +175,12 @@ def _curve_panel(ax, lines: Mapping[str, tuple[Curve, Sequence[Curve]]], colors:
         ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.35", fontsize=9)
 
 
-def plot_curves(path: Path, panels: Sequence[tuple[str, Mapping[str, tuple[Curve, Sequence[Curve]]]]],
-                colors: Mapping, what: str = "learning rate") -> Path:
+def plot_curves(
+    path: Path,
+    panels: Sequence[tuple[str, Mapping[str, tuple[Curve, Sequence[Curve]]]]],
+    colors: Mapping,
+    what: str = "learning rate",
+) -> Path:
     """Eval loss over training, one panel per LR: mean over ok seeds (solid), diverged runs (dashed, each).
 
     Each panel is ``(title, lines)``, ``lines`` being init label → ``(mean curve, [diverged run curves])``.
@@ -164,7 +199,7 @@ def plot_curves(path: Path, panels: Sequence[tuple[str, Mapping[str, tuple[Curve
             ax.set_xlim(min(steps), max(steps))
         ax.set(title=title, xlabel="optimizer step", ylabel=LOSS_UNIT if i % ncols == 0 else "")
         ax.grid(True, alpha=0.3)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.axis("off")
     handles = [Line2D([], [], color=c, lw=1.6, label=k) for k, c in colors.items()]
     handles.append(Line2D([], [], color="0.3", lw=1.0, ls="--", label="a diverged run"))
@@ -173,18 +208,25 @@ def plot_curves(path: Path, panels: Sequence[tuple[str, Mapping[str, tuple[Curve
     return _save(fig, path)
 
 
-DIAG_PANELS = (("grad_norm_a", "mean ‖∇A‖ at step 0 (Frobenius)"),
-               ("grad_norm_b", "mean ‖∇B‖ at step 0 (Frobenius)"),
-               ("var_a", "mean Var(A) at init"), ("var_b", "mean Var(B) at init"),
-               ("identity_max_abs", "max |Δ output| at init (0 = preserved)"))
+DIAG_PANELS = (
+    ("grad_norm_a", "mean ‖∇A‖ at step 0 (Frobenius)"),
+    ("grad_norm_b", "mean ‖∇B‖ at step 0 (Frobenius)"),
+    ("var_a", "mean Var(A) at init"),
+    ("var_b", "mean Var(B) at init"),
+    ("identity_max_abs", "max |Δ output| at init (0 = preserved)"),
+)
 
 
 def _bar_panel(ax, key: str, groups: Sequence[tuple[str, Mapping[str, Mapping]]], colors: Mapping) -> None:
     """Bars per init (colour) within each group, log y; zero / missing values are written as text, not drawn."""
     labels = list(colors)
     width = 0.8 / len(labels)
-    values = [(gi + (i - (len(labels) - 1) / 2) * width, stats[lab][key], colors[lab])
-              for gi, (_, stats) in enumerate(groups) for i, lab in enumerate(labels) if lab in stats]
+    values = [
+        (gi + (i - (len(labels) - 1) / 2) * width, stats[lab][key], colors[lab])
+        for gi, (_, stats) in enumerate(groups)
+        for i, lab in enumerate(labels)
+        if lab in stats
+    ]
     pos = [v for _, v, _ in values if v is not None and math.isfinite(v) and v > 0]
     lo, hi = (min(pos) / 8, max(pos) * 8) if pos else (1e-3, 1.0)
     ax.set_yscale("log")
@@ -199,15 +241,21 @@ def _bar_panel(ax, key: str, groups: Sequence[tuple[str, Mapping[str, Mapping]]]
             text = "0" if v == 0 else "n/a"
             ax.text(x, lo * 1.5, text, ha="center", va="bottom", fontsize=9, color=color, fontweight="bold")
     if len(groups) == 1:
-        ax.set_xticks([x for x, _, _ in values], [lab for lab in labels if lab in groups[0][1]], rotation=30,
-                      ha="right", fontsize=8)
+        ax.set_xticks(
+            [x for x, _, _ in values],
+            [lab for lab in labels if lab in groups[0][1]],
+            rotation=30,
+            ha="right",
+            fontsize=8,
+        )
     else:
         ax.set_xticks(range(len(groups)), [g for g, _ in groups], fontsize=8)
     ax.grid(True, axis="y", which="major", alpha=0.3)
 
 
-def plot_diagnostics(path: Path, groups: Sequence[tuple[str, Mapping[str, Mapping[str, float]]]],
-                     colors: Mapping) -> Path:
+def plot_diagnostics(
+    path: Path, groups: Sequence[tuple[str, Mapping[str, Mapping[str, float]]]], colors: Mapping
+) -> Path:
     """Step-0 diagnostics per init (means over layers and seeds), one panel per quantity, log scale."""
     fig, axes = _grid(6, 3, 4.4, 3.6)
     for ax, (key, title) in zip(axes, DIAG_PANELS):
@@ -216,7 +264,15 @@ def plot_diagnostics(path: Path, groups: Sequence[tuple[str, Mapping[str, Mappin
     axes[-1].axis("off")
     handles = [Line2D([], [], color=c, lw=6, label=k) for k, c in colors.items()]
     axes[-1].legend(handles=handles, loc="upper center", frameon=False, title="init")
-    axes[-1].text(0.5, 0.02, "log scale; \"0\" marks an exact zero\n(e.g. ∇A under standard: B = 0)",
-                  ha="center", va="bottom", fontsize=8, color="0.3", transform=axes[-1].transAxes)
+    axes[-1].text(
+        0.5,
+        0.02,
+        'log scale; "0" marks an exact zero\n(e.g. ∇A under standard: B = 0)',
+        ha="center",
+        va="bottom",
+        fontsize=8,
+        color="0.3",
+        transform=axes[-1].transAxes,
+    )
     fig.suptitle("Step-0 diagnostics (mean over adapted layers and seeds)", fontsize=12)
     return _save(fig, path)

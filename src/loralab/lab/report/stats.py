@@ -30,8 +30,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LEVEL", "N_BOOT", "Estimate", "Losses", "bootstrap_means", "choose", "interval", "paired_difference",
-           "seed_for"]
+__all__ = [
+    "LEVEL",
+    "N_BOOT",
+    "Estimate",
+    "Losses",
+    "bootstrap_means",
+    "choose",
+    "interval",
+    "paired_difference",
+    "seed_for",
+]
 
 LEVEL = 0.95
 N_BOOT = 2000
@@ -43,7 +52,7 @@ class Losses:
     (the same chunk ids, in the same order, for every cell of a sweep)."""
 
     seeds: tuple[Any, ...]
-    values: np.ndarray   # (S, N)
+    values: np.ndarray  # (S, N)
 
     def __post_init__(self) -> None:
         if self.values.ndim != 2 or self.values.shape[0] != len(self.seeds):
@@ -82,9 +91,9 @@ def bootstrap_means(x: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.
     replacement), so its mean is ``Σ w x v / (S N)``; leading axes share the draws (many synthetic data sets at once).
     """
     s, n = x.shape[-2:]
-    w = rng.multinomial(s, np.full(s, 1.0 / s), size=n_boot).astype(np.float64)   # (B, S)
-    v = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)   # (B, N)
-    per_seed = x @ v.T                                        # (..., S, B): each seed's chunk-weighted sum
+    w = rng.multinomial(s, np.full(s, 1.0 / s), size=n_boot).astype(np.float64)  # (B, S)
+    v = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # (B, N)
+    per_seed = x @ v.T  # (..., S, B): each seed's chunk-weighted sum
     return np.einsum("...sb,bs->...b", per_seed, w) / (s * n)
 
 
@@ -113,7 +122,7 @@ def paired_difference(a: Losses, b: Losses, *, seed: int, n_boot: int = N_BOOT) 
     """
     if a.values.shape[1] != b.values.shape[1]:
         raise ValueError(f"paired cells must share their chunks; got {a.values.shape[1]} and {b.values.shape[1]}")
-    common = sorted((s for s in a.seeds if s in b.seeds), key=repr)   # one order: the same replicates either way
+    common = sorted((s for s in a.seeds if s in b.seeds), key=repr)  # one order: the same replicates either way
     if not common:
         return None
     rows_a = [a.seeds.index(s) for s in common]

@@ -7,8 +7,8 @@ Grid axes other than row/column/replicate (e.g. ``lora.rank``) give one table pe
 
 Diverged runs enter the numbers by two conventions, and every table of numbers comes in both, named above it
 (:data:`.cells.CONVENTIONS`): excluded (the lab's) and included at their final loss (the published study's); when no
-run diverged they agree, and the report says so and shows one set. Every
-cell shows its seed count; ▲ marks runs that ended worse than the pretrained model.
+run diverged they agree, and the report says so and shows one set. Every cell shows its seed count; ▲ marks runs
+that ended worse than the pretrained model.
 
 With per-chunk eval losses in the store (docs/evaluation.md), the report can tell inits apart: every cell gets a 95%
 bootstrap interval over seeds and chunks (:mod:`.stats`), the table against the baseline holds paired differences
@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..store import RunRecord, SweepStore
+from ..store import RunRecord, SweepStore, config_diff
 from . import plots
 from .cells import (
     CONVENTIONS,
@@ -50,18 +50,23 @@ from .stats import LEVEL, N_BOOT, Estimate, choose, interval, paired_difference,
 
 BASELINE = "standard"
 STATUS_ORDER = ("ok", "diverged", "failed", "unfinished", "pending")
-PNGS = {"loss_vs_lr": "final eval loss vs LR, per init (diverged runs: x at their loss, ^ when not finite)",
-        "loss_vs_lr_zoom": "the same without diverged runs",
-        "curves": "eval loss during training (mean over ok seeds; dashed: diverged runs)",
-        "diagnostics": "step-0 diagnostics per init"}
+PNGS = {
+    "loss_vs_lr": "final eval loss vs LR, per init (diverged runs: x at their loss, ^ when not finite)",
+    "loss_vs_lr_zoom": "the same without diverged runs",
+    "curves": "eval loss during training (mean over ok seeds; dashed: diverged runs)",
+    "diagnostics": "step-0 diagnostics per init",
+}
 CONVENTION_TEXT = {
     "excluded": "Convention: **diverged runs excluded** (the lab's): a cell is over its seeds that finished ok; †k: "
-                "k seeds diverged and are left out.",
+    "k seeds diverged and are left out.",
     "included": "Convention: **diverged runs included at their final loss** (the published study's): a cell is over "
-                "every finished seed, blown-up ones too; †k: k of them diverged. A diverged run's final loss is where "
-                "it stopped (train.on_divergence = \"stop\") or at the last step (\"continue\")."}
-MARKS = ("n=k: seeds in the number; ‡k: k seeds failed (left out); ▲k: k runs ended above the pretrained model's "
-         "loss on the same chunks; (k not run): pending or unfinished.")
+    "every finished seed, blown-up ones too; †k: k of them diverged. A diverged run's final loss is where "
+    'it stopped (train.on_divergence = "stop") or at the last step ("continue").',
+}
+MARKS = (
+    "n=k: seeds in the number; ‡k: k seeds failed (left out); ▲k: k runs ended above the pretrained model's "
+    "loss on the same chunks; (k not run): pending or unfinished."
+)
 SUFFIX = {"excluded": "", "included": ", diverged runs included"}
 Block = tuple  # see markup.py
 
@@ -73,19 +78,20 @@ class _Ctx:
     lay: Layout
     cells: dict
     rep_axis: str
-    conventions: tuple[str, ...]          # both, or only "excluded" when no run diverged (they then agree)
+    conventions: tuple[str, ...]  # both, or only "excluded" when no run diverged (they then agree)
     baseline: str
-    base: int | None                      # the baseline's row, None when it is not a row
-    splits: tuple[str, str] | None        # (selection split, reported split) with per-chunk losses, else None
-    why_not: str                          # why there are no per-chunk statistics ("" when there are)
+    base: int | None  # the baseline's row, None when it is not a row
+    splits: tuple[str, str] | None  # (selection split, reported split) with per-chunk losses, else None
+    why_not: str  # why there are no per-chunk statistics ("" when there are)
 
     def estimate(self, g: int, r: int, c: int, convention: str, split: str) -> Estimate | None:
         losses = chunk_losses(self.cells[g, r, c], convention, split, self.rep_axis)
         if losses is None:
             return None
         # seeded by the cell, not the convention: the same runs give the same interval under either
-        return interval(losses.values, seed=seed_for(self.lay.groups[g], self.lay.row_labels[r],
-                                                     self.lay.col_labels[c], split))
+        return interval(
+            losses.values, seed=seed_for(self.lay.groups[g], self.lay.row_labels[r], self.lay.col_labels[c], split)
+        )
 
     def paired(self, g: int, r: int, c: int, rb: int, cb: int, convention: str) -> Estimate | None:
         """``(r, c) − (rb, cb)`` of group ``g`` on the reported split, same seeds and chunks."""
@@ -94,9 +100,17 @@ class _Ctx:
         a, b = (chunk_losses(self.cells[g, i, j], convention, split, self.rep_axis) for i, j in ((r, c), (rb, cb)))
         if a is None or b is None:
             return None
-        return paired_difference(a, b, seed=seed_for(self.lay.groups[g], self.lay.row_labels[r],
-                                                     self.lay.col_labels[c], self.lay.row_labels[rb],
-                                                     self.lay.col_labels[cb]))
+        return paired_difference(
+            a,
+            b,
+            seed=seed_for(
+                self.lay.groups[g],
+                self.lay.row_labels[r],
+                self.lay.col_labels[c],
+                self.lay.row_labels[rb],
+                self.lay.col_labels[cb],
+            ),
+        )
 
 
 def _num(v: Any, spec: str = ".4f") -> str:
@@ -117,7 +131,7 @@ def _delta(est: Estimate | None) -> str:
     if not est.finite:
         return f"not finite n={est.seeds}"
     star = " ✱" if est.excludes_zero else ""
-    lo, mean, hi = (round(v, 4) + 0.0 for v in (est.lo, est.mean, est.hi))   # + 0.0: no "-0.0000"
+    lo, mean, hi = (round(v, 4) + 0.0 for v in (est.lo, est.mean, est.hi))  # + 0.0: no "-0.0000"
     return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]{star} n={est.seeds}"
 
 
@@ -126,39 +140,61 @@ def _header(name: str, manifest: dict, records: Sequence[RunRecord], out_dir: Pa
     status = " · ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s])
     grid = " × ".join(f"`{k}` ({len(v)})" for k, v in manifest.get("grid", {}).items())
     base = manifest.get("base", {})
-    setup = ", ".join(f"{k} `{fmt_value(v)}`" for k, v in (
-        ("model", base.get("model", {}).get("name")), ("data", base.get("data", {}).get("source")),
-        ("rank", base.get("lora", {}).get("rank")), ("alpha", base.get("lora", {}).get("alpha"))) if v is not None)
+    setup = ", ".join(
+        f"{k} `{fmt_value(v)}`"
+        for k, v in (
+            ("model", base.get("model", {}).get("name")),
+            ("data", base.get("data", {}).get("source")),
+            ("rank", base.get("lora", {}).get("rank")),
+            ("alpha", base.get("lora", {}).get("alpha")),
+        )
+        if v is not None
+    )
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return [("h", 1, f"Sweep report: {name}"),
-            ("p", f"**{len(records)} runs**: {status or 'none'}."),
-            ("p", f"Grid: {grid or '(none)'}." + (f" Base: {setup}." if setup else "")),
-            ("p", f"Store `{out_dir}`, created {manifest.get('created', '?')}; report generated {when}.")]
+    return [
+        ("h", 1, f"Sweep report: {name}"),
+        ("p", f"**{len(records)} runs**: {status or 'none'}."),
+        ("p", f"Grid: {grid or '(none)'}." + (f" Base: {setup}." if setup else "")),
+        ("p", f"Store `{out_dir}`, created {manifest.get('created', '?')}; report generated {when}."),
+    ]
 
 
 def _evaluation(ctx: _Ctx, records: Sequence[RunRecord], manifest: dict) -> list[Block]:
     """How the numbers below were measured, or what this store lacks for intervals."""
     if ctx.splits is None:
-        return [("h", 2, "Evaluation"),
-                ("p", f"No intervals, paired differences or tuned comparison: {ctx.why_not}. The tables give means ± "
-                      "sample std over seeds, and the best learning rate is chosen and reported on the same eval "
-                      "chunks, which flatters it (selection bias). Rerun the sweep with data.val_chunks and "
-                      "data.test_chunks set for a report that can tell inits apart (docs/evaluation.md).")]
+        return [
+            ("h", 2, "Evaluation"),
+            (
+                "p",
+                f"No intervals, paired differences or tuned comparison: {ctx.why_not}. The tables give means ± "
+                "sample std over seeds, and the best learning rate is chosen and reported on the same eval "
+                "chunks, which flatters it (selection bias). Rerun the sweep with data.val_chunks and "
+                "data.test_chunks set for a report that can tell inits apart (docs/evaluation.md).",
+            ),
+        ]
     first = next(r.eval_chunks for r in records if r.eval_chunks is not None)
     sizes = {k: len(v.ids) for k, v in first.splits.items()}
     seq = manifest.get("base", {}).get("data", {}).get("seq_len")
     tokens = f" of {seq} tokens" if seq else ""
     sel, rep = ctx.splits
-    where = (f"{sizes['val']} validation and {sizes['test']} test chunks{tokens}: learning rates are chosen on "
-             "validation, and every number below is on test" if sel != rep else
-             f"{sizes['eval']} eval chunks{tokens}, with no validation split: a learning rate is chosen and reported "
-             "on the same chunks, which flatters it")
-    return [("h", 2, "Evaluation"),
-            ("p", f"Final eval on {where}; the same chunks for every run (held-out pool {first.pool_digest}), so "
-                  "differences between runs are paired by chunk and seed. Intervals: "
-                  f"{LEVEL:.0%} percentile bootstrap over seeds and chunks (pigeonhole scheme, {N_BOOT} replicates, "
-                  "seeded per cell; loralab/lab/report/stats.py). An interval covers seed-to-seed variation only as "
-                  "well as the cell's seeds show it: with 1 seed, chunk noise only (docs/evaluation.md).")]
+    where = (
+        f"{sizes['val']} validation and {sizes['test']} test chunks{tokens}: learning rates are chosen on "
+        "validation, and every number below is on test"
+        if sel != rep
+        else f"{sizes['eval']} eval chunks{tokens}, with no validation split: a learning rate is chosen and reported "
+        "on the same chunks, which flatters it"
+    )
+    return [
+        ("h", 2, "Evaluation"),
+        (
+            "p",
+            f"Final eval on {where}; the same chunks for every run (held-out pool {first.pool_digest}), so "
+            "differences between runs are paired by chunk and seed. Intervals: "
+            f"{LEVEL:.0%} percentile bootstrap over seeds and chunks (pigeonhole scheme, {N_BOOT} replicates, "
+            "seeded per cell; loralab/lab/report/stats.py). An interval covers seed-to-seed variation only as "
+            "well as the cell's seeds show it: with 1 seed, chunk noise only (docs/evaluation.md).",
+        ),
+    ]
 
 
 def _loss_table(ctx: _Ctx, g: int, convention: str) -> Block:
@@ -206,8 +242,9 @@ def _paired_table(ctx: _Ctx, g: int, convention: str) -> Block:
             if r == ctx.base:
                 row.append("baseline")
             elif not cells[g, r, c].finished(convention) or not cells[g, ctx.base, c].finished(convention):
-                row.append(cells[g, r, c].text(convention) if not cells[g, r, c].finished(convention) else
-                           "n/a (no baseline)")
+                row.append(
+                    cells[g, r, c].text(convention) if not cells[g, r, c].finished(convention) else "n/a (no baseline)"
+                )
             else:
                 row.append(_delta(ctx.paired(g, r, c, ctx.base, c, convention)))
         rows.append(row)
@@ -219,9 +256,14 @@ def _edge_warnings(lay: Layout, chosen: dict[int, int]) -> list[Block]:
     for r, c in chosen.items():
         edge = "lowest" if c == 0 else "highest" if c == len(lay.cols) - 1 else None
         if edge and len(lay.cols) > 1:
-            out.append(("warn", f"`{lay.row_labels[r]}`: the best {lay.col_axis} ({lay.col_labels[c]}) is the {edge} "
-                                "value of the grid; the optimum may lie outside the range tuned: extend the grid "
-                                "(tuning playbook)."))
+            out.append(
+                (
+                    "warn",
+                    f"`{lay.row_labels[r]}`: the best {lay.col_axis} ({lay.col_labels[c]}) is the {edge} "
+                    "value of the grid; the optimum may lie outside the range tuned: extend the grid "
+                    "(tuning playbook).",
+                )
+            )
     if len(lay.cols) == 1:
         out.append(("warn", f"only one value of {lay.col_axis}: it was not tuned."))
     return out
@@ -239,8 +281,10 @@ def _best_lr(ctx: _Ctx, g: int, convention: str) -> list[Block]:
         chosen[r] = c
         items.append(f"`{label}`: best {lay.col_axis} = {lay.col_labels[c]} ({cells[g, r, c].mean(convention):.4f})")
     best = sorted((cells[g, r, c].mean(convention), r, c) for r, c in chosen.items())
-    overall = [("p", f"Lowest overall: `{lay.row_labels[r]}` at {lay.col_axis} = {lay.col_labels[c]} ({m:.4f}).")
-               for m, r, c in best[:1]]
+    overall = [
+        ("p", f"Lowest overall: `{lay.row_labels[r]}` at {lay.col_axis} = {lay.col_labels[c]} ({m:.4f}).")
+        for m, r, c in best[:1]
+    ]
     return overall + [("ul", items)] + _edge_warnings(lay, chosen)
 
 
@@ -255,12 +299,18 @@ def _tuned(ctx: _Ctx, g: int, convention: str) -> list[Block]:
             losses = chunk_losses(cells[g, r, c], convention, sel, ctx.rep_axis)
             if losses is not None and cells[g, r, c].eligible(convention):
                 val[r, c] = float(losses.values.mean())
-    chosen = {r: c for r in range(len(lay.rows))
-              if (c := choose({c: v for (i, c), v in val.items() if i == r})) is not None}   # validation only
+    chosen = {
+        r: c for r in range(len(lay.rows)) if (c := choose({c: v for (i, c), v in val.items() if i == r})) is not None
+    }  # validation only
     base_c = chosen.get(ctx.base) if ctx.base is not None else None
     delta_head = f"Δ vs `{ctx.baseline}` at its own {lay.col_axis}" if ctx.base is not None else "Δ (no baseline)"
-    header = [lay.row_axis, f"{lay.col_axis} (lowest {sel} loss)", f"{sel} loss", f"{rep} loss [95% CI]",
-              f"{delta_head} [95% CI]"]
+    header = [
+        lay.row_axis,
+        f"{lay.col_axis} (lowest {sel} loss)",
+        f"{sel} loss",
+        f"{rep} loss [95% CI]",
+        f"{delta_head} [95% CI]",
+    ]
     rows = []
     for r, label in enumerate(lay.row_labels):
         if r not in chosen:
@@ -278,80 +328,133 @@ def _tuned(ctx: _Ctx, g: int, convention: str) -> list[Block]:
         rows.append([f"`{label}`", lay.col_labels[c], f"{val[r, c]:.4f}", test, delta])
     blocks: list[Block] = [("table", header, rows)]
     if val:
-        r, c = choose(val)   # the lowest validation loss of the whole table
+        r, c = choose(val)  # the lowest validation loss of the whole table
         est = ctx.estimate(g, r, c, convention, rep)
-        blocks.append(("p", f"Lowest overall, chosen on {sel}: `{lay.row_labels[r]}` at {lay.col_axis} = "
-                            f"{lay.col_labels[c]}: {rep} loss {_ci(est) if est else '—'}."))
+        blocks.append(
+            (
+                "p",
+                f"Lowest overall, chosen on {sel}: `{lay.row_labels[r]}` at {lay.col_axis} = "
+                f"{lay.col_labels[c]}: {rep} loss {_ci(est) if est else '—'}.",
+            )
+        )
     if sel == rep:
-        blocks.append(("warn", "no validation split: each choice is made and reported on the same chunks, so its "
-                               "loss is biased low; set data.val_chunks and data.test_chunks."))
+        blocks.append(
+            (
+                "warn",
+                "no validation split: each choice is made and reported on the same chunks, so its "
+                "loss is biased low; set data.val_chunks and data.test_chunks.",
+            )
+        )
     return blocks + _edge_warnings(lay, chosen)
 
 
 def _tables(ctx: _Ctx) -> list[Block]:
     lay = ctx.lay
     heads = [[("h", 3, lay.group_label(g))] if lay.others else [] for g in range(len(lay.groups))]
-    ci = (" Each cell: mean [95% interval]." if ctx.splits else " Each cell: mean ± sample std over seeds.")
+    ci = " Each cell: mean [95% interval]." if ctx.splits else " Each cell: mean ± sample std over seeds."
     out: list[Block] = []
     if ctx.conventions != CONVENTIONS:
-        out.append(("p", "No run diverged, so the two conventions for diverged runs (excluded, or included at their "
-                         "final loss) give the same numbers: one set of tables."))
+        out.append(
+            (
+                "p",
+                "No run diverged, so the two conventions for diverged runs (excluded, or included at their "
+                "final loss) give the same numbers: one set of tables.",
+            )
+        )
     for conv in ctx.conventions:
-        out += [("h", 2, f"Final eval loss{SUFFIX[conv]}"),
-                ("p", f"{CONVENTION_TEXT[conv]}{ci} {MARKS} **Bold**: the lowest mean in its column among eligible "
-                      "cells (no seed diverged; under the included convention, a finite mean).")]
+        out += [
+            ("h", 2, f"Final eval loss{SUFFIX[conv]}"),
+            (
+                "p",
+                f"{CONVENTION_TEXT[conv]}{ci} {MARKS} **Bold**: the lowest mean in its column among eligible "
+                "cells (no seed diverged; under the included convention, a finite mean).",
+            ),
+        ]
         for g in range(len(lay.groups)):
             out += heads[g] + [_loss_table(ctx, g, conv)]
     if ctx.base is not None:
         for conv in ctx.conventions:
             if ctx.splits:
-                out += [("h", 2, f"Paired difference vs `{ctx.baseline}`{SUFFIX[conv]}"),
-                        ("p", f"{CONVENTION_TEXT[conv]} Each cell: the mean over seeds and {ctx.splits[1]} chunks of "
-                              f"(loss − `{ctx.baseline}`'s loss in the same column, same seed, same chunk), in nats "
-                              "(negative = lower loss), its 95% interval, ✱ when the interval excludes 0, and "
-                              "n = the seeds both have.")]
+                out += [
+                    ("h", 2, f"Paired difference vs `{ctx.baseline}`{SUFFIX[conv]}"),
+                    (
+                        "p",
+                        f"{CONVENTION_TEXT[conv]} Each cell: the mean over seeds and {ctx.splits[1]} chunks of "
+                        f"(loss − `{ctx.baseline}`'s loss in the same column, same seed, same chunk), in nats "
+                        "(negative = lower loss), its 95% interval, ✱ when the interval excludes 0, and "
+                        "n = the seeds both have.",
+                    ),
+                ]
                 body = [_paired_table(ctx, g, conv) for g in range(len(lay.groups))]
             else:
-                out += [("h", 2, f"Relative to `{ctx.baseline}`{SUFFIX[conv]}"),
-                        ("p", f"{CONVENTION_TEXT[conv]} (mean / mean of `{ctx.baseline}` in the same column − 1) × "
-                              "100; negative = lower loss. Bold as in the table above.")]
+                out += [
+                    ("h", 2, f"Relative to `{ctx.baseline}`{SUFFIX[conv]}"),
+                    (
+                        "p",
+                        f"{CONVENTION_TEXT[conv]} (mean / mean of `{ctx.baseline}` in the same column − 1) × "
+                        "100; negative = lower loss. Bold as in the table above.",
+                    ),
+                ]
                 body = [_relative_table(ctx, g, conv) for g in range(len(lay.groups))]
             for g in range(len(lay.groups)):
                 out += heads[g] + [body[g]]
     for conv in ctx.conventions:
         if ctx.splits:
             sel, rep = ctx.splits
-            out += [("h", 2, f"Tuned comparison: each {lay.row_axis} at its best {lay.col_axis}{SUFFIX[conv]}"),
-                    ("p", f"{CONVENTION_TEXT[conv]} Each row's {lay.col_axis} is the one with the lowest mean {sel} "
-                          f"loss among its eligible cells; the {rep} loss of that cell is reported, and compared with "
-                          f"`{ctx.baseline}` at *its* best {lay.col_axis} (paired: same seeds, same chunks; ✱ when "
-                          "the interval excludes 0). This decides which init is better (Lee et al. 2026: once each "
-                          "method's learning rate is tuned, gaps shrink); the interval is conditional on the choice.")]
+            out += [
+                ("h", 2, f"Tuned comparison: each {lay.row_axis} at its best {lay.col_axis}{SUFFIX[conv]}"),
+                (
+                    "p",
+                    f"{CONVENTION_TEXT[conv]} Each row's {lay.col_axis} is the one with the lowest mean {sel} "
+                    f"loss among its eligible cells; the {rep} loss of that cell is reported, and compared with "
+                    f"`{ctx.baseline}` at *its* best {lay.col_axis} (paired: same seeds, same chunks; ✱ when "
+                    "the interval excludes 0). This decides which init is better (Lee et al. 2026: once each "
+                    "method's learning rate is tuned, gaps shrink); the interval is conditional on the choice.",
+                ),
+            ]
             for g in range(len(lay.groups)):
                 out += heads[g] + _tuned(ctx, g, conv)
         else:
-            out += [("h", 2, f"Best {lay.col_axis} per {lay.row_axis}{SUFFIX[conv]}"),
-                    ("p", f"{CONVENTION_TEXT[conv]} Lowest mean final eval loss over eligible cells, chosen and "
-                          "reported on the same eval chunks.")]
+            out += [
+                ("h", 2, f"Best {lay.col_axis} per {lay.row_axis}{SUFFIX[conv]}"),
+                (
+                    "p",
+                    f"{CONVENTION_TEXT[conv]} Lowest mean final eval loss over eligible cells, chosen and "
+                    "reported on the same eval chunks.",
+                ),
+            ]
             for g in range(len(lay.groups)):
                 out += heads[g] + _best_lr(ctx, g, conv)
     return out
 
 
 def _diagnostics(lay: Layout, cells: dict) -> list[Block]:
-    header = list(lay.others) + [lay.row_axis, "runs", "layers", "mean ‖∇A‖", "mean ‖∇B‖", "mean Var(A)",
-                                 "mean Var(B)", "max |Δ output|"]
+    header = list(lay.others) + [
+        lay.row_axis,
+        "runs",
+        "layers",
+        "mean ‖∇A‖",
+        "mean ‖∇B‖",
+        "mean Var(A)",
+        "mean Var(B)",
+        "max |Δ output|",
+    ]
     rows = []
     for g, combo in enumerate(lay.groups):
         for r, label in enumerate(lay.row_labels):
             stats = diagnostic_stats([run for c in range(len(lay.cols)) for run in cells[g, r, c].runs])
             if stats:
                 values = [_num(stats[k], ".3e") for k in DIAG_KEYS + ("identity_max_abs",)]
-                rows.append([fmt_value(v) for v in combo.values()] + [f"`{label}`", f"{stats['runs']:.0f}",
-                                                                       f"{stats['layers']:.0f}"] + values)
-    note = ("Step-0 quantities (Frobenius norms of the first gradients, variances of the initial factors), averaged "
-            "over adapted layers, then over runs; |Δ output| is the largest change of the model's output caused by "
-            "the adapter at init (0 = output preserved).")
+                rows.append(
+                    [fmt_value(v) for v in combo.values()]
+                    + [f"`{label}`", f"{stats['runs']:.0f}", f"{stats['layers']:.0f}"]
+                    + values
+                )
+    note = (
+        "Step-0 quantities (Frobenius norms of the first gradients, variances of the initial factors), averaged "
+        "over adapted layers, then over runs; |Δ output| is the largest change of the model's output caused by "
+        "the adapter at init (0 = output preserved)."
+    )
     return [("h", 2, "Step-0 diagnostics"), ("p", note), ("table", header, rows) if rows else ("p", "No diagnostics.")]
 
 
@@ -363,18 +466,51 @@ def _problems(records: Sequence[RunRecord], out_dir: Path) -> list[Block]:
         items = []
         for r in failed:
             res = r.result
-            error = (res.error or "").strip().splitlines()[0] if res and res.error and res.error.strip() else \
-                "no error message recorded"
-            where = f"`{r.path.relative_to(out_dir) / 'result.json'}` (field `traceback`)" if res and res.traceback \
+            error = (
+                (res.error or "").strip().splitlines()[0]
+                if res and res.error and res.error.strip()
+                else "no error message recorded"
+            )
+            where = (
+                f"`{r.path.relative_to(out_dir) / 'result.json'}` (field `traceback`)"
+                if res and res.traceback
                 else "no traceback recorded"
+            )
             items.append(f"`{r.run_id}` ({_axes_text(r)}): {error} — traceback: {where}")
         blocks += [("h", 2, f"Failed runs ({len(failed)})"), ("ul", items)]
     if waiting:
-        items = [f"`{r.run_id}` ({_axes_text(r)}): {r.status}" + (f" — {r.problem}" if r.problem else "")
-                 for r in waiting]
-        blocks += [("h", 2, f"Unfinished and pending runs ({len(waiting)})"),
-                   ("p", "Not counted in the tables; a sweep resumed on this directory redoes them."), ("ul", items)]
+        items = [
+            f"`{r.run_id}` ({_axes_text(r)}): {r.status}" + (f" — {r.problem}" if r.problem else "") for r in waiting
+        ]
+        blocks += [
+            ("h", 2, f"Unfinished and pending runs ({len(waiting)})"),
+            ("p", "Not counted in the tables; a sweep resumed on this directory redoes them."),
+            ("ul", items),
+        ]
     return blocks
+
+
+def _other_configs(manifest: dict, records: Sequence[RunRecord]) -> tuple[list[RunRecord], list[Block]]:
+    """The runs made with this sweep's config, and a section naming those made with another one (left out).
+
+    A run's config.json that differs from ``sweep.json``'s base outside the grid axes belongs to another experiment
+    (e.g. runs of two configs that shared an out_dir whose sweep.json was lost): averaging it in would mix them.
+    """
+    base, axes = manifest.get("base", {}), list(manifest.get("grid", {}))
+    configs = {r.run_id: (r.config or {}).get("config") for r in records}
+    diffs = {k: config_diff(c, base, axes) for k, c in configs.items() if isinstance(c, dict)}
+    others = [f"`{r.run_id}` ({_axes_text(r)}): {diffs[r.run_id]}" for r in records if diffs.get(r.run_id)]
+    if not others:
+        return list(records), []
+    note = (
+        f"{len(others)} run(s) in this store were made with another config than sweep.json's (the fields that "
+        "differ are named below). They are left out of every table and plot; move them to their own out_dir."
+    )
+    return [r for r in records if not diffs.get(r.run_id)], [
+        ("warn", note),
+        ("h", 2, f"Runs of another config, left out ({len(others)})"),
+        ("ul", others),
+    ]
 
 
 def _axes_text(r: RunRecord) -> str:
@@ -387,29 +523,51 @@ def _listing(records: Sequence[RunRecord], axes: Sequence[str]) -> list[Block]:
     for r in records:
         res = r.result
         tps = res.tokens_per_s if res else None
-        rows.append([f"`{r.run_id}`"] + [fmt_value(r.axes[a]) if a in r.axes else "?" for a in axes] + [
-            r.status, _num(r.final_eval_loss), _num(res.best_eval_loss if res else None),
-            _num(res.steps if res else None, ".0f"), _num(tps, ".1f" if tps is not None and tps < 100 else ".0f")])
+        rows.append(
+            [f"`{r.run_id}`"]
+            + [fmt_value(r.axes[a]) if a in r.axes else "?" for a in axes]
+            + [
+                r.status,
+                _num(r.final_eval_loss),
+                _num(res.best_eval_loss if res else None),
+                _num(res.steps if res else None, ".0f"),
+                _num(tps, ".1f" if tps is not None and tps < 100 else ".0f"),
+            ]
+        )
     return [("h", 2, f"All runs ({len(records)})"), ("table", header, rows)]
 
 
 def _loss_panel(lay: Layout, cells: dict, g: int, xs: Sequence[float]) -> dict:
     """init label -> [(x, ok final losses, diverged final losses)] for group ``g``."""
+
     def diverged(c: int, r: int) -> list:
         return [x.final_eval_loss for x in cells[g, r, c].runs if x.status == "diverged"]
-    return {lay.row_labels[r]: [(xs[c], cells[g, r, c].ok, diverged(c, r)) for c in range(len(lay.cols))]
-            for r in range(len(lay.rows))}
+
+    return {
+        lay.row_labels[r]: [(xs[c], cells[g, r, c].ok, diverged(c, r)) for c in range(len(lay.cols))]
+        for r in range(len(lay.rows))
+    }
 
 
 def _curve_panels(lay: Layout, cells: dict, g: int, title: str) -> list[tuple[str, dict]]:
     """One panel per column: init label -> (mean eval curve of ok runs, eval curves of diverged runs)."""
     panels = []
     for c, col in enumerate(lay.col_labels):
-        name = ", ".join(t for t in (f"{lay.col_axis.split('.')[-1]} = {col}" if lay.cols != (None,) else col, title)
-                         if t)
-        panels.append((name, {lay.row_labels[r]: (
-            mean_curve([x.eval_curve() for x in cells[g, r, c].runs if x.status == "ok"]),
-            [x.eval_curve() for x in cells[g, r, c].runs if x.status == "diverged"]) for r in range(len(lay.rows))}))
+        name = ", ".join(
+            t for t in (f"{lay.col_axis.split('.')[-1]} = {col}" if lay.cols != (None,) else col, title) if t
+        )
+        panels.append(
+            (
+                name,
+                {
+                    lay.row_labels[r]: (
+                        mean_curve([x.eval_curve() for x in cells[g, r, c].runs if x.status == "ok"]),
+                        [x.eval_curve() for x in cells[g, r, c].runs if x.status == "diverged"],
+                    )
+                    for r in range(len(lay.rows))
+                },
+            )
+        )
     return panels
 
 
@@ -423,8 +581,10 @@ def _plot_all(report_dir: Path, lay: Layout, cells: dict) -> dict[str, Path]:
         title = lay.group_label(g) if lay.others else ""
         loss.append((title, _loss_panel(lay, cells, g, xs)))
         curves += _curve_panels(lay, cells, g, title)
-        stats = {label: diagnostic_stats([x for c in range(len(lay.cols)) for x in cells[g, r, c].runs])
-                 for r, label in enumerate(lay.row_labels)}
+        stats = {
+            label: diagnostic_stats([x for c in range(len(lay.cols)) for x in cells[g, r, c].runs])
+            for r, label in enumerate(lay.row_labels)
+        }
         diags.append((title, {k: v for k, v in stats.items() if v}))
     name = "learning rate" if lay.col_axis.split(".")[-1] == "lr" else lay.col_axis
     notes = [a for a in (lay.col_axis if name != lay.col_axis else "", "log scale" if numeric else "") if a]
@@ -432,19 +592,36 @@ def _plot_all(report_dir: Path, lay: Layout, cells: dict) -> dict[str, Path]:
     xlabel = name + (f" ({', '.join(notes)})" if notes else "")
 
     def loss_plot(file: str, zoom: bool) -> Path:
-        return plots.plot_loss_vs_lr(report_dir / file, loss, colors, zoom=zoom, xlabel=xlabel, log_x=numeric,
-                                     what=name, tick_label=lambda x: names.get(x, str(x)))
+        return plots.plot_loss_vs_lr(
+            report_dir / file,
+            loss,
+            colors,
+            zoom=zoom,
+            xlabel=xlabel,
+            log_x=numeric,
+            what=name,
+            tick_label=lambda x: names.get(x, str(x)),
+        )
 
-    out = {"loss_vs_lr": loss_plot("loss_vs_lr.png", False), "loss_vs_lr_zoom": loss_plot("loss_vs_lr_zoom.png", True),
-           "curves": plots.plot_curves(report_dir / "curves.png", curves, colors, what=name)}
+    out = {
+        "loss_vs_lr": loss_plot("loss_vs_lr.png", False),
+        "loss_vs_lr_zoom": loss_plot("loss_vs_lr_zoom.png", True),
+        "curves": plots.plot_curves(report_dir / "curves.png", curves, colors, what=name),
+    }
     if any(stats for _, stats in diags):
         out["diagnostics"] = plots.plot_diagnostics(report_dir / "diagnostics.png", diags, colors)
     return out
 
 
-def write_report(out_dir: str | Path, *, row_axis: str = "lora.init", col_axis: str = "train.lr",
-                 rep_axis: str = "train.seed", out: str | Path | None = None,
-                 baseline: str | None = None) -> dict[str, Path]:
+def write_report(
+    out_dir: str | Path,
+    *,
+    row_axis: str = "lora.init",
+    col_axis: str = "train.lr",
+    rep_axis: str = "train.seed",
+    out: str | Path | None = None,
+    baseline: str | None = None,
+) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and the PNG plots into ``<out_dir>/report/`` (or ``out``).
 
     Args:
@@ -458,7 +635,8 @@ def write_report(out_dir: str | Path, *, row_axis: str = "lora.init", col_axis: 
         ``{"md", "html", "loss_vs_lr", "loss_vs_lr_zoom", "curves", "diagnostics"}`` → file paths
         (``diagnostics`` only when some run has step-0 diagnostics).
 
-    A run whose ``result.json`` cannot be read is listed as unfinished, with the reason.
+    A run whose ``result.json`` cannot be read is listed as unfinished, with the reason. Runs made with another
+    config (their config.json differs from ``sweep.json``'s outside the grid axes) are left out and named.
 
     Raises:
         FileNotFoundError: ``out_dir`` holds no ``sweep.json``.
@@ -470,26 +648,42 @@ def write_report(out_dir: str | Path, *, row_axis: str = "lora.init", col_axis: 
     manifest = store.manifest()
     if manifest is None:
         raise FileNotFoundError(f"{out_dir / 'sweep.json'} not found: {out_dir} is not a sweep directory")
-    records = store.records()
+    records, other_configs = _other_configs(manifest, store.records())
     lay = make_layout(manifest, row_axis, col_axis, rep_axis)
     if baseline is not None and baseline not in lay.row_labels:
-        raise ValueError(f"--baseline {baseline!r} is not a row of this report; the rows ({row_axis}) are "
-                         f"{', '.join(lay.row_labels)}")
+        raise ValueError(
+            f"--baseline {baseline!r} is not a row of this report; the rows ({row_axis}) are "
+            f"{', '.join(lay.row_labels)}"
+        )
     name_of_base = baseline or BASELINE
     cells = cell_grid(lay, records)
     splits = eval_splits(records)
     conventions = CONVENTIONS if any(r.status == "diverged" for r in records) else CONVENTIONS[:1]
-    ctx = _Ctx(lay, cells, rep_axis, conventions, name_of_base,
-               lay.row_labels.index(name_of_base) if name_of_base in lay.row_labels else None,
-               splits if isinstance(splits, tuple) else None, splits if isinstance(splits, str) else "")
+    ctx = _Ctx(
+        lay,
+        cells,
+        rep_axis,
+        conventions,
+        name_of_base,
+        lay.row_labels.index(name_of_base) if name_of_base in lay.row_labels else None,
+        splits if isinstance(splits, tuple) else None,
+        splits if isinstance(splits, str) else "",
+    )
     report_dir = Path(out).expanduser() if out is not None else out_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     paths = _plot_all(report_dir, lay, cells)
     name = manifest.get("name", out_dir.name)
     images = [("h", 2, "Plots")] + [("img", paths[k], cap) for k, cap in PNGS.items() if k in paths]
-    blocks = (_header(name, manifest, records, out_dir) + _evaluation(ctx, records, manifest) + _tables(ctx) + images
-              + _diagnostics(lay, cells)
-              + _problems(records, out_dir) + _listing(records, list(manifest.get("grid", {}))))
+    blocks = (
+        _header(name, manifest, records, out_dir)
+        + other_configs
+        + _evaluation(ctx, records, manifest)
+        + _tables(ctx)
+        + images
+        + _diagnostics(lay, cells)
+        + _problems(records, out_dir)
+        + _listing(records, list(manifest.get("grid", {})))
+    )
     paths["md"] = report_dir / "report.md"
     paths["md"].write_text(to_markdown(blocks), encoding="utf-8")
     paths["html"] = report_dir / "report.html"

@@ -32,7 +32,7 @@ class Assets:
         """The frozen base model (on the run's device) and the packed data of ``run``."""
         model_key = (run.model, run.train.device)
         if model_key != self._model_key or self.model is None:
-            self._model_key = self._data_key = self.model = self.tokenizer = self.data = None   # free memory first
+            self._model_key = self._data_key = self.model = self.tokenizer = self.data = None  # free memory first
             self.pretrained = {}
             model, tokenizer = load_model(run.model, pick_device(run.train.device))
             model.requires_grad_(False)

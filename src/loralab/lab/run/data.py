@@ -44,16 +44,26 @@ from ..config.schema import DataConfig
 from ..runtime import cache_root
 from .models import is_hub_id
 
-__all__ = ["DataError", "PackedData", "check_data", "chitchat_conversation", "format_conversation", "held_out_ids",
-           "iterate_batches", "load_data"]
+__all__ = [
+    "DataError",
+    "PackedData",
+    "check_data",
+    "chitchat_conversation",
+    "format_conversation",
+    "held_out_ids",
+    "iterate_batches",
+    "load_data",
+]
 
 ROLES = ("user", "assistant", "system")
 _EXTS = (".jsonl", ".parquet")
 _PROBE = "User: Hello there! How's it going?\nAssistant: Fine, thanks. ünïcödé 12345 \t end"
 _CACHE_VERSION = 1
 _FORMAT = '{"messages": [{"role": "user", "content": "..."}, ...]}'
-_SOURCES = ("'chitchat', a .jsonl/.parquet file, a directory with train*/test* files, or a hub dataset id "
-            "(e.g. HuggingFaceH4/no_robots) in the local HF cache")
+_SOURCES = (
+    "'chitchat', a .jsonl/.parquet file, a directory with train*/test* files, or a hub dataset id "
+    "(e.g. HuggingFaceH4/no_robots) in the local HF cache"
+)
 
 
 class DataError(ValueError):
@@ -69,12 +79,12 @@ class PackedData:
     order. Periodic evals during training use ``eval[:curve_rows]`` (a prefix of the validation chunks).
     """
 
-    train: Tensor   # (N, seq_len) int64
-    eval: Tensor    # (M, seq_len) int64
-    info: dict      # {train,eval}_{conversations,tokens,chunks}, source, eval_split, seq_len, cache, cache_hit
-    splits: Mapping[str, Tensor]   # split name -> (n,) int64 ids into the held-out pool; the n sum to M
-    curve_rows: int                # rows of ``eval`` used by periodic evals
-    pool_digest: str               # identifies the held-out pool the ids index
+    train: Tensor  # (N, seq_len) int64
+    eval: Tensor  # (M, seq_len) int64
+    info: dict  # {train,eval}_{conversations,tokens,chunks}, source, eval_split, seq_len, cache, cache_hit
+    splits: Mapping[str, Tensor]  # split name -> (n,) int64 ids into the held-out pool; the n sum to M
+    curve_rows: int  # rows of ``eval`` used by periodic evals
+    pool_digest: str  # identifies the held-out pool the ids index
 
     def rows(self) -> dict[str, slice]:
         """Split name -> its rows of ``eval``."""
@@ -86,9 +96,9 @@ class PackedData:
 
 
 class _Source(NamedTuple):
-    kind: str                  # "chitchat" | "files"
+    kind: str  # "chitchat" | "files"
     train: tuple[Path, ...]
-    test: tuple[Path, ...]     # empty: hold out eval_fraction of the train conversations
+    test: tuple[Path, ...]  # empty: hold out eval_fraction of the train conversations
     label: str
 
 
@@ -100,18 +110,23 @@ def format_conversation(messages: list[dict], joiner: str = "\n") -> str:
 def chitchat_conversation(record: dict) -> list[dict]:
     """A chitchat record -> messages. Turns alternate speakers (checked over the whole dataset), so even turns are
     the user's and odd ones the assistant's; a turn's texts are joined with newlines."""
-    return [{"role": ("user", "assistant")[i % 2], "content": "\n".join(u["text"] for u in turn)}
-            for i, turn in enumerate(record["messages"])]
+    return [
+        {"role": ("user", "assistant")[i % 2], "content": "\n".join(u["text"] for u in turn)}
+        for i, turn in enumerate(record["messages"])
+    ]
 
 
 def check_data(cfg: DataConfig) -> str:
-    """Validate ``cfg.source`` without reading it (``--dry-run``): a one-line description, or DataError with a fix."""
+    """Validate ``cfg.source`` without tokenizing (``--dry-run``, and the sweep before training): a one-line
+    description, or DataError with a fix. Files are read and parsed (a bad byte or line, named with its line, would
+    fail every run); the chitchat package's own data is not."""
     src = _resolve(cfg.source)
     if any(p.suffix == ".parquet" for p in src.train + src.test) and importlib.util.find_spec("pyarrow") is None:
         raise DataError(f"data.source={cfg.source!r} has parquet files, which need pyarrow: pip install pyarrow")
     held = "its test split" if src.test else f"{cfg.eval_fraction * 100:g}% of the conversations held out"
     sizes = f"{cfg.val_chunks} val + {cfg.test_chunks} test chunks of " if cfg.split else ""
-    return f"{src.label}; eval on {sizes}{held}; packed into {cfg.seq_len}-token chunks"
+    read = f" ({len(_read(src, src.train + src.test)):,} conversations read)" if src.kind == "files" else ""
+    return f"{src.label}{read}; eval on {sizes}{held}; packed into {cfg.seq_len}-token chunks"
 
 
 def load_data(cfg: DataConfig, tokenizer) -> PackedData:
@@ -129,10 +144,15 @@ def load_data(cfg: DataConfig, tokenizer) -> PackedData:
     splits = held_out_ids(len(pool), cfg)
     ids = torch.cat(list(splits.values()))
     curve = (cfg.curve_chunks or cfg.val_chunks) if cfg.split else len(ids)
-    info = {**blob["info"], "train_chunks": len(train), "eval_chunks": len(ids), "cache": str(path),
-            "cache_hit": hit}
-    return PackedData(train=train, eval=pool[ids].long(), info=info, splits=splits, curve_rows=curve,
-                      pool_digest=hashlib.sha256(pool.to(torch.int32).numpy().tobytes()).hexdigest()[:16])
+    info = {**blob["info"], "train_chunks": len(train), "eval_chunks": len(ids), "cache": str(path), "cache_hit": hit}
+    return PackedData(
+        train=train,
+        eval=pool[ids].long(),
+        info=info,
+        splits=splits,
+        curve_rows=curve,
+        pool_digest=hashlib.sha256(pool.to(torch.int32).numpy().tobytes()).hexdigest()[:16],
+    )
 
 
 def held_out_ids(n_pool: int, cfg: DataConfig) -> dict[str, Tensor]:
@@ -145,12 +165,14 @@ def held_out_ids(n_pool: int, cfg: DataConfig) -> dict[str, Tensor]:
     if not cfg.split:
         return {"eval": _subset(n_pool, cfg.max_eval_chunks, cfg.split_seed, "eval")}
     if cfg.val_chunks + cfg.test_chunks > n_pool:
-        raise DataError(f"data.val_chunks={cfg.val_chunks} + data.test_chunks={cfg.test_chunks} is more than the "
-                        f"{n_pool} held-out chunks of {cfg.seq_len} tokens: lower them, or hold out more (a larger "
-                        "data.eval_fraction, a shorter data.seq_len)")
+        raise DataError(
+            f"data.val_chunks={cfg.val_chunks} + data.test_chunks={cfg.test_chunks} is more than the "
+            f"{n_pool} held-out chunks of {cfg.seq_len} tokens: lower them, or hold out more (a larger "
+            "data.eval_fraction, a shorter data.seq_len)"
+        )
     g = torch.Generator().manual_seed(stable_seed("held-out", cfg.split_seed))
     perm = torch.randperm(n_pool, generator=g)
-    return {"val": perm[:cfg.val_chunks], "test": perm[n_pool - cfg.test_chunks:]}
+    return {"val": perm[: cfg.val_chunks], "test": perm[n_pool - cfg.test_chunks :]}
 
 
 def iterate_batches(chunks: Tensor, batch_size: int, *, seed: int, epoch: int) -> Iterator[Tensor]:
@@ -159,11 +181,13 @@ def iterate_batches(chunks: Tensor, batch_size: int, *, seed: int, epoch: int) -
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(chunks) < batch_size:
-        raise DataError(f"{len(chunks)} chunks cannot fill one batch of {batch_size}: lower train.batch_size or "
-                        "data.seq_len, or raise data.max_train_chunks")
+        raise DataError(
+            f"{len(chunks)} chunks cannot fill one batch of {batch_size}: lower train.batch_size or "
+            "data.seq_len, or raise data.max_train_chunks"
+        )
     g = torch.Generator().manual_seed(stable_seed("batches", seed, epoch))
     order = torch.randperm(len(chunks), generator=g)
-    return (chunks[order[i:i + batch_size]] for i in range(0, len(chunks) - batch_size + 1, batch_size))
+    return (chunks[order[i : i + batch_size]] for i in range(0, len(chunks) - batch_size + 1, batch_size))
 
 
 def _resolve(source: str) -> _Source:
@@ -176,8 +200,10 @@ def _resolve(source: str) -> _Source:
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix not in _EXTS:
-            raise DataError(f"data.source={source!r} has extension {path.suffix or '(none)'!r}, which loralab "
-                            f"cannot read; use {_SOURCES}")
+            raise DataError(
+                f"data.source={source!r} has extension {path.suffix or '(none)'!r}, which loralab "
+                f"cannot read; use {_SOURCES}"
+            )
         return _Source("files", (path,), (), f"file {path}")
     if path.is_dir():
         return _dir_source(path, f"directory {path}")
@@ -190,8 +216,10 @@ def _dir_source(path: Path, label: str) -> _Source:
     files = sorted(p for p in path.rglob("*") if p.suffix in _EXTS and p.is_file())
     train, test = (tuple(p for p in files if p.name.startswith(prefix)) for prefix in ("train", "test"))
     if not train:
-        raise DataError(f"{label} holds no train*.jsonl or train*.parquet file; name the training files train* "
-                        "(and test files test*), or point data.source at one file")
+        raise DataError(
+            f"{label} holds no train*.jsonl or train*.parquet file; name the training files train* "
+            "(and test files test*), or point data.source at one file"
+        )
     return _Source("files", train, test, f"{label} ({len(train)} train, {len(test)} test files)")
 
 
@@ -201,10 +229,12 @@ def _hub_cached(repo_id: str) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, repo_type="dataset", local_files_only=True))
-    except OSError:   # LocalEntryNotFoundError is a FileNotFoundError
-        raise DataError(f"data.source={repo_id!r}: not in the local HF cache, and the hub is not reachable from here. "
-                        f"Fix: where it is, run `hf download {repo_id} --repo-type dataset --local-dir DIR` (the "
-                        "train/test parquet files), copy DIR here and set data.source=DIR") from None
+    except OSError:  # LocalEntryNotFoundError is a FileNotFoundError
+        raise DataError(
+            f"data.source={repo_id!r}: not in the local HF cache, and the hub is not reachable from here. "
+            f"Fix: where it is, run `hf download {repo_id} --repo-type dataset --local-dir DIR` (the "
+            "train/test parquet files), copy DIR here and set data.source=DIR"
+        ) from None
 
 
 def _read(src: _Source, paths: tuple[Path, ...]) -> list[list[dict]]:
@@ -218,8 +248,9 @@ def _read(src: _Source, paths: tuple[Path, ...]) -> list[list[dict]]:
 
 def _read_jsonl(path: Path) -> list[list[dict]]:
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so that a bad byte is named with its line
+        for n, raw in enumerate(f, 1):
+            line = _utf8(raw, path, n)
             if not line.strip():
                 continue
             try:
@@ -229,6 +260,16 @@ def _read_jsonl(path: Path) -> list[list[dict]]:
     return convs
 
 
+def _utf8(raw: bytes, path: Path, n: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the "
+            "file as UTF-8, or fix or remove that line"
+        ) from None
+
+
 def _read_parquet(path: Path) -> list[list[dict]]:
     try:
         import pyarrow.parquet as pq
@@ -236,15 +277,17 @@ def _read_parquet(path: Path) -> list[list[dict]]:
         rows = pq.read_table(path, columns=["messages"]).column("messages").to_pylist()
     except ImportError:
         raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-    except Exception as e:   # pyarrow raises its own types (ArrowInvalid, ...) for a missing column or a bad file
+    except Exception as e:  # pyarrow raises its own types (ArrowInvalid, ...) for a missing column or a bad file
         raise DataError(f"{path}: cannot read a 'messages' column from this parquet file: {e}") from e
     return [_messages({"messages": m}, f"{path} row {i}") for i, m in enumerate(rows)]
 
 
 def _messages(record, where: str) -> list[dict]:
     msgs = record.get("messages") if isinstance(record, dict) else None
-    if not (isinstance(msgs, list) and all(isinstance(m, dict) and m.get("role") in ROLES and
-                                           isinstance(m.get("content"), str) for m in msgs)):
+    if not (
+        isinstance(msgs, list)
+        and all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs)
+    ):
         raise DataError(f"{where}: expected {_FORMAT} (role: {'/'.join(ROLES)}), got {str(record)[:200]}")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
@@ -261,10 +304,12 @@ def _build(cfg: DataConfig, src: _Source, tokenizer) -> dict:
     for name, split in (("train", train), ("eval", eval_)):
         chunks, n_tokens = _pack(split, tokenizer, cfg.seq_len, cfg.joiner)
         if len(chunks) == 0:
-            raise DataError(f"the {name} split has {n_tokens:,} tokens in {len(split):,} conversations, fewer than "
-                            f"one chunk of data.seq_len={cfg.seq_len}: lower data.seq_len"
-                            + (" or raise data.eval_fraction" if name == "eval" and not src.test else ""))
-        blob[name] = chunks.to(torch.int32)   # half the file; token ids fit
+            raise DataError(
+                f"the {name} split has {n_tokens:,} tokens in {len(split):,} conversations, fewer than "
+                f"one chunk of data.seq_len={cfg.seq_len}: lower data.seq_len"
+                + (" or raise data.eval_fraction" if name == "eval" and not src.test else "")
+            )
+        blob[name] = chunks.to(torch.int32)  # half the file; token ids fit
         info |= {f"{name}_conversations": len(split), f"{name}_tokens": n_tokens, f"{name}_chunks_all": len(chunks)}
     blob["info"] = info
     return blob
@@ -274,8 +319,10 @@ def _holdout(convs: list, fraction: float, seed: int) -> tuple[list, list]:
     """Split whole conversations, keeping source order within each side."""
     n_eval = max(1, round(len(convs) * fraction))
     if n_eval >= len(convs):
-        raise DataError(f"{len(convs)} conversations are too few to hold out eval_fraction={fraction:g} and keep "
-                        "some for training; add data or give the source a test split")
+        raise DataError(
+            f"{len(convs)} conversations are too few to hold out eval_fraction={fraction:g} and keep "
+            "some for training; add data or give the source a test split"
+        )
     g = torch.Generator().manual_seed(stable_seed("holdout", seed))
     held = set(torch.randperm(len(convs), generator=g)[:n_eval].tolist())
     return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
@@ -288,7 +335,7 @@ def _pack(convs: list, tokenizer, seq_len: int, joiner: str) -> tuple[Tensor, in
     ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     stream = [t for seq in ids for t in (*seq, tokenizer.eos_token_id)]
     n_chunks = len(stream) // seq_len
-    chunks = torch.tensor(stream[:n_chunks * seq_len], dtype=torch.int64).view(n_chunks, seq_len)  # (N, T)
+    chunks = torch.tensor(stream[: n_chunks * seq_len], dtype=torch.int64).view(n_chunks, seq_len)  # (N, T)
     return chunks, len(stream)
 
 
@@ -302,11 +349,16 @@ def _subset(n: int, k: int, seed: int, split: str) -> Tensor:
 
 def _cache_path(cfg: DataConfig, src: _Source, tokenizer) -> Path:
     files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in src.train + src.test]
-    key = {"version": _CACHE_VERSION, "kind": src.kind, "files": files, "tokenizer": _tokenizer_identity(tokenizer),
-           "seq_len": cfg.seq_len}
-    if cfg.joiner != "\n":   # the default's key is left as it was, so existing caches stay valid
+    key = {
+        "version": _CACHE_VERSION,
+        "kind": src.kind,
+        "files": files,
+        "tokenizer": _tokenizer_identity(tokenizer),
+        "seq_len": cfg.seq_len,
+    }
+    if cfg.joiner != "\n":  # the default's key is left as it was, so existing caches stay valid
         key["joiner"] = cfg.joiner
-    if not src.test:   # with a test split these do not change the data, so leave them out and share the cache
+    if not src.test:  # with a test split these do not change the data, so leave them out and share the cache
         key.update(eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return cache_root(cfg.cache_dir) / "data" / f"{digest}.pt"
@@ -316,8 +368,13 @@ def _tokenizer_identity(tokenizer) -> dict:
     """What the ids depend on: vocabulary, EOS, and a probe's ids (normalizers, pre-tokenizers); not
     ``name_or_path``, since the same tokenizer saved in two places gives the same ids."""
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
-    return {"class": type(tokenizer).__name__, "size": len(tokenizer), "eos": tokenizer.eos_token_id, "vocab": vocab,
-            "probe": tokenizer(_PROBE, add_special_tokens=False)["input_ids"]}
+    return {
+        "class": type(tokenizer).__name__,
+        "size": len(tokenizer),
+        "eos": tokenizer.eos_token_id,
+        "vocab": vocab,
+        "probe": tokenizer(_PROBE, add_special_tokens=False)["input_ids"],
+    }
 
 
 def _load_cache(path: Path, seq_len: int) -> dict | None:
@@ -325,8 +382,11 @@ def _load_cache(path: Path, seq_len: int) -> dict | None:
         return None
     try:
         blob = torch.load(path, weights_only=True)
-        if blob["version"] == _CACHE_VERSION and all(blob[k].dim() == 2 and blob[k].shape[1] == seq_len
-                                                      for k in ("train", "eval")) and isinstance(blob["info"], dict):
+        if (
+            blob["version"] == _CACHE_VERSION
+            and all(blob[k].dim() == 2 and blob[k].shape[1] == seq_len for k in ("train", "eval"))
+            and isinstance(blob["info"], dict)
+        ):
             return blob
         why = "unexpected contents"
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for a truncated or foreign file; all mean "rebuild"
@@ -339,5 +399,5 @@ def _save_cache(path: Path, blob: dict) -> None:
     """Atomic write: a crash leaves the old file or none, never half of one."""
     try:
         atomic_write(path, lambda tmp: torch.save(blob, tmp))
-    except OSError as e:   # a read-only or full cache costs speed, not correctness
+    except OSError as e:  # a read-only or full cache costs speed, not correctness
         warnings.warn(f"cannot write the data cache {path}: {e}", stacklevel=3)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from loralab.inject import eval_mode
 
-CHUNK_ELEMENTS = 1 << 24   # logits per chunk: 64 MB in float32
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in float32
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -33,14 +33,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         losses = torch.empty(n, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         for i in range(0, n, chunk):
-            logits = (h[i:i + chunk] @ weight.T).float()                      # (c, V)
-            t = targets[i:i + chunk]
-            lse = torch.logsumexp(logits, dim=-1)                             # (c,)
-            losses[i:i + chunk] = lse - logits.gather(1, t[:, None]).squeeze(1)
+            logits = (h[i : i + chunk] @ weight.T).float()  # (c, V)
+            t = targets[i : i + chunk]
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            losses[i : i + chunk] = lse - logits.gather(1, t[:, None]).squeeze(1)
             if grad_h is not None:
-                probs = logits.sub_(lse[:, None]).exp_()                      # softmax, in place
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad_h[i:i + chunk] = probs.to(weight.dtype) @ weight           # (c, d)
+                grad_h[i : i + chunk] = probs.to(weight.dtype) @ weight  # (c, d)
         ctx.save_for_backward(grad_h)
         return losses
 
@@ -55,8 +55,13 @@ def _fused_parts(model: nn.Module) -> tuple[nn.Module, Tensor] | None:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     backbone = getattr(model, "base_model", None)
-    if (type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad
-            or backbone is None or backbone is model):
+    if (
+        type(head) is not nn.Linear
+        or head.bias is not None
+        or head.weight.requires_grad
+        or backbone is None
+        or backbone is model
+    ):
         return None
     return backbone, head.weight
 
@@ -69,11 +74,11 @@ def sequence_losses(model: nn.Module, ids: Tensor, *, fused: bool = True) -> Ten
     """
     parts = _fused_parts(model) if fused else None
     if parts is None:
-        logits = model(input_ids=ids).logits                                 # (B, T, V)
+        logits = model(input_ids=ids).logits  # (B, T, V)
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
         return ce.view(ids.shape[0], -1).mean(1)
     backbone, weight = parts
-    hidden = backbone(input_ids=ids).last_hidden_state[:, :-1]                # (B, T-1, d)
+    hidden = backbone(input_ids=ids).last_hidden_state[:, :-1]  # (B, T-1, d)
     ce = _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, ids[:, 1:].flatten())
     return ce.view(ids.shape[0], -1).mean(1)
 
@@ -90,10 +95,11 @@ def fused_loss_ok(model: nn.Module, ids: Tensor) -> bool:
     if parts is None:
         return False
     backbone, weight = parts
-    with eval_mode(model):   # the model's own dropout would make the two passes differ
+    with eval_mode(model):  # the model's own dropout would make the two passes differ
         logits = model(input_ids=ids).logits.float()
         direct = F.linear(backbone(input_ids=ids).last_hidden_state, weight).float()
     tol = max(1e-4, 4 * torch.finfo(weight.dtype).eps) * logits.abs().max().clamp_min(1.0)
     return bool((direct - logits).abs().max() <= tol)
+
 
 __all__ = ["sequence_losses", "fused_loss_ok"]

@@ -53,7 +53,7 @@ class PackedLayer(nn.Module):
 
     def __init__(self, runs: Sequence[LoraLayer]):
         super().__init__()
-        self.runs = nn.ModuleList(runs)   # each wraps a module on the same frozen tensors
+        self.runs = nn.ModuleList(runs)  # each wraps a module on the same frozen tensors
         self.active: list[int] = list(range(len(runs)))
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -69,11 +69,11 @@ class Pack:
 
     def __init__(self, base_model: nn.Module, runs: Sequence[RunConfig]):
         if len({pack_key(r) for r in runs}) != 1:
-            raise ValueError("runs in one pack must differ only in " +
-                             ", ".join(f"{s}.{f}" for s, f in fields_with_role(PER_RUN)))
+            raise ValueError(
+                "runs in one pack must differ only in " + ", ".join(f"{s}.{f}" for s, f in fields_with_role(PER_RUN))
+            )
         shared = {} if any(_moves_base(r) for r in runs) else {id(t): t for t in base_model.parameters()}
-        self.models = [loralab.inject(copy.deepcopy(base_model, dict(shared)), r.lora, seed=r.train.seed)
-                       for r in runs]
+        self.models = [loralab.inject(copy.deepcopy(base_model, dict(shared)), r.lora, seed=r.train.seed) for r in runs]
         self.layers: dict[str, PackedLayer] = {}
         if len(runs) == 1:
             self.model = self.models[0]

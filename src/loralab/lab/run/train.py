@@ -62,8 +62,7 @@ def total_steps(cfg: TrainConfig, n_train: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, chunks: torch.Tensor, batch_size: int, runs: int, amp: Amp,
-             fused: bool) -> torch.Tensor:
+def evaluate(model: nn.Module, chunks: torch.Tensor, batch_size: int, runs: int, amp: Amp, fused: bool) -> torch.Tensor:
     """Per-chunk eval losses ``(runs, n)`` (float64, on the host) of the ``runs`` active runs of a packed model (each
     sees every chunk). A chunk's loss is the mean over its predicted tokens, all chunks have as many, so the mean over
     chunks is the mean over tokens."""
@@ -71,10 +70,10 @@ def evaluate(model: nn.Module, chunks: torch.Tensor, batch_size: int, runs: int,
     out = torch.empty(runs, len(chunks), dtype=torch.float64)
     with eval_mode(model):
         for i in range(0, len(chunks), batch_size):
-            ids = chunks[i:i + batch_size].to(device)
+            ids = chunks[i : i + batch_size].to(device)
             with amp():
-                losses = sequence_losses(model, ids.repeat(runs, 1), fused=fused)   # run-major (runs·b,)
-            out[:, i:i + len(ids)] = losses.view(runs, -1).cpu().double()   # float64 on the host: MPS has none
+                losses = sequence_losses(model, ids.repeat(runs, 1), fused=fused)  # run-major (runs·b,)
+            out[:, i : i + len(ids)] = losses.view(runs, -1).cpu().double()  # float64 on the host: MPS has none
     return out
 
 
@@ -105,9 +104,12 @@ def _diagnostics(layers: dict[str, LoraLayer], identity: float, grad_scale: floa
     out = {}
     for name, layer in layers.items():
         a, b = layer.lora_A, layer.lora_B
-        out[name] = {"grad_norm_a": a.grad.norm().item() * grad_scale if a.grad is not None else 0.0,
-                     "grad_norm_b": b.grad.norm().item() * grad_scale if b.grad is not None else 0.0,
-                     "var_a": a.var().item(), "var_b": b.var().item()}
+        out[name] = {
+            "grad_norm_a": a.grad.norm().item() * grad_scale if a.grad is not None else 0.0,
+            "grad_norm_b": b.grad.norm().item() * grad_scale if b.grad is not None else 0.0,
+            "var_a": a.var().item(),
+            "var_b": b.var().item(),
+        }
     return {"identity_max_abs": identity, "fused_loss": fused, "layers": out}
 
 
@@ -127,15 +129,15 @@ class _Run:
     tokens: int = 0
     train_time: float = 0.0
     status: str = "running"
-    initial: float = math.nan         # step-0 eval on the curve chunks: the reference of the divergence test
+    initial: float = math.nan  # step-0 eval on the curve chunks: the reference of the divergence test
     best: float = math.inf
     last: float = math.nan
     last_eval_step: int = 0
     diverged_at: int | None = None
     identity: float = 0.0
-    step0: torch.Tensor | None = None   # per-chunk losses of the final eval's chunks at step 0 and at the end
+    step0: torch.Tensor | None = None  # per-chunk losses of the final eval's chunks at step 0 and at the end
     final: torch.Tensor | None = None
-    result: RunResult | None = None   # set the moment the run ends
+    result: RunResult | None = None  # set the moment the run ends
 
     @property
     def cfg(self) -> TrainConfig:
@@ -149,20 +151,35 @@ def _micro_batches(data: PackedData, cfg: TrainConfig) -> Iterator[torch.Tensor]
         epoch += 1
 
 
-def train_run(spec: RunSpec, store: RunStore, *, base_model: nn.Module, data: PackedData,
-              progress: bool = True, pretrained_cache: dict | None = None) -> RunResult:
+def train_run(
+    spec: RunSpec,
+    store: RunStore,
+    *,
+    base_model: nn.Module,
+    data: PackedData,
+    progress: bool = True,
+    pretrained_cache: dict | None = None,
+) -> RunResult:
     """Train one LoRA run on ``base_model`` (its frozen tensors are shared, never changed) and record everything in
     ``store`` (a pack of one)."""
-    return train_pack([spec], [store], base_model=base_model, data=data, progress=progress,
-                      pretrained_cache=pretrained_cache)[0]
+    return train_pack(
+        [spec], [store], base_model=base_model, data=data, progress=progress, pretrained_cache=pretrained_cache
+    )[0]
 
 
 OnDone = Callable[[int, RunResult, nn.Module], None]
 
 
-def train_pack(specs: Sequence[RunSpec], stores: Sequence[RunStore], *, base_model: nn.Module, data: PackedData,
-               progress: bool = True, on_done: OnDone | None = None,
-               pretrained_cache: dict | None = None) -> list[RunResult]:
+def train_pack(
+    specs: Sequence[RunSpec],
+    stores: Sequence[RunStore],
+    *,
+    base_model: nn.Module,
+    data: PackedData,
+    progress: bool = True,
+    on_done: OnDone | None = None,
+    pretrained_cache: dict | None = None,
+) -> list[RunResult]:
     """Train ``specs`` together on ``base_model`` (they must share a :func:`.pack.pack_key`).
 
     Metrics and diagnostics go to each run's store as it trains; ``on_done(k, result, model)`` is called the moment
@@ -171,8 +188,15 @@ def train_pack(specs: Sequence[RunSpec], stores: Sequence[RunStore], *, base_mod
     ``pretrained_cache``: a dict kept with ``base_model`` and ``data`` (see :class:`.assets.Assets`), where the
     pretrained model's per-chunk losses are kept once computed.
     """
-    trainer = _Trainer(specs, stores, base_model, data, progress, on_done or (lambda k, res, model: None),
-                       {} if pretrained_cache is None else pretrained_cache)
+    trainer = _Trainer(
+        specs,
+        stores,
+        base_model,
+        data,
+        progress,
+        on_done or (lambda k, res, model: None),
+        {} if pretrained_cache is None else pretrained_cache,
+    )
     trainer.loop()
     return [r.result for r in trainer.runs if r.result is not None]
 
@@ -180,8 +204,16 @@ def train_pack(specs: Sequence[RunSpec], stores: Sequence[RunStore], *, base_mod
 class _Trainer:
     """The state of one pack's training: its model, optimizer, runs, data and how it computes."""
 
-    def __init__(self, specs: Sequence[RunSpec], stores: Sequence[RunStore], base_model: nn.Module,
-                 data: PackedData, progress: bool, on_done: OnDone, pretrained_cache: dict):
+    def __init__(
+        self,
+        specs: Sequence[RunSpec],
+        stores: Sequence[RunStore],
+        base_model: nn.Module,
+        data: PackedData,
+        progress: bool,
+        on_done: OnDone,
+        pretrained_cache: dict,
+    ):
         self.start, first = time.perf_counter(), specs[0].run.train
         self.data, self.progress, self.on_done = data, progress, on_done
         self.eval_bs = first.eval_batch_size or first.batch_size
@@ -193,18 +225,24 @@ class _Trainer:
         if first.compile:
             compile_backbone(self.pack.model)
         self.total = total_steps(first, len(data.train))
-        self.runs = [_Run(s, st, _micro_batches(data, s.run.train), math.ceil(s.run.train.warmup_ratio * self.total))
-                     for s, st in zip(specs, stores)]
+        self.runs = [
+            _Run(s, st, _micro_batches(data, s.run.train), math.ceil(s.run.train.warmup_ratio * self.total))
+            for s, st in zip(specs, stores)
+        ]
         everyone = list(range(len(self.runs)))
-        self.pack.set_active([])   # the base alone, for one row of input
-        self.fused = fused_loss_ok(self.pack.model, data.eval[:1].to(self.device))
-        for r, ident in zip(self.runs, self.pack.identity(data.eval[:2].to(self.device), everyone, base_model)):
+        self.pack.set_active([])  # the base alone, for one row of input
+        with self.amp():  # both checks in the precision the run computes in
+            self.fused = fused_loss_ok(self.pack.model, data.eval[:1].to(self.device))
+            idents = self.pack.identity(data.eval[:2].to(self.device), everyone, base_model)
+        for r, ident in zip(self.runs, idents):
             r.identity = ident
         self.pretrained = self.pretrained_losses(base_model, pretrained_cache)
         self.step0(everyone)
         self.pack.set_active(everyone)
-        groups = [{"params": self.pack.run_params(k), "lr": r.cfg.lr, "weight_decay": r.cfg.weight_decay}
-                  for k, r in enumerate(self.runs)]
+        groups = [
+            {"params": self.pack.run_params(k), "lr": r.cfg.lr, "weight_decay": r.cfg.weight_decay}
+            for k, r in enumerate(self.runs)
+        ]
         self.opt = torch.optim.AdamW(groups, fused=self.device.type == "cuda")
 
     def elapsed(self) -> float:
@@ -212,7 +250,7 @@ class _Trainer:
 
     def pretrained_losses(self, base_model: nn.Module, cache: dict) -> torch.Tensor:
         """The pretrained model's per-chunk losses on the final eval's chunks, computed once per cache."""
-        key = ("pretrained", self.eval_bs, self.fused)   # batching and the loss path change the last bits
+        key = ("pretrained", self.eval_bs, self.fused)  # batching and the loss path change the last bits
         if key not in cache:
             cache[key] = evaluate(base_model, self.data.eval, self.eval_bs, 1, self.amp, self.fused)[0]
         return cache[key]
@@ -223,12 +261,15 @@ class _Trainer:
         own = {}
         if changed:
             self.pack.set_active(changed)
-            own = dict(zip(changed, evaluate(self.pack.model, self.data.eval, self.eval_bs, len(changed), self.amp,
-                                             self.fused)))
+            own = dict(
+                zip(
+                    changed, evaluate(self.pack.model, self.data.eval, self.eval_bs, len(changed), self.amp, self.fused)
+                )
+            )
         for k in which:
             r = self.runs[k]
             r.step0 = own.get(k, self.pretrained)
-            r.initial = r.best = r.last = r.step0[:self.data.curve_rows].mean().item()
+            r.initial = r.best = r.last = r.step0[: self.data.curve_rows].mean().item()
             r.store.append_metric({"kind": "eval", "step": 0, "eval_loss": r.initial, "elapsed_s": self.elapsed()})
 
     def loop(self) -> None:
@@ -236,8 +277,13 @@ class _Trainer:
         from tqdm.auto import tqdm
 
         rs, eval_every = self.runs, self.runs[0].cfg.eval_every
-        bar = tqdm(total=self.total, disable=not self.progress, leave=False, unit="step",
-                   desc="train" if len(rs) == 1 else f"train x{len(rs)}")
+        bar = tqdm(
+            total=self.total,
+            disable=not self.progress,
+            leave=False,
+            unit="step",
+            desc="train" if len(rs) == 1 else f"train x{len(rs)}",
+        )
         step, pack_time = 0, 0.0
         while active := [k for k, r in enumerate(rs) if r.status == "running"]:
             self.pack.set_active(active)
@@ -249,17 +295,27 @@ class _Trainer:
             for k, loss in zip(active, losses):
                 r = rs[k]
                 r.step, r.train_time = step, r.train_time + dt
-                r.store.append_metric({"kind": "train", "step": step, "loss": loss, "lr": lrs[k], "tokens": r.tokens,
-                                       "elapsed_s": self.elapsed()})
+                r.store.append_metric(
+                    {
+                        "kind": "train",
+                        "step": step,
+                        "loss": loss,
+                        "lr": lrs[k],
+                        "tokens": r.tokens,
+                        "elapsed_s": self.elapsed(),
+                    }
+                )
                 self.check(r, loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[0]:.3f}" if len(rs) == 1 else f"{min(losses):.3f}..{max(losses):.3f}",
-                            tok_s=f"{sum(r.tokens for r in rs) / pack_time:.0f}")
+            bar.set_postfix(
+                loss=f"{losses[0]:.3f}" if len(rs) == 1 else f"{min(losses):.3f}..{max(losses):.3f}",
+                tok_s=f"{sum(r.tokens for r in rs) / pack_time:.0f}",
+            )
             running = [k for k in active if rs[k].status == "running"]
             if running and step % eval_every == 0 and step < self.total:
                 self.eval(running)
             ending = [k for k in active if rs[k].status != "running" or step == self.total]
-            if ending:   # a run's final loss is measured when it ends, on every eval chunk
+            if ending:  # a run's final loss is measured when it ends, on every eval chunk
                 self.final_eval(ending)
             for k in ending:
                 r = rs[k]
@@ -271,19 +327,20 @@ class _Trainer:
     def accumulate(self, active: list[int], first_step: bool) -> list[float]:
         """Forward/backward of one optimizer step's micro-batches for the ``active`` runs; their mean train losses."""
         rs, cfg = self.runs, self.runs[active[0]].cfg
-        sums = torch.zeros(len(active), device=self.device)   # float32 on the device, read once per step: one sync
+        sums = torch.zeros(len(active), device=self.device)  # float32 on the device, read once per step: one sync
         for micro in range(cfg.grad_accum):
-            ids = torch.cat([next(rs[k].batches) for k in active]).to(self.device)        # run-major (K·b, T)
+            ids = torch.cat([next(rs[k].batches) for k in active]).to(self.device)  # run-major (K·b, T)
             with self.amp():
                 losses = sequence_losses(self.pack.model, ids, fused=self.fused).view(len(active), -1).mean(1)  # (K,)
-            (losses.sum() / cfg.grad_accum).backward()    # run k's factors get the gradient of run k's loss only
+            (losses.sum() / cfg.grad_accum).backward()  # run k's factors get the gradient of run k's loss only
             sums += losses.detach().float() / cfg.grad_accum
             for k in active:
                 rs[k].tokens += ids.numel() // len(active)
             if first_step and micro == 0:
                 for k in active:
-                    rs[k].store.write_diagnostics(_diagnostics(self.pack.run_layers(k), rs[k].identity,
-                                                               cfg.grad_accum, self.fused))
+                    rs[k].store.write_diagnostics(
+                        _diagnostics(self.pack.run_layers(k), rs[k].identity, cfg.grad_accum, self.fused)
+                    )
         return sums.tolist()
 
     def step(self, active: list[int], step: int) -> dict[int, float]:
@@ -294,7 +351,7 @@ class _Trainer:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.pack.run_params(k), cfg.grad_clip)
             lrs[k] = self.opt.param_groups[k]["lr"] = cfg.lr * lr_factor(step, self.total, self.runs[k].warmup)
-        self.opt.step()   # inactive runs have no grads, so AdamW leaves them alone
+        self.opt.step()  # inactive runs have no grads, so AdamW leaves them alone
         self.opt.zero_grad(set_to_none=True)
         return lrs
 
@@ -308,8 +365,9 @@ class _Trainer:
     def eval(self, which: list[int]) -> None:
         """A periodic eval, on the curve chunks."""
         self.pack.set_active(which)
-        losses = evaluate(self.pack.model, self.data.eval[:self.data.curve_rows], self.eval_bs, len(which), self.amp,
-                          self.fused)
+        losses = evaluate(
+            self.pack.model, self.data.eval[: self.data.curve_rows], self.eval_bs, len(which), self.amp, self.fused
+        )
         for k, chunk_losses in zip(which, losses):
             self.log_eval(self.runs[k], chunk_losses.mean().item())
 
@@ -325,24 +383,45 @@ class _Trainer:
         for k, chunk_losses in zip(which, losses):
             r = self.runs[k]
             r.final = chunk_losses
-            if r.last_eval_step != r.step:   # a periodic eval at this step already logged the curve chunks
-                self.log_eval(r, chunk_losses[:self.data.curve_rows].mean().item())
+            if r.last_eval_step != r.step:  # a periodic eval at this step already logged the curve chunks
+                self.log_eval(r, chunk_losses[: self.data.curve_rows].mean().item())
             self.write_chunks(r)
 
     def write_chunks(self, r: _Run) -> None:
         assert r.step0 is not None and r.final is not None
         data, rows = self.data, self.data.rows()
-        r.store.write_eval_chunks(EvalChunks(data.pool_digest, {
-            name: SplitLosses(ids=ids.numpy(), pretrained=self.pretrained[rows[name]].numpy(),
-                              step0=r.step0[rows[name]].numpy(), final=r.final[rows[name]].numpy())
-            for name, ids in data.splits.items()}))
+        r.store.write_eval_chunks(
+            EvalChunks(
+                data.pool_digest,
+                {
+                    name: SplitLosses(
+                        ids=ids.numpy(),
+                        pretrained=self.pretrained[rows[name]].numpy(),
+                        step0=r.step0[rows[name]].numpy(),
+                        final=r.final[rows[name]].numpy(),
+                    )
+                    for name, ids in data.splits.items()
+                },
+            )
+        )
 
     def result(self, r: _Run) -> RunResult:
         assert r.step0 is not None and r.final is not None
         reported = self.data.rows()["test" if "test" in self.data.splits else "eval"]
-        return RunResult(run_id=r.spec.run_id, status=r.status, axes=r.spec.axes,
-                         final_eval_loss=r.final[reported].mean().item(), best_eval_loss=r.best,
-                         initial_eval_loss=r.step0[reported].mean().item(), steps=r.step, tokens=r.tokens,
-                         wall_time_s=self.elapsed(), tokens_per_s=r.tokens / max(r.train_time, 1e-9),
-                         versions=versions(), device=str(self.device), pack_size=len(self.runs),
-                         diverged_at_step=r.diverged_at)
+        return RunResult(
+            run_id=r.spec.run_id,
+            status=r.status,
+            axes=r.spec.axes,
+            final_eval_loss=r.final[reported].mean().item(),
+            best_eval_loss=r.best,
+            initial_eval_loss=r.step0[reported].mean().item(),
+            steps=r.step,
+            tokens=r.tokens,
+            wall_time_s=self.elapsed(),
+            tokens_per_s=r.tokens / max(r.train_time, 1e-9),
+            versions=versions(),
+            device=str(self.device),
+            pack_size=len(self.runs),
+            dtype=str(next(self.pack.model.parameters()).dtype).removeprefix("torch."),
+            diverged_at_step=r.diverged_at,
+        )

@@ -15,7 +15,8 @@ from ..config.schema import ModelConfig
 from ..run.models import load_model
 
 PROBE_TEXT = "User: What is low-rank adaptation?\nAssistant: A small trainable update to a frozen weight."
-IDENTITY_TOL = 1e-4   # max |Δ logits| relative to max |logits|: float32 noise is ~1e-6, a real change far above
+IDENTITY_TOL = 1e-4  # max |Δ logits| relative to max |logits|: float32 noise is ~1e-6, a real change far above
+
 
 @torch.no_grad()
 def identity_table(model_cfg: ModelConfig, lora: LoraConfig, *, seed: int = 0) -> list[dict]:
@@ -31,20 +32,31 @@ def identity_table(model_cfg: ModelConfig, lora: LoraConfig, *, seed: int = 0) -
     ref_scale = ref.abs().max().item()
     rows = []
     for name, scheme in init_schemes().items():
-        row = {"init": name, "preserves_output": scheme.preserves_output, "modifies_base": scheme.modifies_base,
-               "max_abs_logits": None, "relative": None, "ok": None, "note": ""}
+        row = {
+            "init": name,
+            "preserves_output": scheme.preserves_output,
+            "modifies_base": scheme.modifies_base,
+            "max_abs_logits": None,
+            "relative": None,
+            "ok": None,
+            "note": "",
+        }
         try:
             cfg = dataclasses.replace(lora, init=name, init_kwargs={} if name != lora.init else lora.init_kwargs)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 adapted = inject(copy.deepcopy(model), cfg, seed=seed)
             delta = (adapted(input_ids=ids).logits.float() - ref).abs().max().item()
-            row.update(max_abs_logits=delta, relative=delta / ref_scale,
-                       ok=(delta / ref_scale < IDENTITY_TOL) == scheme.preserves_output)
+            row.update(
+                max_abs_logits=delta,
+                relative=delta / ref_scale,
+                ok=(delta / ref_scale < IDENTITY_TOL) == scheme.preserves_output,
+            )
         except ValueError as e:  # e.g. an odd rank for the orthogonal family
             row["note"] = str(e).splitlines()[0]
         rows.append(row)
     return rows
+
 
 def format_identity_table(rows: list[dict]) -> str:
     lines = [f"{'init':<22}{'preserves':>10}{'moves base':>11}{'max |Δ logits|':>16}{'relative':>11}  verdict"]
@@ -53,8 +65,11 @@ def format_identity_table(rows: list[dict]) -> str:
             lines.append(f"{r['init']:<22}{'':>10}{'':>11}{'-':>16}{'-':>11}  skipped: {r['note']}")
             continue
         verdict = "ok" if r["ok"] else "BROKEN PROMISE"
-        lines.append(f"{r['init']:<22}{str(r['preserves_output']):>10}{str(r['modifies_base']):>11}"
-                     f"{r['max_abs_logits']:>16.3g}{r['relative']:>11.2e}  {verdict}")
+        lines.append(
+            f"{r['init']:<22}{str(r['preserves_output']):>10}{str(r['modifies_base']):>11}"
+            f"{r['max_abs_logits']:>16.3g}{r['relative']:>11.2e}  {verdict}"
+        )
     return "\n".join(lines)
+
 
 __all__ = ["identity_table", "format_identity_table"]

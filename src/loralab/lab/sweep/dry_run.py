@@ -1,9 +1,10 @@
 """``loralab sweep CFG --dry-run``: print the grid and check everything the real sweep would, in seconds.
 
-Nothing is trained, loaded (the model is checked on a meta-device skeleton) or written: the same checks as the sweep
-(out_dir, the store's manifest, the executor's devices or cluster, a data cap below one step's batches) plus model,
-data and targets of every run. Whether the data itself fills one step is known only once it is tokenized: the sweep
-checks that after loading it, before training.
+Nothing is trained, loaded (the model is checked on a meta-device skeleton and by its files' headers; the data is
+read, not tokenized) or written: the same checks as the sweep (out_dir, the store's manifest, the executor's devices or
+cluster, a data cap below one step's batches, and model, data, targets and context length of every run). Whether the
+data itself fills one step is known only once it is tokenized: the sweep checks that after loading it, before
+training.
 """
 
 from __future__ import annotations
@@ -11,11 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from loralab.inject import validate
-
 from ..config.grid import RunSpec
-from ..run.data import check_data
-from ..run.models import check_model, model_skeleton
 from ..store import FINISHED
 from .lock import lock_holder
 from .plan import Executor, SweepPlan
@@ -33,15 +30,19 @@ def dry_run(plan: SweepPlan, executor: Executor, log: Callable[[str], None] = pr
     log(f"sweep {sweep.name!r} -> {store.root}: {len(jobs)} runs over {', '.join(sweep.grid) or 'no axes'}")
     for job in jobs:
         log(f"  {MARKS.get(statuses[job.run_id], 'todo'):<5}{job.run_id}")
-    _check_inputs(jobs, log)
+    plan.check_inputs(jobs, log)
     todo = [j for j in jobs if statuses[j.run_id] not in FINISHED]
     _log_packs(plan, todo, log)
     if (pid := lock_holder(store.root)) is not None:
-        log(f"note: a sweep (pid {pid}) is writing to {store.root} now; the real run would refuse to start until it "
-            "ends")
+        log(
+            f"note: a sweep (pid {pid}) is writing to {store.root} now; the real run would refuse to start until it "
+            "ends"
+        )
     redo = sum(MARKS.get(statuses[j.run_id]) == "redo" for j in jobs)
-    log(f"ok: {len(todo)} runs to train, {len(jobs) - len(todo)} already finished"
-        + (f"; {redo} failed before or cannot be read, and are redone" if redo else ""))
+    log(
+        f"ok: {len(todo)} runs to train, {len(jobs) - len(todo)} already finished"
+        + (f"; {redo} failed before or cannot be read, and are redone" if redo else "")
+    )
     return 0
 
 
@@ -49,20 +50,10 @@ def dry_run(plan: SweepPlan, executor: Executor, log: Callable[[str], None] = pr
 MARKS: dict[str | None, str] = {"ok": "done", "diverged": "done", "failed": "redo", "corrupt": "redo"}
 
 
-def _check_inputs(jobs: Sequence[RunSpec], log: Callable[[str], None]) -> None:
-    """Model, targets and data of every run, without loading weights or reading the data."""
-    for model_cfg in dict.fromkeys(j.run.model for j in jobs):
-        log(f"model: {check_model(model_cfg)}")
-        skeleton = model_skeleton(model_cfg)
-        for lora in dict.fromkeys(j.run.lora for j in jobs if j.run.model == model_cfg):
-            n = len(validate(skeleton, lora))
-            log(f"  lora {lora.init} r={lora.rank}: {n} modules match targets={lora.targets!r}")
-    for data_cfg in dict.fromkeys(j.run.data for j in jobs):
-        log(f"data: {check_data(data_cfg)}")
-
-
 def _log_packs(plan: SweepPlan, todo: Sequence[RunSpec], log: Callable[[str], None]) -> None:
     sweep, packs = plan.sweep, plan.packs(todo)
     sizes = ", ".join(f"{n} x {size}" for size, n in sorted(Counter(len(p) for p in packs).items()))
-    log(f"packing (pack={sweep.pack}{' = auto' if sweep.pack == 0 else ''}): locally, the runs to train go in "
-        f"{len(packs)} pack(s): {sizes or 'none'} (count x runs per pack)")
+    log(
+        f"packing (pack={sweep.pack}{' = auto' if sweep.pack == 0 else ''}): locally, the runs to train go in "
+        f"{len(packs)} pack(s): {sizes or 'none'} (count x runs per pack)"
+    )

@@ -16,22 +16,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..runtime import pid_alive
+
 LOCK = "sweep.lock"
-EMPTY_GRACE_S = 10.0   # a lock without a pid is young (being written) for this long, then stale
+EMPTY_GRACE_S = 10.0  # a lock without a pid is young (being written) for this long, then stale
 
 
 class SweepLockedError(ValueError):
     """Another live process holds the sweep directory's lock."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # someone else's process: alive
-        return True
-    return True
 
 
 def _holder(path: Path) -> tuple[int | None, str]:
@@ -57,12 +49,12 @@ class SweepLock:
 
     def __enter__(self) -> SweepLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):   # a second try after taking over a stale lock
+        for _ in range(2):  # a second try after taking over a stale lock
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # umask decides, as for any file
             except FileExistsError:
                 if self._held_here():
-                    return self   # this process holds it already (re-entered): the outer block releases it
+                    return self  # this process holds it already (re-entered): the outer block releases it
                 self._take_over_stale()
                 continue
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -78,14 +70,14 @@ class SweepLock:
     def _take_over_stale(self) -> None:
         """Remove the lock if its process is gone; else raise :class:`SweepLockedError`."""
         pid, host = _holder(self.path)
-        if pid is None:   # no pid yet: just created by a live process, or by one killed before writing it
+        if pid is None:  # no pid yet: just created by a live process, or by one killed before writing it
             try:
                 young = time.time() - self.path.stat().st_mtime < EMPTY_GRACE_S
             except FileNotFoundError:
-                return   # released meanwhile: create it again
+                return  # released meanwhile: create it again
             if young:
                 raise self._locked(pid, host)
-        elif host not in ("", socket.gethostname()) or _alive(pid):
+        elif host not in ("", socket.gethostname()) or pid_alive(pid):
             raise self._locked(pid, host)
         # Two processes may take over the same stale lock: each moves the file aside atomically and checks it moved
         # the stale one; one that moved a fresh lock (made by the other after it read the stale one) puts it back.
@@ -93,7 +85,7 @@ class SweepLock:
         try:
             os.replace(self.path, aside)
         except FileNotFoundError:
-            return   # taken over by another process first: try to create it again
+            return  # taken over by another process first: try to create it again
         if _holder(aside) != (pid, host):
             os.replace(aside, self.path)
             raise self._locked(*_holder(self.path))
@@ -102,9 +94,12 @@ class SweepLock:
 
     def _locked(self, pid: int | None, host: str) -> SweepLockedError:
         where = ("pid unknown" if pid is None else f"pid {pid}") + (
-            f" on {host}" if host and host != socket.gethostname() else "")
-        return SweepLockedError(f"another sweep ({where}) is writing to {self.path.parent}; wait for it to end, or "
-                                f"use another out_dir. If no sweep runs there any more, remove {self.path}")
+            f" on {host}" if host and host != socket.gethostname() else ""
+        )
+        return SweepLockedError(
+            f"another sweep ({where}) is writing to {self.path.parent}; wait for it to end, or "
+            f"use another out_dir. If no sweep runs there any more, remove {self.path}"
+        )
 
     def __exit__(self, *exc) -> None:
         if self._owner and _holder(self.path)[0] == os.getpid():
@@ -115,4 +110,4 @@ class SweepLock:
 def lock_holder(root: str | os.PathLike) -> int | None:
     """The pid of a live sweep holding ``root``'s lock on this host, else ``None`` (for a dry run's note)."""
     pid, host = _holder(Path(root).expanduser() / LOCK)
-    return pid if pid is not None and host in ("", socket.gethostname()) and _alive(pid) else None
+    return pid if pid is not None and host in ("", socket.gethostname()) and pid_alive(pid) else None

@@ -49,7 +49,7 @@ from .local import failed_result, run_pack, summarize
 from .lock import SweepLock
 from .plan import SweepAbort
 
-_WORKER_ASSETS: Assets | None = None   # per worker process; unused on the driver
+_WORKER_ASSETS: Assets | None = None  # per worker process; unused on the driver
 
 
 def _worker_assets() -> Assets:
@@ -62,15 +62,20 @@ def _worker_assets() -> Assets:
 def _snapshot(run: RunStore) -> dict[str, Any]:
     """The run's files as plain data: what the driver needs to rebuild them without shared storage."""
     result = run.result()
-    return {"config": run.config(), "metrics": run.metrics(), "diagnostics": run.diagnostics(),
-            "eval_chunks": run.eval_chunks(), "adapter": run.adapter_files(),
-            "result": None if result is None else result.to_json()}
+    return {
+        "config": run.config(),
+        "metrics": run.metrics(),
+        "diagnostics": run.diagnostics(),
+        "eval_chunks": run.eval_chunks(),
+        "adapter": run.adapter_files(),
+        "result": None if result is None else result.to_json(),
+    }
 
 
 def _run_one(spec: RunSpec, store_root: str, progress: bool) -> dict[str, Any]:
     """Ray task body, on a worker: train ``spec`` into the store unless it is finished; returns its files."""
     run = SweepStore(store_root).run(spec.run_id)
-    if not run.is_finished():   # a retry or a duplicate of a finished run: never train it twice
+    if not run.is_finished():  # a retry or a duplicate of a finished run: never train it twice
         run_pack([spec], [run], _worker_assets(), progress)
     return _snapshot(run)
 
@@ -90,13 +95,13 @@ def _gather(run: RunStore, snapshot: dict[str, Any]) -> RunResult:
             run.append_metric(record)
         if snapshot["diagnostics"] is not None:
             run.write_diagnostics(snapshot["diagnostics"])
-        if snapshot.get("eval_chunks") is not None:   # before the result, as on the worker
+        if snapshot.get("eval_chunks") is not None:  # before the result, as on the worker
             run.write_eval_chunks(snapshot["eval_chunks"])
         try:
-            if snapshot.get("adapter"):   # before the result, as on the worker: a run is finished only with both
+            if snapshot.get("adapter"):  # before the result, as on the worker: a run is finished only with both
                 run.write_adapter(lambda tmp: _write_files(tmp, snapshot["adapter"]))
             run.write_result(RunResult.from_json(snapshot["result"]))
-        except FileExistsError:   # shared storage whose metadata showed up late: the worker's file is the same
+        except FileExistsError:  # shared storage whose metadata showed up late: the worker's file is the same
             pass
     return _read(run)
 
@@ -115,7 +120,7 @@ def _read(run: RunStore) -> RunResult:
 
 def _failure_text(err: RayError, max_retries: int) -> tuple[str, str]:
     """``(error, traceback)`` for a task Ray gave up on: the first line names the cause."""
-    if isinstance(err, RayTaskError):   # an exception outside run_pack's own catch, e.g. an unwritable store
+    if isinstance(err, RayTaskError):  # an exception outside run_pack's own catch, e.g. an unwritable store
         cause = err.cause if isinstance(err.cause, BaseException) else err
         return f"{type(cause).__name__}: {cause}".splitlines()[0], str(err)
     first = (str(err).strip().splitlines() or [""])[0]
@@ -124,8 +129,8 @@ def _failure_text(err: RayError, max_retries: int) -> tuple[str, str]:
 
 def _record_failure(run: RunStore, spec: RunSpec, err: RayError, max_retries: int) -> RunResult:
     """Record ``spec`` as failed with Ray's reason, unless a result exists (the worker died after writing it)."""
-    if run.status() is None:   # the worker may have died after writing a result: that one stands
-        if run.config() is None:   # keep a partial run's files as they are: they show how far it got
+    if run.status() is None:  # the worker may have died after writing a result: that one stands
+        if run.config() is None:  # keep a partial run's files as they are: they show how far it got
             run.write_config(spec.run_id, spec.axes, to_dict(spec.run))
         run.write_result(failed_result(spec, *_failure_text(err, max_retries)))
     return _read(run)
@@ -134,14 +139,15 @@ def _record_failure(run: RunStore, spec: RunSpec, err: RayError, max_retries: in
 def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
     """Fail fast on a ``HOST:PORT`` nobody listens on: Ray itself retries such an address for minutes."""
     host, _, port = (address or "").removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():   # None, "auto", "local": Ray resolves those itself
+    if not host or not port.isdigit():  # None, "auto", "local": Ray resolves those itself
         return
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as e:
-        raise ValueError(f"no Ray cluster answers at {address!r} ({e}); on the head node run `ray start --head` "
-                         "and pass the address it prints (--address HEAD:6379), or omit --address for a local Ray") \
-            from e
+        raise ValueError(
+            f"no Ray cluster answers at {address!r} ({e}); on the head node run `ray start --head` "
+            "and pass the address it prints (--address HEAD:6379), or omit --address for a local Ray"
+        ) from e
 
 
 class RayExecutor:
@@ -158,8 +164,13 @@ class RayExecutor:
         log: where the one-line-per-run messages go.
     """
 
-    def __init__(self, address: str | None = None, resources: ResourcesConfig | None = None,
-                 progress: bool = False, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        address: str | None = None,
+        resources: ResourcesConfig | None = None,
+        progress: bool = False,
+        log: Callable[[str], None] = print,
+    ):
         self.address, self.progress, self.log = address, progress, log
         self.resources = resources or ResourcesConfig()
 
@@ -167,7 +178,7 @@ class RayExecutor:
         """Train every run on the cluster and record each result in ``store`` (see the module docstring)."""
         if not runs:
             return
-        with SweepLock(store.root, self.log):   # re-entrant: run_sweep holds it already
+        with SweepLock(store.root, self.log):  # re-entrant: run_sweep holds it already
             self._run(runs, store)
 
     def check(self, runs: Sequence[RunSpec]) -> None:
@@ -181,13 +192,16 @@ class RayExecutor:
             # A Ray started here cannot grow; a cluster may (autoscaler), so there it is only a warning.
             self._check_fits(local=started and not self.address and "RAY_ADDRESS" not in os.environ)
             r = self.resources
-            task = ray.remote(num_cpus=r.cpus, num_gpus=r.gpus, max_retries=r.max_retries, retry_exceptions=False,
-                              max_calls=0)(_run_one)
-            root = str(Path(store.root).resolve())   # workers may run elsewhere: never a relative path
+            task = ray.remote(
+                num_cpus=r.cpus, num_gpus=r.gpus, max_retries=r.max_retries, retry_exceptions=False, max_calls=0
+            )(_run_one)
+            root = str(Path(store.root).resolve())  # workers may run elsewhere: never a relative path
             pending = {task.remote(spec, root, self.progress): spec for spec in runs}
             have = ray.cluster_resources()
-            self.log(f"ray: {len(runs)} runs submitted to {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs; "
-                     f"each run asks for {r.cpus:g} CPU, {r.gpus:g} GPU")
+            self.log(
+                f"ray: {len(runs)} runs submitted to {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs; "
+                f"each run asks for {r.cpus:g} CPU, {r.gpus:g} GPU"
+            )
             self._collect(pending, store, cancel=not started)
         finally:
             if started:
@@ -201,13 +215,13 @@ class RayExecutor:
         try:
             # log_to_driver=False: the workers' logs (HF warnings, bars) stay in Ray's log files; failures reach
             # the store with their traceback anyway.
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.ERROR)
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         except (ConnectionError, RuntimeError) as e:
             where = f"at {self.address!r}" if self.address else "on this machine"
-            raise ValueError(f"cannot connect to a Ray cluster {where}: {e}. Start one with `ray start --head` "
-                             "and pass its address with --address HEAD:6379 (or omit --address for a local Ray)") \
-                from e
+            raise ValueError(
+                f"cannot connect to a Ray cluster {where}: {e}. Start one with `ray start --head` "
+                "and pass its address with --address HEAD:6379 (or omit --address for a local Ray)"
+            ) from e
         return True
 
     def _check_fits(self, local: bool) -> None:
@@ -217,8 +231,10 @@ class RayExecutor:
         if any(n.get("CPU", 0) >= r.cpus and n.get("GPU", 0) >= r.gpus for n in nodes):
             return
         have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes) or "no nodes"
-        msg = (f"each run asks for resources.cpus={r.cpus:g} and resources.gpus={r.gpus:g}, but no Ray node has "
-               f"that ({have}); lower them, e.g. --set resources.gpus=0, or add a node that has them")
+        msg = (
+            f"each run asks for resources.cpus={r.cpus:g} and resources.gpus={r.gpus:g}, but no Ray node has "
+            f"that ({have}); lower them, e.g. --set resources.gpus=0, or add a node that has them"
+        )
         if local:
             raise ValueError(msg)
         self.log(f"warning: {msg}; runs wait until such a node joins")
@@ -242,7 +258,7 @@ class RayExecutor:
                     self.log(f"[{done}/{total}] {spec.run_id}\n    {summarize(result)}")
         except (KeyboardInterrupt, SweepAbort):
             for ref in pending if cancel else ():
-                ray.cancel(ref, force=True)   # force: kill the worker mid-run; its run stays unfinished
+                ray.cancel(ref, force=True)  # force: kill the worker mid-run; its run stays unfinished
             raise
 
     def _finish(self, spec: RunSpec, ref: Any, store: SweepStore) -> RunResult:

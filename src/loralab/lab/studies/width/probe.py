@@ -37,14 +37,14 @@ from ...config.schema import require
 
 @dataclass(frozen=True)
 class FamilyConfig:
-    d_in: int = 32               # input dimension, the same at every width
-    depth: int = 2               # n×n layers; LoRA adapts the last (the head), whose outputs are the readout
-    pretrain_steps: int = 200    # Adam steps on the teacher; the result is cached per width and seed
+    d_in: int = 32  # input dimension, the same at every width
+    depth: int = 2  # n×n layers; LoRA adapts the last (the head), whose outputs are the readout
+    pretrain_steps: int = 200  # Adam steps on the teacher; the result is cached per width and seed
     pretrain_batch: int = 64
-    pretrain_lr: float = 0.3     # Adam lr × fan-in, per layer (1.0 kills ~half the relu units)
-    shift_rank: int = 4          # k: rank of the change of the teacher's head that makes the fine-tuning task
-    shift_scale: float = 1.0     # c: per-coordinate RMS of that change, the same at every width
-    samples: int = 1024          # fine-tuning train set, shared by every probe of a width and seed
+    pretrain_lr: float = 0.3  # Adam lr × fan-in, per layer (1.0 kills ~half the relu units)
+    shift_rank: int = 4  # k: rank of the change of the teacher's head that makes the fine-tuning task
+    shift_scale: float = 1.0  # c: per-coordinate RMS of that change, the same at every width
+    samples: int = 1024  # fine-tuning train set, shared by every probe of a width and seed
 
     def __post_init__(self):
         for name in ("d_in", "depth", "pretrain_batch", "shift_rank", "samples"):
@@ -56,17 +56,17 @@ class FamilyConfig:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    rank: int = 8                # LoRA rank r, the same at every width
-    alpha: float = 16.0          # s = α/r = 2, as in the study
-    steps: int = 100             # AdamW steps per probe
+    rank: int = 8  # LoRA rank r, the same at every width
+    alpha: float = 16.0  # s = α/r = 2, as in the study
+    steps: int = 100  # AdamW steps per probe
     batch_size: int = 64
-    weight_decay: float = 0.0    # AdamW's decoupled decay; 0 leaves the probe to Adam's own dynamics
-    warmup_steps: int = 0        # linear warmup; 0 in the stability probe (warmup hides Init[B]'s first-step limit)
-    spike_factor: float = 10.0   # unstable: any loss > spike_factor × the step-0 loss, or non-finite
-    lr_min: float = 2.0 ** -20   # ends of the LR grid
+    weight_decay: float = 0.0  # AdamW's decoupled decay; 0 leaves the probe to Adam's own dynamics
+    warmup_steps: int = 0  # linear warmup; 0 in the stability probe (warmup hides Init[B]'s first-step limit)
+    spike_factor: float = 10.0  # unstable: any loss > spike_factor × the step-0 loss, or non-finite
+    lr_min: float = 2.0**-20  # ends of the LR grid
     lr_max: float = 4.0
-    per_octave: int = 4          # grid points per doubling: 4 = steps of 2^(1/4)
-    confirm: int = 2             # grid points above the answer that must be unstable as well
+    per_octave: int = 4  # grid points per doubling: 4 = steps of 2^(1/4)
+    confirm: int = 2  # grid points above the answer that must be unstable as well
 
     def __post_init__(self):
         for name in ("rank", "steps", "batch_size", "per_octave", "confirm"):
@@ -79,13 +79,14 @@ class ProbeConfig:
 
 # ---- model family --------------------------------------------------------------------------------------------------
 
+
 def generator(*parts) -> torch.Generator:
     """A CPU generator seeded from ``parts``: each random draw has its own stream, stable across machines."""
     return torch.Generator().manual_seed(stable_seed(*parts))
 
 
 def _linear(d_in: int, d_out: int, gain: float, g: torch.Generator | None) -> nn.Linear:
-    layer = nn.Linear(d_in, d_out, bias=False, device="meta")   # meta: no throwaway init of an n×n matrix
+    layer = nn.Linear(d_in, d_out, bias=False, device="meta")  # meta: no throwaway init of an n×n matrix
     w = torch.empty(d_out, d_in, device="meta") if g is None else torch.randn(d_out, d_in, generator=g)
     layer.weight = nn.Parameter(w * (gain / math.sqrt(d_in)))
     return layer
@@ -120,14 +121,15 @@ class WidthMLP(nn.Module):
 class Features:
     """The frozen part of the adapted model on the fine-tuning train set, computed once per width and seed."""
 
-    z: Tensor         # (N, n) the head's input
-    base: Tensor      # (N, n) the head's output W z
-    y: Tensor         # (N, n) fine-tuning targets
-    head: nn.Linear   # the pretrained head, to adapt
-    info: dict        # pretraining losses, target sizes
+    z: Tensor  # (N, n) the head's input
+    base: Tensor  # (N, n) the head's output W z
+    y: Tensor  # (N, n) fine-tuning targets
+    head: nn.Linear  # the pretrained head, to adapt
+    info: dict  # pretraining losses, target sizes
 
 
 # ---- one probe, the spike rule, the search -------------------------------------------------------------------------
+
 
 def spike_step(losses: Sequence[float], factor: float) -> int | None:
     """First step whose loss is non-finite or > ``factor`` × the step-0 loss (a spike counts even if it recovers)."""
@@ -144,7 +146,7 @@ def adapted_head(feats: Features, init: str, probe: ProbeConfig, seed: int) -> n
     head = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     head.weight = nn.Parameter(w.clone() if get_scheme(init).modifies_base else w, requires_grad=False)
     host = nn.ModuleDict({"head": head})
-    with warnings.catch_warnings():   # random-both moves the output at init: the probe measures from there on purpose
+    with warnings.catch_warnings():  # random-both moves the output at init: the probe measures from there on purpose
         warnings.simplefilter("ignore", IdentityWarning)
         inject(host, LoraConfig(rank=probe.rank, alpha=probe.alpha, init=init, targets=("head",)), seed=seed)
     return host
@@ -163,24 +165,30 @@ def run_probe(feats: Features, init: str, lr: float, probe: ProbeConfig, seed: i
     order = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-probe.steps * probe.batch_size // n))])
     losses = []
     for idx in order[: probe.steps * probe.batch_size].view(probe.steps, -1).to(feats.z.device):
-        out = base[idx] + layer.lora_delta(feats.z[idx], layer.lora_A, layer.lora_B)   # (B, n): the adapted head
-        loss = F.mse_loss(out, feats.y[idx])   # mean over coordinates: a coordinate-wise readout
+        out = base[idx] + layer.lora_delta(feats.z[idx], layer.lora_A, layer.lora_B)  # (B, n): the adapted head
+        loss = F.mse_loss(out, feats.y[idx])  # mean over coordinates: a coordinate-wise readout
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
-            break   # nothing to learn past a NaN
+            break  # nothing to learn past a NaN
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     spike = spike_step(losses, probe.spike_factor)
     finite = [x for x in losses if math.isfinite(x)]
-    return {"lr": lr, "stable": spike is None, "spike_step": spike,
-            "max_ratio": max(finite) / losses[0] if finite else math.nan,
-            "final_loss": losses[-1], "losses": losses}
+    return {
+        "lr": lr,
+        "stable": spike is None,
+        "spike_step": spike,
+        "max_ratio": max(finite) / losses[0] if finite else math.nan,
+        "final_loss": losses[-1],
+        "losses": losses,
+    }
 
 
-def max_stable(stable: Callable[[int], bool], k_min: int, k_max: int, start: int, step: int,
-               confirm: int) -> int | None:
+def max_stable(
+    stable: Callable[[int], bool], k_min: int, k_max: int, start: int, step: int, confirm: int
+) -> int | None:
     """Largest grid index k in [k_min, k_max] with ``stable(k)``, walking, bisecting and confirming (module docstring).
 
     For a monotone ``stable`` the answer is exact; otherwise it is a stable k whose next ``confirm`` points are not.
@@ -194,14 +202,14 @@ def max_stable(stable: Callable[[int], bool], k_min: int, k_max: int, start: int
         return seen[k]
 
     k = min(max(start, k_min), k_max)
-    while not ok(k):   # down an octave at a time to a stable point
+    while not ok(k):  # down an octave at a time to a stable point
         if k == k_min:
             return None
         k = max(k - step, k_min)
     lo = k
     while True:
         hi = lo
-        while ok(hi):   # up an octave at a time until unstable: lo stable, hi unstable
+        while ok(hi):  # up an octave at a time until unstable: lo stable, hi unstable
             if hi == k_max:
                 return k_max
             lo, hi = hi, min(hi + step, k_max)

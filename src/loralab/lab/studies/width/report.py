@@ -26,7 +26,7 @@ from ...report.plots import DPI, init_colors
 from ...store import atomic_write_json, read_json
 from .probe import cell_key
 
-PREDICTED = {"standard": -0.5, "reversed": -1.0}   # Init[A], Init[B]
+PREDICTED = {"standard": -0.5, "reversed": -1.0}  # Init[A], Init[B]
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def fit(points: Mapping[int, Sequence[float]], boot: int = 2000, seed: int = 0) 
     y = [yi for v in points.values() for yi in v]
     slope, se, intercept = ols(x, y)
     rng, slopes = random.Random(seed), []
-    for _ in range(boot):   # seeds are the replication unit: resample them within each width
+    for _ in range(boot):  # seeds are the replication unit: resample them within each width
         slopes.append(ols(x, [yi for v in points.values() for yi in rng.choices(v, k=len(v))])[0])
     slopes.sort()
     ci = (slopes[int(0.025 * boot)], slopes[int(0.975 * boot) - 1]) if boot else (math.nan, math.nan)
@@ -73,13 +73,16 @@ def fit(points: Mapping[int, Sequence[float]], boot: int = 2000, seed: int = 0) 
 def summarize(results: Mapping) -> dict:
     """Per init: ``{"cells": {width: [cell per seed]}, "all": Fit, "largest": Fit}`` for the stored config's grid."""
     cfg, cells = results["config"], results["cells"]
-    largest = set(cfg["widths"][-cfg["fit_largest"]:])
+    largest = set(cfg["widths"][-cfg["fit_largest"] :])
     out = {}
     for init in cfg["inits"]:
         by_width = {n: [c for s in cfg["seeds"] if (c := cells.get(cell_key(init, n, s)))] for n in cfg["widths"]}
         logs = {n: [math.log2(c["max_lr"]) for c in cs if not c["censored"]] for n, cs in by_width.items()}
-        out[init] = {"cells": by_width, "all": fit(logs),
-                     "largest": fit({n: v for n, v in logs.items() if n in largest})}
+        out[init] = {
+            "cells": by_width,
+            "all": fit(logs),
+            "largest": fit({n: v for n, v in logs.items() if n in largest}),
+        }
     return out
 
 
@@ -104,8 +107,14 @@ def _cell_text(cells: Sequence[Mapping], seeds: int) -> str:
 
 def _spikes(by_width: Mapping[int, Sequence[Mapping]]) -> str:
     """Median (min–max) step of the first spike at the grid point just above each cell's cliff."""
-    steps = sorted(p["spike_step"] for cs in by_width.values() for c in cs if c["k"] is not None
-                   for p in c["probes"] if p["k"] == c["k"] + 1 and p["spike_step"] is not None)
+    steps = sorted(
+        p["spike_step"]
+        for cs in by_width.values()
+        for c in cs
+        if c["k"] is not None
+        for p in c["probes"]
+        if p["k"] == c["k"] + 1 and p["spike_step"] is not None
+    )
     return f"{steps[len(steps) // 2]} ({steps[0]}–{steps[-1]})" if steps else "—"
 
 
@@ -113,22 +122,47 @@ def tables(results: Mapping, summary: Mapping) -> list[Block]:
     """Max stable LR per width × init, the slopes, and the per-width task sizes, as report blocks."""
     cfg = results["config"]
     inits, seeds = cfg["inits"], len(cfg["seeds"])
-    big = cfg["widths"][-cfg["fit_largest"]:]
+    big = cfg["widths"][-cfg["fit_largest"] :]
     predicted = {-0.5: "−1/2 (Init[A])", -1.0: "−1 (Init[B])"}
-    slopes = [[i, _fmt_fit(summary[i]["all"]), _fmt_fit(summary[i]["largest"]),
-               predicted.get(PREDICTED.get(i, 0.0), "—"), _spikes(summary[i]["cells"])] for i in inits]
+    slopes = [
+        [
+            i,
+            _fmt_fit(summary[i]["all"]),
+            _fmt_fit(summary[i]["largest"]),
+            predicted.get(PREDICTED.get(i, 0.0), "—"),
+            _spikes(summary[i]["cells"]),
+        ]
+        for i in inits
+    ]
     return [
         ("p", f"Max stable learning rate: geometric mean over {seeds} seeds (min–max)."),
-        ("table", ["width", *inits],
-         [[n, *(_cell_text(summary[i]["cells"][n], seeds) for i in inits)] for n in cfg["widths"]]),
+        (
+            "table",
+            ["width", *inits],
+            [[n, *(_cell_text(summary[i]["cells"][n], seeds) for i in inits)] for n in cfg["widths"]],
+        ),
         ("p", "Slope of log2(max stable LR) vs log2(width): OLS ± standard error [95% bootstrap over seeds]."),
-        ("table", ["init", f"all widths ({cfg['widths'][0]}–{cfg['widths'][-1]})",
-                   f"largest {len(big)} ({big[0]}–{big[-1]})", "predicted (Hayou et al. 2024)",
-                   "spike step one grid point above the cliff"], slopes),
-        ("p", "Task and features per width (mean over seeds): step-0 fine-tuning loss L0, target and feature RMS per "
-              "coordinate, pretraining loss."),
-        ("table", ["width", "L0", "target RMS", "shift RMS", "feature RMS", "pretrain loss first → last"],
-         [_task_row(results, summary, inits, n) for n in cfg["widths"]]),
+        (
+            "table",
+            [
+                "init",
+                f"all widths ({cfg['widths'][0]}–{cfg['widths'][-1]})",
+                f"largest {len(big)} ({big[0]}–{big[-1]})",
+                "predicted (Hayou et al. 2024)",
+                "spike step one grid point above the cliff",
+            ],
+            slopes,
+        ),
+        (
+            "p",
+            "Task and features per width (mean over seeds): step-0 fine-tuning loss L0, target and feature RMS per "
+            "coordinate, pretraining loss.",
+        ),
+        (
+            "table",
+            ["width", "L0", "target RMS", "shift RMS", "feature RMS", "pretrain loss first → last"],
+            [_task_row(results, summary, inits, n) for n in cfg["widths"]],
+        ),
     ]
 
 
@@ -138,10 +172,18 @@ def _task_row(results: Mapping, summary: Mapping, inits: Sequence[str], n: int) 
 
     infos = [v for k, v in results["pretrain"].items() if k.startswith(f"n{n}|")]
     cells = [c for i in inits for c in summary[i]["cells"][n]]
-    info = {k: mean([d[k] for d in infos if d.get(k) is not None]) for k in
-            ("target_rms", "shift_rms", "z_rms", "pretrain_loss_first", "pretrain_loss_last")}
-    return [n, f"{mean([c['loss0'] for c in cells]):.3f}", f"{info['target_rms']:.3f}", f"{info['shift_rms']:.3f}",
-            f"{info['z_rms']:.3f}", f"{info['pretrain_loss_first']:.3f} → {info['pretrain_loss_last']:.3f}"]
+    info = {
+        k: mean([d[k] for d in infos if d.get(k) is not None])
+        for k in ("target_rms", "shift_rms", "z_rms", "pretrain_loss_first", "pretrain_loss_last")
+    }
+    return [
+        n,
+        f"{mean([c['loss0'] for c in cells]):.3f}",
+        f"{info['target_rms']:.3f}",
+        f"{info['shift_rms']:.3f}",
+        f"{info['z_rms']:.3f}",
+        f"{info['pretrain_loss_first']:.3f} → {info['pretrain_loss_last']:.3f}",
+    ]
 
 
 def _write_csv(path: Path, results: Mapping) -> Path:
@@ -150,8 +192,19 @@ def _write_csv(path: Path, results: Mapping) -> Path:
         w = csv.writer(f)
         w.writerow(fields)
         for c in results["cells"].values():
-            w.writerow([c["init"], c["width"], c["seed"], c["max_lr"], c["k"], c["censored"] or "", c["loss0"],
-                        len(c["probes"]), c["seconds"]])
+            w.writerow(
+                [
+                    c["init"],
+                    c["width"],
+                    c["seed"],
+                    c["max_lr"],
+                    c["k"],
+                    c["censored"] or "",
+                    c["loss0"],
+                    len(c["probes"]),
+                    c["seconds"],
+                ]
+            )
     return path
 
 
@@ -175,7 +228,7 @@ def plot_max_lr(path: Path, results: Mapping, summary: Mapping) -> Path:
     fig = Figure(figsize=(13, 5.6), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, 2)
     for j, init in enumerate(inits):
-        jit = 2 ** (0.03 * (j - (len(inits) - 1) / 2))   # a small x offset per init so markers do not hide each other
+        jit = 2 ** (0.03 * (j - (len(inits) - 1) / 2))  # a small x offset per init so markers do not hide each other
         s, color, f = summary[init], colors[init], summary[init]["all"]
         for ax, times_n in zip(axes, (False, True)):
             y = (lambda lr, n: lr * n) if times_n else (lambda lr, n: lr)
@@ -187,16 +240,30 @@ def plot_max_lr(path: Path, results: Mapping, summary: Mapping) -> Path:
             if f is None:
                 continue
             big = f"  (largest: {s['largest'].slope:+.2f} ± {s['largest'].se:.2f})" if s["largest"] else ""
-            ax.plot(ends, [y(2 ** (f.intercept + f.slope * math.log2(n)), n) for n in ends], "-", color=color, lw=1.6,
-                    label=f"{init}: {f.slope:+.2f} ± {f.se:.2f}{big}")
-            if init in PREDICTED:   # the prediction, through this init's fit at the middle width
+            ax.plot(
+                ends,
+                [y(2 ** (f.intercept + f.slope * math.log2(n)), n) for n in ends],
+                "-",
+                color=color,
+                lw=1.6,
+                label=f"{init}: {f.slope:+.2f} ± {f.se:.2f}{big}",
+            )
+            if init in PREDICTED:  # the prediction, through this init's fit at the middle width
                 at = 2 ** (f.intercept + f.slope * math.log2(mid))
-                ax.plot(ends, [y(at * (n / mid) ** PREDICTED[init], n) for n in ends], ls=(0, (4, 3)), color=color,
-                        lw=1.2, alpha=0.8, label=f"predicted n^{PREDICTED[init]:g} for {init}")
+                ax.plot(
+                    ends,
+                    [y(at * (n / mid) ** PREDICTED[init], n) for n in ends],
+                    ls=(0, (4, 3)),
+                    color=color,
+                    lw=1.2,
+                    alpha=0.8,
+                    label=f"predicted n^{PREDICTED[init]:g} for {init}",
+                )
     _log_axes(axes[0], widths, "max stable learning rate")
     _log_axes(axes[1], widths, "max stable learning rate × width")
-    axes[0].legend(fontsize=8, loc="lower left", title="fitted slope ± s.e. (all widths; largest widths)",
-                   title_fontsize=8)
+    axes[0].legend(
+        fontsize=8, loc="lower left", title="fitted slope ± s.e. (all widths; largest widths)", title_fontsize=8
+    )
     axes[0].set_title("AdamW, no warmup: dots = seeds, circles = geometric mean, dashed = predicted", fontsize=10)
     axes[1].set_title("× width: an n^-1 law is flat, an n^-1/2 law rises like √n", fontsize=10)
     fig.savefig(path, dpi=DPI)
@@ -215,19 +282,25 @@ def plot_cliff(path: Path, results: Mapping) -> Path:
         for kind, style, dk in (("stable", "-", 0), ("unstable", "--", 1)):
             losses = cell["cliff"].get(kind)
             if losses and cell["k"] is not None:
-                ax.plot(range(1, len(losses) + 1), [x / losses[0] if x is not None else math.nan for x in losses],
-                        style, lw=1.2,
-                        color=colors[init], alpha=1.0 if dk else 0.6,
-                        label=f"lr {2 ** ((cell['k'] + dk) / p):.3g} ({kind})")
+                ax.plot(
+                    range(1, len(losses) + 1),
+                    [x / losses[0] if x is not None else math.nan for x in losses],
+                    style,
+                    lw=1.2,
+                    color=colors[init],
+                    alpha=1.0 if dk else 0.6,
+                    label=f"lr {2 ** ((cell['k'] + dk) / p):.3g} ({kind})",
+                )
         ax.axhline(factor, color="0.3", lw=0.8, ls=":")
-        ax.set_xscale("log")   # the spikes come in the first steps: give them room
+        ax.set_xscale("log")  # the spikes come in the first steps: give them room
         ax.set_yscale("log")
         ax.set_title(init, fontsize=10)
         ax.set_xlabel("step + 1")
         ax.legend(fontsize=7, loc="upper right")
     axes[0].set_ylabel(f"train loss / step-0 loss (dotted: {factor:g}×)")
-    fig.suptitle(f"At the cliff: width {n}, seed {seed}; the max stable LR (solid) and one grid step above (dashed)",
-                 fontsize=10)
+    fig.suptitle(
+        f"At the cliff: width {n}, seed {seed}; the max stable LR (solid) and one grid step above (dashed)", fontsize=10
+    )
     fig.savefig(path, dpi=DPI)
     return path
 
@@ -237,13 +310,20 @@ def write_width_report(out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     results = read_json(out / "results.json")
     summary = summarize(results)
-    paths = {"results": out / "results.json", "table": out / "table.md", "cells": out / "cells.csv",
-             "slopes": out / "slopes.json",
-             "figure": out / "max_stable_lr.png", "cliff": out / "cliff_curves.png"}
+    paths = {
+        "results": out / "results.json",
+        "table": out / "table.md",
+        "cells": out / "cells.csv",
+        "slopes": out / "slopes.json",
+        "figure": out / "max_stable_lr.png",
+        "cliff": out / "cliff_curves.png",
+    }
     paths["table"].write_text(to_markdown(tables(results, summary)), encoding="utf-8")
     _write_csv(paths["cells"], results)
-    atomic_write_json(paths["slopes"], {i: {k: asdict(s[k]) if s[k] else None for k in ("all", "largest")}
-                                        for i, s in summary.items()})
+    atomic_write_json(
+        paths["slopes"],
+        {i: {k: asdict(s[k]) if s[k] else None for k in ("all", "largest")} for i, s in summary.items()},
+    )
     plot_max_lr(paths["figure"], results, summary)
     plot_cliff(paths["cliff"], results)
     return paths

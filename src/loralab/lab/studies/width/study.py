@@ -57,8 +57,18 @@ from .probe import (
     run_probe,
 )
 
-__all__ = ["RESULTS", "STUDY_INITS", "WidthConfig", "features", "load_width", "plan_width", "pretrained", "run_width",
-           "search_cell"]
+__all__ = [
+    "RESULTS",
+    "STUDY_INITS",
+    "WidthConfig",
+    "features",
+    "load_width",
+    "out_dir",
+    "plan_width",
+    "pretrained",
+    "run_width",
+    "search_cell",
+]
 
 STUDY_INITS = ("standard", "reversed", "orthogonal-eye", "orthogonal-qr-const", "orthogonal-qr-match")
 RESULTS = "results.json"
@@ -69,30 +79,36 @@ class WidthConfig:
     """A width sweep: every init × width × seed gets its max stable LR (TOML: top-level keys, [family], [probe])."""
 
     name: str = "width"
-    out_dir: str = "docs/results/width"   # results.json, tables, figures; --out overrides
+    out_dir: str = ""  # results.json, tables, figures (required here or as --out)
     widths: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
     inits: tuple[str, ...] = STUDY_INITS
-    seeds: tuple[int, ...] = (0, 1, 2)    # each seed redraws teacher, student, data, shift and adapter
-    device: str = "auto"                  # auto | cpu | cuda ; auto = cuda when available
-    fit_largest: int = 3                  # the second slope fit uses this many largest widths
-    cache_dir: str = ""                   # pretrained students; "" = <out>/cache (share one between experiments)
+    seeds: tuple[int, ...] = (0, 1, 2)  # each seed redraws teacher, student, data, shift and adapter
+    device: str = "auto"  # auto | cpu | cuda ; auto = cuda when available
+    fit_largest: int = 3  # the second slope fit uses this many largest widths
+    cache_dir: str = ""  # pretrained students; "" = <out>/cache (share one between experiments)
     family: FamilyConfig = field(default_factory=FamilyConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def __post_init__(self):
         w = list(self.widths)
-        require(len(w) >= 2 and w == sorted(set(w)), f"widths must be >= 2 distinct increasing integers, e.g. "
-                                                      f"[64, 128, 256]; got {w}")
+        require(
+            len(w) >= 2 and w == sorted(set(w)),
+            f"widths must be >= 2 distinct increasing integers, e.g. [64, 128, 256]; got {w}",
+        )
         require(w[0] >= self.probe.rank, f"widths: {w[0]} is below probe.rank = {self.probe.rank}; LoRA needs n >= r")
-        require(bool(self.inits) and len(set(self.inits)) == len(self.inits), f"inits must list distinct schemes; "
-                                                                               f"got {list(self.inits)}")
+        require(
+            bool(self.inits) and len(set(self.inits)) == len(self.inits),
+            f"inits must list distinct schemes; got {list(self.inits)}",
+        )
         for init in self.inits:
             try:
                 LoraConfig(rank=self.probe.rank, alpha=self.probe.alpha, init=init, targets=["head"])
             except ValueError as e:
                 raise ValueError(f"inits: {e}") from None
-        require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), f"seeds must be distinct integers; "
-                                                                               f"got {list(self.seeds)}")
+        require(
+            bool(self.seeds) and len(set(self.seeds)) == len(self.seeds),
+            f"seeds must be distinct integers; got {list(self.seeds)}",
+        )
         require(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda; got {self.device!r}")
         require(2 <= self.fit_largest <= len(w), f"fit_largest must be in [2, {len(w)}]; got {self.fit_largest}")
 
@@ -104,6 +120,11 @@ def load_width(path: str | Path, overrides: Sequence[str] = ()) -> WidthConfig:
         ConfigError: naming the file and the key (unknown keys included) and how to fix it.
     """
     data = read_toml(path)
+    if not data:  # a wrong or emptied file would otherwise start the full default study (105 cells)
+        raise ConfigError(
+            f"{path} is empty: a width study's config names at least where its results go (out_dir); "
+            "start from configs/width.toml"
+        )
     apply_overrides(data, overrides, "probe.steps=50, widths=[64,128]")
     try:
         return from_dict(WidthConfig, data)
@@ -113,11 +134,17 @@ def load_width(path: str | Path, overrides: Sequence[str] = ()) -> WidthConfig:
 
 # ---- pretrained students and the fine-tuning task ------------------------------------------------------------------
 
+
 def _pretrain(fam: FamilyConfig, width: int, seed: int, device: torch.device) -> tuple[WidthMLP, dict]:
     teacher = WidthMLP(fam.d_in, width, fam.depth, generator(seed, width, "teacher")).to(device).requires_grad_(False)
     student = WidthMLP(fam.d_in, width, fam.depth, generator(seed, width, "student")).to(device)
-    opt = torch.optim.Adam([{"params": [m.weight], "lr": fam.pretrain_lr / m.in_features}
-                            for m in student.modules() if isinstance(m, nn.Linear)])
+    opt = torch.optim.Adam(
+        [
+            {"params": [m.weight], "lr": fam.pretrain_lr / m.in_features}
+            for m in student.modules()
+            if isinstance(m, nn.Linear)
+        ]
+    )
     g, losses = generator(seed, width, "pretrain-data"), []
     for _ in range(fam.pretrain_steps):
         x = torch.randn(fam.pretrain_batch, fam.d_in, generator=g).to(device)
@@ -126,14 +153,17 @@ def _pretrain(fam: FamilyConfig, width: int, seed: int, device: torch.device) ->
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return student, {"pretrain_loss_first": losses[0] if losses else None, "pretrain_loss_last": losses[-1] if losses
-                     else None}
+    return student, {
+        "pretrain_loss_first": losses[0] if losses else None,
+        "pretrain_loss_last": losses[-1] if losses else None,
+    }
 
 
 def pretrained(fam: FamilyConfig, width: int, seed: int, device: torch.device, cache: Path) -> tuple[WidthMLP, dict]:
     """The pretrained student at ``width`` and ``seed``, from ``cache`` when it is there (else trained, then cached)."""
-    key = hashlib.sha256(repr((fam.d_in, fam.depth, fam.pretrain_steps, fam.pretrain_batch, fam.pretrain_lr))
-                         .encode()).hexdigest()[:8]
+    key = hashlib.sha256(
+        repr((fam.d_in, fam.depth, fam.pretrain_steps, fam.pretrain_batch, fam.pretrain_lr)).encode()
+    ).hexdigest()[:8]
     path = cache / f"student-n{width}-seed{seed}-{key}.pt"
     if path.exists():
         blob = torch.load(path, map_location=device)
@@ -156,7 +186,7 @@ def features(fam: FamilyConfig, width: int, seed: int, device: torch.device, cac
     x = torch.randn(fam.samples, fam.d_in, generator=generator(seed, width, "finetune-data")).to(device)
     with torch.no_grad():
         zt = teacher.features(x)
-        shift = (zt @ v) @ u.T   # ΔW z without the n×n ΔW; scaled to RMS c exactly, not just in expectation
+        shift = (zt @ v) @ u.T  # ΔW z without the n×n ΔW; scaled to RMS c exactly, not just in expectation
         shift *= fam.shift_scale / shift.square().mean().sqrt()
         y, z = teacher.head(zt) + shift, student.features(x)
         rms = {k: t.square().mean().sqrt().item() for k, t in [("target_rms", y), ("shift_rms", shift), ("z_rms", z)]}
@@ -164,6 +194,7 @@ def features(fam: FamilyConfig, width: int, seed: int, device: torch.device, cac
 
 
 # ---- one cell, the sweep: resumable, one results.json --------------------------------------------------------------
+
 
 def search_cell(feats: Features, init: str, probe: ProbeConfig, seed: int, start_lr: float) -> dict:
     """Max stable LR of one init at one width and seed: ``{k, max_lr, censored, loss0, probes, cliff}``."""
@@ -176,21 +207,28 @@ def search_cell(feats: Features, init: str, probe: ProbeConfig, seed: int, start
         return probes[k]["stable"]
 
     k = max_stable(stable, k_min, k_max, round(math.log2(start_lr) * p), p, probe.confirm)
-    short = lambda x: x if not isinstance(x, float) else float(f"{x:.5g}")   # noqa: E731 (keeps results.json small)
-    curve = lambda j: [short(x) for x in probes[j]["losses"]] if j in probes else None   # noqa: E731
-    return {"k": k, "max_lr": None if k is None else 2.0 ** (k / p),
-            "censored": "below the grid" if k is None else "grid top" if k == k_max else None,
-            "loss0": probes[min(probes)]["losses"][0],
-            "probes": [{"k": j, **{f: short(v) for f, v in pr.items() if f != "losses"}}
-                       for j, pr in sorted(probes.items())],
-            "cliff": {"stable": None if k is None else curve(k), "unstable": curve(k_min if k is None else k + 1)}}
+    short = lambda x: x if not isinstance(x, float) else float(f"{x:.5g}")  # noqa: E731 (keeps results.json small)
+    curve = lambda j: [short(x) for x in probes[j]["losses"]] if j in probes else None  # noqa: E731
+    return {
+        "k": k,
+        "max_lr": None if k is None else 2.0 ** (k / p),
+        "censored": "below the grid" if k is None else "grid top" if k == k_max else None,
+        "loss0": probes[min(probes)]["losses"][0],
+        "probes": [
+            {"k": j, **{f: short(v) for f, v in pr.items() if f != "losses"}} for j, pr in sorted(probes.items())
+        ],
+        "cliff": {"stable": None if k is None else curve(k), "unstable": curve(k_min if k is None else k + 1)},
+    }
 
 
 def _start_lr(cells: dict, init: str, width: int, seed: int, widths: Sequence[int]) -> float:
     """The same init and seed at the nearest smaller width, moved by n^-3/4 (between the predicted n^-1/2 and n^-1)."""
-    done = [(n, cells[cell_key(init, n, seed)]["max_lr"]) for n in widths if n < width
-            and (cells.get(cell_key(init, n, seed)) or {}).get("max_lr")]
-    return done[-1][1] * (width / done[-1][0]) ** -0.75 if done else 2.0 ** -7
+    done = [
+        (n, cells[cell_key(init, n, seed)]["max_lr"])
+        for n in widths
+        if n < width and (cells.get(cell_key(init, n, seed)) or {}).get("max_lr")
+    ]
+    return done[-1][1] * (width / done[-1][0]) ** -0.75 if done else 2.0**-7
 
 
 def _open(path: Path, cfg: WidthConfig, device: torch.device) -> tuple[dict, bool]:
@@ -201,9 +239,11 @@ def _open(path: Path, cfg: WidthConfig, device: torch.device) -> tuple[dict, boo
     store: dict[str, Any] = read_json(path) if path.exists() else empty
     if store["fingerprint"] != fingerprint:
         diff = ", ".join(k for k in fingerprint if fingerprint[k] != store["fingerprint"].get(k))
-        raise ConfigError(f"{path} holds results made with other settings ({diff} differ): write to another --out, "
-                          f"or delete {path} to start over")
-    config = to_dict(cfg)   # widths, inits and seeds may grow between sessions; cells are reused
+        raise ConfigError(
+            f"{path} holds results made with other settings ({diff} differ): write to another --out, "
+            f"or delete {path} to start over"
+        )
+    config = to_dict(cfg)  # widths, inits and seeds may grow between sessions; cells are reused
     changed = store.get("config") != config
     store["config"] = config
     return store, changed
@@ -211,25 +251,43 @@ def _open(path: Path, cfg: WidthConfig, device: torch.device) -> tuple[dict, boo
 
 def _session(device: torch.device) -> dict:
     """This session's entry in the store's ``sessions``: when, on what; ``cells`` and ``wall_s`` grow as it runs."""
-    return {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_s": 0.0, "cells": 0,
-            "device": str(device), **versions(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": 0.0,
+        "cells": 0,
+        "device": str(device),
+        **versions(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def out_dir(cfg: WidthConfig, out: str | Path | None = None) -> Path:
+    """Where the results go: ``out`` (``--out``), else the config's ``out_dir``; never a default nobody chose."""
+    if not (out or cfg.out_dir):
+        raise ConfigError(
+            'the config sets no out_dir: say where the results go, out_dir = "runs/width" in the file or --out DIR'
+        )
+    return Path(out or cfg.out_dir)
 
 
 def plan_width(cfg: WidthConfig, out: str | Path | None = None) -> str:
     """What :func:`run_width` would do, checked as it would check it (device, store settings), training nothing."""
-    out, device = Path(out or cfg.out_dir), pick_device(cfg.device)
+    out, device = out_dir(cfg, out), pick_device(cfg.device)
     path = out / RESULTS
-    cells = _open(path, cfg, device)[0]["cells"]   # reads, never writes: a missing store is an empty one
+    cells = _open(path, cfg, device)[0]["cells"]  # reads, never writes: a missing store is an empty one
     keys = [cell_key(i, n, s) for n in cfg.widths for s in cfg.seeds for i in cfg.inits]
     todo = sum(k not in cells for k in keys)
-    return (f"width sweep '{cfg.name}' -> {path}: {len(cfg.widths)} widths {list(cfg.widths)} x "
-            f"{len(cfg.seeds)} seeds x {len(cfg.inits)} inits ({', '.join(cfg.inits)}) = {len(keys)} cells, "
-            f"{len(keys) - todo} already done, {todo} to search on {device}")
+    return (
+        f"width sweep '{cfg.name}' -> {path}: {len(cfg.widths)} widths {list(cfg.widths)} x "
+        f"{len(cfg.seeds)} seeds x {len(cfg.inits)} inits ({', '.join(cfg.inits)}) = {len(keys)} cells, "
+        f"{len(keys) - todo} already done, {todo} to search on {device}"
+    )
 
 
 def run_width(cfg: WidthConfig, out: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Find the max stable LR of every init × width × seed not yet in ``<out>/results.json``; returns the store."""
-    out, device, started = Path(out or cfg.out_dir), pick_device(cfg.device), time.perf_counter()
+    out, device, started = out_dir(cfg, out), pick_device(cfg.device), time.perf_counter()
     path, cache = out / RESULTS, Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     (store, config_changed), session = _open(path, cfg, device), _session(device)
     cells, total = store["cells"], len(cfg.widths) * len(cfg.seeds) * len(cfg.inits)
@@ -244,17 +302,24 @@ def run_width(cfg: WidthConfig, out: str | Path | None = None, log: Callable[[st
             for init in todo:
                 t0 = time.perf_counter()
                 cell = search_cell(feats, init, cfg.probe, seed, _start_lr(cells, init, width, seed, cfg.widths))
-                cells[cell_key(init, width, seed)] = {"init": init, "width": width, "seed": seed, **cell,
-                                                      "seconds": round(time.perf_counter() - t0, 2)}
+                cells[cell_key(init, width, seed)] = {
+                    "init": init,
+                    "width": width,
+                    "seed": seed,
+                    **cell,
+                    "seconds": round(time.perf_counter() - t0, 2),
+                }
                 if not session["cells"]:
-                    store["sessions"].append(session)   # with its first cell: a rerun that trains nothing adds none
+                    store["sessions"].append(session)  # with its first cell: a rerun that trains nothing adds none
                 session["cells"], done = session["cells"] + 1, done + 1
                 session["wall_s"] = round(time.perf_counter() - started, 1)
                 atomic_write_json(path, store)
                 lr = "none" if cell["max_lr"] is None else f"{cell['max_lr']:.3g}"
-                log(f"[{done}/{total}] {init:<20} n={width:<6} seed={seed}: max stable lr {lr} "
-                    f"({len(cell['probes'])} probes, {time.perf_counter() - t0:.1f} s)")
-    if session["cells"] or config_changed:   # else nothing changed: leave results.json as it is, byte for byte
+                log(
+                    f"[{done}/{total}] {init:<20} n={width:<6} seed={seed}: max stable lr {lr} "
+                    f"({len(cell['probes'])} probes, {time.perf_counter() - t0:.1f} s)"
+                )
+    if session["cells"] or config_changed:  # else nothing changed: leave results.json as it is, byte for byte
         session["wall_s"] = round(time.perf_counter() - started, 1)
         atomic_write_json(path, store)
     return store
