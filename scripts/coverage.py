@@ -25,7 +25,8 @@ DESIGNS = [  # seeds, chunks, sd of the seed term, of the chunk term, of the noi
 
 def main() -> int:
     delta, reps = 0.02, 400
-    print("| seeds | chunks | sd seed | sd chunk | sd noise | coverage of delta | zero-delta flagged |\n" + "|---" * 7 + "|")
+    print("| seeds | chunks | sd seed | sd chunk | sd noise | coverage of delta | zero-delta flagged |")
+    print("|---" * 7 + "|")
     for seeds, chunks, sd_a, sd_b, sd_e in DESIGNS:
         rng = np.random.default_rng(0)
         out = []

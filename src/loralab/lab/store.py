@@ -207,7 +207,7 @@ class RunResult:
         return result
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SplitLosses:
     """Per-chunk losses (mean over each chunk's predicted tokens, float32) of one eval split of one run.
 
@@ -222,6 +222,15 @@ class SplitLosses:
     pretrained: np.ndarray
     step0: np.ndarray
     final: np.ndarray
+
+    def __eq__(self, other: object) -> bool:  # arrays compare element-wise: equal means same values (NaN = NaN)
+        if not isinstance(other, SplitLosses):
+            return NotImplemented
+        return np.array_equal(self.ids, other.ids) and all(
+            np.array_equal(getattr(self, k), getattr(other, k), equal_nan=True) for k in STAGES
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)

@@ -430,6 +430,14 @@ def test_baseline_option(tmp_path, capsys):
     assert "'qr-match' is not a row" in err and "standard, reversed, qr" in err
 
 
+def test_without_a_diverged_run_one_set_of_tables_says_why(tmp_path):
+    build_grid_store(tmp_path, {"lora.init": ["standard", "reversed"], "train.lr": [1e-3, 1e-2]},
+                     lambda a: ("ok", 2.0 + a["train.lr"]))
+    md = write_report(tmp_path)["md"].read_text()
+    assert "No run diverged, so the two conventions" in md and "diverged runs included" not in md
+    assert md.count("Convention: **diverged runs excluded**") == 3   # loss, relative, best lr
+
+
 def _edit_result(path, **fields):
     import json
 

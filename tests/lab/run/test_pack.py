@@ -86,6 +86,22 @@ def test_a_diverged_run_leaves_the_pack_and_the_others_go_on(assets, tmp_path):
     assert last_eval["step"] == packed[1].steps   # the diverged state is evaluated, not carried over
 
 
+def test_a_blown_up_run_that_continues_leaves_the_others_undisturbed(assets, tmp_path):
+    """on_divergence = "continue": the blown-up run trains to the end beside the others (its losses may be NaN),
+    and they train, and evaluate chunk by chunk, exactly as they would have alone."""
+    steps = dict(max_steps=8, warmup_ratio=0.0, on_divergence="continue")
+    cfgs = [run_cfg("standard", 1e-3, 0, **steps), run_cfg("random-both", 1e3, 0, **steps),
+            run_cfg("reversed", 2e-3, 1, **steps)]
+    solo, packed, solo_stores, pack_stores = solo_and_packed(assets, tmp_path, cfgs)
+    assert [r.status for r in packed] == ["ok", "diverged", "ok"] == [r.status for r in solo]
+    assert [r.steps for r in packed] == [8, 8, 8] and packed[1].diverged_at_step == solo[1].diverged_at_step
+    for k in (0, 2):
+        torch.testing.assert_close(torch.tensor(metrics(pack_stores[k])[0]), torch.tensor(metrics(solo_stores[k])[0]),
+                                   rtol=1e-4, atol=1e-5)
+        p, s = pack_stores[k].eval_chunks().splits["eval"], solo_stores[k].eval_chunks().splits["eval"]
+        torch.testing.assert_close(torch.tensor(p.final), torch.tensor(s.final), rtol=1e-4, atol=1e-5)
+
+
 def test_packed_layer_rows_belong_to_their_runs():
     """Linear (batched bmm path) and Embedding (per-run path): rows of run k see run k's adapter only."""
     torch.manual_seed(0)

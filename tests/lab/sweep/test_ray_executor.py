@@ -120,7 +120,8 @@ def test_results_are_gathered_to_a_driver_without_shared_storage(tiny_lm_dir, ch
     result = _gather(SweepStore(driver_disk).run(job.run_id), snapshot)
     assert result.status == "ok" and result.steps == MAX_STEPS
     worker_run, driver_run = RunStore(worker_disk / "runs" / job.run_id), RunStore(driver_disk / "runs" / job.run_id)
-    for read in (RunStore.config, RunStore.metrics, RunStore.diagnostics, RunStore.adapter_files, RunStore.result):
+    for read in (RunStore.config, RunStore.metrics, RunStore.diagnostics, RunStore.eval_chunks, RunStore.adapter_files,
+                 RunStore.result):
         assert read(driver_run) == read(worker_run) and read(driver_run), read.__name__
     assert result.adapter and "adapter_model.safetensors" in driver_run.adapter_files()   # the trained adapter too
     assert _run_one(job, str(worker_disk), False) == snapshot   # a finished run is returned, not trained again

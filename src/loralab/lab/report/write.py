@@ -6,8 +6,9 @@ curves. Following the tuning playbook, the init is the scientific variable and t
 Grid axes other than row/column/replicate (e.g. ``lora.rank``) give one table per combination of their values.
 
 Diverged runs enter the numbers by two conventions, and every table of numbers comes in both, named above it
-(:data:`.cells.CONVENTIONS`): excluded (the lab's) and included at their final loss (the published study's). Every
-cell shows its seed count; ▲ marks runs that ended worse than the pretrained model.
+(:data:`.cells.CONVENTIONS`): excluded (the lab's) and included at their final loss (the published study's); when no
+run diverged they agree, and the report says so and shows one set. Every cell shows its seed count; ▲ marks runs
+that ended worse than the pretrained model.
 
 With per-chunk eval losses in the store (docs/evaluation.md), the report can tell inits apart: every cell gets a 95%
 bootstrap interval over seeds and chunks (:mod:`.stats`), the table against the baseline holds paired differences
@@ -77,6 +78,7 @@ class _Ctx:
     lay: Layout
     cells: dict
     rep_axis: str
+    conventions: tuple[str, ...]  # both, or only "excluded" when no run diverged (they then agree)
     baseline: str
     base: int | None  # the baseline's row, None when it is not a row
     splits: tuple[str, str] | None  # (selection split, reported split) with per-chunk losses, else None
@@ -86,9 +88,9 @@ class _Ctx:
         losses = chunk_losses(self.cells[g, r, c], convention, split, self.rep_axis)
         if losses is None:
             return None
+        # seeded by the cell, not the convention: the same runs give the same interval under either
         return interval(
-            losses.values,
-            seed=seed_for(self.lay.groups[g], self.lay.row_labels[r], self.lay.col_labels[c], convention, split),
+            losses.values, seed=seed_for(self.lay.groups[g], self.lay.row_labels[r], self.lay.col_labels[c], split)
         )
 
     def paired(self, g: int, r: int, c: int, rb: int, cb: int, convention: str) -> Estimate | None:
@@ -102,7 +104,11 @@ class _Ctx:
             a,
             b,
             seed=seed_for(
-                self.lay.groups[g], self.lay.row_labels[r], self.lay.col_labels[c], self.lay.col_labels[cb], convention
+                self.lay.groups[g],
+                self.lay.row_labels[r],
+                self.lay.col_labels[c],
+                self.lay.row_labels[rb],
+                self.lay.col_labels[cb],
             ),
         )
 
@@ -347,7 +353,15 @@ def _tables(ctx: _Ctx) -> list[Block]:
     heads = [[("h", 3, lay.group_label(g))] if lay.others else [] for g in range(len(lay.groups))]
     ci = " Each cell: mean [95% interval]." if ctx.splits else " Each cell: mean ± sample std over seeds."
     out: list[Block] = []
-    for conv in CONVENTIONS:
+    if ctx.conventions != CONVENTIONS:
+        out.append(
+            (
+                "p",
+                "No run diverged, so the two conventions for diverged runs (excluded, or included at their "
+                "final loss) give the same numbers: one set of tables.",
+            )
+        )
+    for conv in ctx.conventions:
         out += [
             ("h", 2, f"Final eval loss{SUFFIX[conv]}"),
             (
@@ -359,7 +373,7 @@ def _tables(ctx: _Ctx) -> list[Block]:
         for g in range(len(lay.groups)):
             out += heads[g] + [_loss_table(ctx, g, conv)]
     if ctx.base is not None:
-        for conv in CONVENTIONS:
+        for conv in ctx.conventions:
             if ctx.splits:
                 out += [
                     ("h", 2, f"Paired difference vs `{ctx.baseline}`{SUFFIX[conv]}"),
@@ -384,7 +398,7 @@ def _tables(ctx: _Ctx) -> list[Block]:
                 body = [_relative_table(ctx, g, conv) for g in range(len(lay.groups))]
             for g in range(len(lay.groups)):
                 out += heads[g] + [body[g]]
-    for conv in CONVENTIONS:
+    for conv in ctx.conventions:
         if ctx.splits:
             sel, rep = ctx.splits
             out += [
@@ -644,10 +658,12 @@ def write_report(
     name_of_base = baseline or BASELINE
     cells = cell_grid(lay, records)
     splits = eval_splits(records)
+    conventions = CONVENTIONS if any(r.status == "diverged" for r in records) else CONVENTIONS[:1]
     ctx = _Ctx(
         lay,
         cells,
         rep_axis,
+        conventions,
         name_of_base,
         lay.row_labels.index(name_of_base) if name_of_base in lay.row_labels else None,
         splits if isinstance(splits, tuple) else None,

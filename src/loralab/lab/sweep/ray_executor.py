@@ -14,7 +14,8 @@ the driver sees belongs to this sweep. The driver holds the out_dir's lock (``lo
   ``failed`` result written by ``run_pack``. When Ray gives up (a worker that keeps dying, a lost node, a cancelled
   task), the driver records the run as ``failed`` with Ray's error as the reason.
 * **Store.** Workers write into the store at its absolute path, which should be shared storage (NFS, ...). Each
-  task also returns the run's files (a few KB of JSON, and the trained adapter: a few MB for r = 8 on SmolLM2), and
+  task also returns the run's files (a few KB of JSON and per-chunk losses, and the trained adapter: a few MB for r = 8
+  on SmolLM2), and
   the driver writes whichever it does not see, the adapter before the result as a worker does, so a driver without
   shared storage still gets every result and adapter ("gathered back to the driver").
 * **Ctrl-C** cancels the outstanding tasks (killing their workers) and re-raises. Finished results stay; cut-short
@@ -65,6 +66,7 @@ def _snapshot(run: RunStore) -> dict[str, Any]:
         "config": run.config(),
         "metrics": run.metrics(),
         "diagnostics": run.diagnostics(),
+        "eval_chunks": run.eval_chunks(),
         "adapter": run.adapter_files(),
         "result": None if result is None else result.to_json(),
     }
@@ -93,6 +95,8 @@ def _gather(run: RunStore, snapshot: dict[str, Any]) -> RunResult:
             run.append_metric(record)
         if snapshot["diagnostics"] is not None:
             run.write_diagnostics(snapshot["diagnostics"])
+        if snapshot.get("eval_chunks") is not None:  # before the result, as on the worker
+            run.write_eval_chunks(snapshot["eval_chunks"])
         try:
             if snapshot.get("adapter"):  # before the result, as on the worker: a run is finished only with both
                 run.write_adapter(lambda tmp: _write_files(tmp, snapshot["adapter"]))
