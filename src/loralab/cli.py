@@ -192,7 +192,9 @@ _START_UP = {"check": ["loralab.lab.studies.identity", "transformers:AutoModelFo
              "sweep": ["loralab.lab.sweep.run", "loralab.lab.sweep.dry_run",
                        "transformers:AutoConfig,AutoModelForCausalLM,AutoTokenizer"],
              "report": ["loralab.lab.report.write"],
-             "width": ["loralab.lab.studies.width.study", "loralab.lab.studies.width.report"]}
+             "width": ["loralab.lab.studies.width.study", "loralab.lab.studies.width.report"],
+             **{name: ["loralab.lab.adapters", "transformers:AutoConfig,AutoModelForCausalLM,AutoTokenizer"]
+                for name in ("export", "evaluate", "generate")}}
 
 
 def _start_up(command: str) -> None:
