@@ -6,9 +6,14 @@ without editing this file.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from loralab import init_schemes
 from loralab.cli import main
@@ -189,3 +194,61 @@ def test_os_errors_name_the_path(tmp_path, capsys, monkeypatch):
     assert main(["report", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert err == f"loralab report: error: cannot use {tmp_path / 's' / 'report'}: No space left on device\n"
+
+
+# ---- Ctrl-C at any point of start-up (issue 22, item 8): exit 130 and one line, as during training -------------------
+
+def _sweep_config(path: Path, tiny_lm_dir: Path, chat_jsonl: Path) -> Path:
+    path.write_text(f"""name = "ctrl-c"
+out_dir = "{path.parent / 'out'}"
+[model]
+name = "{tiny_lm_dir}"
+[data]
+source = "{chat_jsonl}"
+seq_len = 32
+max_train_chunks = 8
+max_eval_chunks = 2
+[lora]
+rank = 4
+targets = ["q_proj", "v_proj"]
+[train]
+max_steps = 100000
+batch_size = 2
+device = "cpu"
+""", encoding="utf-8")
+    return path
+
+
+def _loading_torch(pid: int) -> bool:
+    """Whether the process has begun mapping torch's C++ libraries (its start-up is under way)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see when torch starts loading")
+@pytest.mark.parametrize("when", [
+    "torch loading", pytest.param(0.3, marks=pytest.mark.slow), pytest.param(1.0, marks=pytest.mark.slow),
+    pytest.param(2.0, marks=pytest.mark.slow), "training"])
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, tiny_lm_dir, chat_jsonl, when):
+    """SIGINT to ``python -m loralab sweep`` while torch's C++ libraries load (once an abort in pybind11, rc -6),
+    at later points of start-up (seconds after torch began loading), and during training."""
+    config = _sweep_config(tmp_path / "sweep.toml", tiny_lm_dir, chat_jsonl)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "loralab", "sweep", str(config), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        ready = (lambda: _loading_torch(proc.pid)) if when != "training" else \
+            (lambda: any((tmp_path / "out" / "runs").glob("*/metrics.jsonl")))
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(when if isinstance(when, float) else 0.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err == "interrupted: finished runs are stored; rerun the same command to resume\n", err
+    assert not (tmp_path / "out" / "sweep.lock").exists()

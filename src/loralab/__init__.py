@@ -1,5 +1,6 @@
 """loralab: LoRA for PyTorch models, with the adapter's initialization as a first-class, testable thing."""
 
+from . import _startup  # noqa: I001 (first: it holds Ctrl-C during the imports below, torch's C++ start-up)
 from .config import LoraConfig
 from .hf import init_peft
 from .inits import Factors, InitScheme, get_scheme, init_schemes, register
@@ -21,6 +22,9 @@ from .inject import (
 from .io import AdapterError, AdapterFormatWarning, load_adapter, save_adapter
 from .layers import LoraLayer, LoraStateError
 from .version import __version__
+
+# The command raises a held Ctrl-C in cli.main, after its own imports, where it is one line and exit 130.
+_startup.pause() if _startup.started_as_command() else _startup.resume()
 
 __all__ = [
     "AdapterError",

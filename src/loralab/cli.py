@@ -4,6 +4,7 @@ nothing else lives here."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -216,22 +217,57 @@ def _os_error(e: OSError) -> str:
     return f"cannot use {e.filename}: {e.strerror}{hint.get(type(e), '')}"
 
 
+# What each command imports that starts C++ (torch is imported with the package): imported while Ctrl-C is held.
+_START_UP = {
+    "check": ["loralab.lab.studies.identity", "transformers:AutoModelForCausalLM,AutoTokenizer"],
+    "sweep": [
+        "loralab.lab.sweep.run",
+        "loralab.lab.sweep.dry_run",
+        "transformers:AutoConfig,AutoModelForCausalLM,AutoTokenizer",
+    ],
+    "report": ["loralab.lab.report.write"],
+    "width": ["loralab.lab.studies.width.study", "loralab.lab.studies.width.report"],
+    **{
+        name: ["loralab.lab.adapters", "transformers:AutoConfig,AutoModelForCausalLM,AutoTokenizer"]
+        for name in ("export", "evaluate", "generate")
+    },
+}
+
+
+def _start_up(command: str) -> None:
+    """Import what ``command`` will use; a module that is not installed is the command's to report."""
+    for item in _START_UP.get(command, []):
+        name, _, attrs = item.partition(":")
+        try:
+            module = importlib.import_module(name)
+            for attr in filter(None, attrs.split(",")):
+                getattr(module, attr)  # transformers imports lazily, on first use of a name
+        except ImportError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from . import _startup
+
+    command = None
     try:
+        with _startup.held():  # Ctrl-C during start-up is raised at its end, here, as one line (see _startup)
+            args = build_parser().parse_args(argv)
+            command = args.command
+            _start_up(command)
         return args.fn(args)
     except KeyboardInterrupt:
-        resumable = args.command in ("sweep", "width")  # only these store results as they go
+        resumable = command in ("sweep", "width")  # only these store results as they go
         print(
             "interrupted" + (": finished runs are stored; rerun the same command to resume" if resumable else ""),
             file=sys.stderr,
         )
         return 130
     except (ValueError, TypeError) as e:  # bad input: the message names the problem and fix
-        print(f"loralab {args.command}: error: {_line(str(e))}", file=sys.stderr)
+        print(f"loralab {command}: error: {_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # FileNotFoundError, an out path that is a file, a full disk: name the path
-        print(f"loralab {args.command}: error: {_line(_os_error(e))}", file=sys.stderr)
+        print(f"loralab {command}: error: {_line(_os_error(e))}", file=sys.stderr)
         return 2
 
 

@@ -442,7 +442,7 @@ def _edit_result(path, **fields):
     import json
 
     data = json.loads(path.read_text())
-    path.write_text(json.dumps({**data, **fields}))   # json.dumps writes NaN as the bare token NaN, as a hand edit would
+    path.write_text(json.dumps({**data, **fields}))   # json.dumps writes NaN as the bare token NaN, like a hand edit
 
 
 @pytest.mark.parametrize("value", [float("nan"), "abc"], ids=["NaN", "a string"])
