@@ -23,7 +23,7 @@ The document is built once as a list of blocks, then rendered twice (markdown an
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -197,58 +197,58 @@ def _evaluation(ctx: _Ctx, records: Sequence[RunRecord], manifest: dict) -> list
     ]
 
 
-def _loss_table(ctx: _Ctx, g: int, convention: str) -> Block:
-    """Final eval loss of group ``g``: with an interval when the store has per-chunk losses."""
-    lay, cells = ctx.lay, ctx.cells
+def _grid_table(ctx: _Ctx, g: int, cell: Callable[[int, int], str], bold: Callable[[int, int], bool]) -> Block:
+    """A rows × columns table of group ``g``: ``cell(r, c)`` is each entry's text, ``bold(r, c)`` marks it."""
+    lay = ctx.lay
     header = [f"{lay.row_axis} \\ {lay.col_axis}"] + list(lay.col_labels)
     rows = []
     for r, label in enumerate(lay.row_labels):
-        row = [f"`{label}`"]
-        for c in range(len(lay.cols)):
-            cell = cells[g, r, c]
-            est = ctx.estimate(g, r, c, convention, ctx.splits[1]) if ctx.splits else None
-            text = _ci(est) + cell.marks(convention) if est is not None else cell.text(convention)
-            best = len(lay.rows) > 1 and best_in_column(cells, lay, g, c, convention) == r
-            row.append(f"**{text}**" if best else text)
-        rows.append(row)
+        texts = [cell(r, c) for c in range(len(lay.cols))]
+        rows.append([f"`{label}`"] + [f"**{t}**" if bold(r, c) else t for c, t in enumerate(texts)])
     return ("table", header, rows)
+
+
+def _best_of_column(ctx: _Ctx, g: int, convention: str) -> Callable[[int, int], bool]:
+    lay, cells = ctx.lay, ctx.cells
+    return lambda r, c: len(lay.rows) > 1 and best_in_column(cells, lay, g, c, convention) == r
+
+
+def _loss_table(ctx: _Ctx, g: int, convention: str) -> Block:
+    """Final eval loss of group ``g``: with an interval when the store has per-chunk losses."""
+    cells = ctx.cells
+
+    def cell(r: int, c: int) -> str:
+        est = ctx.estimate(g, r, c, convention, ctx.splits[1]) if ctx.splits else None
+        return _ci(est) + cells[g, r, c].marks(convention) if est is not None else cells[g, r, c].text(convention)
+
+    return _grid_table(ctx, g, cell, _best_of_column(ctx, g, convention))
 
 
 def _relative_table(ctx: _Ctx, g: int, convention: str) -> Block:
     """Means relative to the baseline row in % (stores without per-chunk losses)."""
-    lay, cells = ctx.lay, ctx.cells
-    assert ctx.base is not None
-    header = [f"{lay.row_axis} \\ {lay.col_axis}"] + list(lay.col_labels)
-    rows = []
-    for r, label in enumerate(lay.row_labels):
-        row = [f"`{label}`"]
-        for c in range(len(lay.cols)):
-            text = cells[g, r, c].relative_text(cells[g, ctx.base, c], convention)
-            best = len(lay.rows) > 1 and best_in_column(cells, lay, g, c, convention) == r
-            row.append(f"**{text}**" if best else text)
-        rows.append(row)
-    return ("table", header, rows)
+    cells, base = ctx.cells, ctx.base
+    assert base is not None
+    return _grid_table(
+        ctx,
+        g,
+        lambda r, c: cells[g, r, c].relative_text(cells[g, base, c], convention),
+        _best_of_column(ctx, g, convention),
+    )
 
 
 def _paired_table(ctx: _Ctx, g: int, convention: str) -> Block:
     """Paired differences from the baseline row in the same column, with intervals."""
-    lay, cells = ctx.lay, ctx.cells
-    assert ctx.base is not None
-    header = [f"{lay.row_axis} \\ {lay.col_axis}"] + list(lay.col_labels)
-    rows = []
-    for r, label in enumerate(lay.row_labels):
-        row = [f"`{label}`"]
-        for c in range(len(lay.cols)):
-            if r == ctx.base:
-                row.append("baseline")
-            elif not cells[g, r, c].finished(convention) or not cells[g, ctx.base, c].finished(convention):
-                row.append(
-                    cells[g, r, c].text(convention) if not cells[g, r, c].finished(convention) else "n/a (no baseline)"
-                )
-            else:
-                row.append(_delta(ctx.paired(g, r, c, ctx.base, c, convention)))
-        rows.append(row)
-    return ("table", header, rows)
+    cells, base = ctx.cells, ctx.base
+    assert base is not None
+
+    def cell(r: int, c: int) -> str:
+        if r == base:
+            return "baseline"
+        if not cells[g, r, c].finished(convention) or not cells[g, base, c].finished(convention):
+            return cells[g, r, c].text(convention) if not cells[g, r, c].finished(convention) else "n/a (no baseline)"
+        return _delta(ctx.paired(g, r, c, base, c, convention))
+
+    return _grid_table(ctx, g, cell, lambda r, c: False)
 
 
 def _edge_warnings(lay: Layout, chosen: dict[int, int]) -> list[Block]:
