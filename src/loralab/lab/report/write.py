@@ -352,6 +352,12 @@ def _tables(ctx: _Ctx) -> list[Block]:
     lay = ctx.lay
     heads = [[("h", 3, lay.group_label(g))] if lay.others else [] for g in range(len(lay.groups))]
     ci = " Each cell: mean [95% interval]." if ctx.splits else " Each cell: mean ± sample std over seeds."
+
+    def section(title: str, text: str, per_group: Callable[[int, str], list[Block]], conv: str) -> list[Block]:
+        """A heading, its explanation, then each group's blocks (under ``conv``) under the group's own heading."""
+        groups = range(len(lay.groups))
+        return [("h", 2, title), ("p", text)] + [b for g in groups for b in heads[g] + per_group(g, conv)]
+
     out: list[Block] = []
     if ctx.conventions != CONVENTIONS:
         out.append(
@@ -362,69 +368,54 @@ def _tables(ctx: _Ctx) -> list[Block]:
             )
         )
     for conv in ctx.conventions:
-        out += [
-            ("h", 2, f"Final eval loss{SUFFIX[conv]}"),
-            (
-                "p",
-                f"{CONVENTION_TEXT[conv]}{ci} {MARKS} **Bold**: the lowest mean in its column among eligible "
-                "cells (no seed diverged; under the included convention, a finite mean).",
-            ),
-        ]
-        for g in range(len(lay.groups)):
-            out += heads[g] + [_loss_table(ctx, g, conv)]
+        out += section(
+            f"Final eval loss{SUFFIX[conv]}",
+            f"{CONVENTION_TEXT[conv]}{ci} {MARKS} **Bold**: the lowest mean in its column among eligible "
+            "cells (no seed diverged; under the included convention, a finite mean).",
+            lambda g, c: [_loss_table(ctx, g, c)],
+            conv,
+        )
     if ctx.base is not None:
         for conv in ctx.conventions:
             if ctx.splits:
-                out += [
-                    ("h", 2, f"Paired difference vs `{ctx.baseline}`{SUFFIX[conv]}"),
-                    (
-                        "p",
-                        f"{CONVENTION_TEXT[conv]} Each cell: the mean over seeds and {ctx.splits[1]} chunks of "
-                        f"(loss − `{ctx.baseline}`'s loss in the same column, same seed, same chunk), in nats "
-                        "(negative = lower loss), its 95% interval, ✱ when the interval excludes 0, and "
-                        "n = the seeds both have.",
-                    ),
-                ]
-                body = [_paired_table(ctx, g, conv) for g in range(len(lay.groups))]
+                out += section(
+                    f"Paired difference vs `{ctx.baseline}`{SUFFIX[conv]}",
+                    f"{CONVENTION_TEXT[conv]} Each cell: the mean over seeds and {ctx.splits[1]} chunks of "
+                    f"(loss − `{ctx.baseline}`'s loss in the same column, same seed, same chunk), in nats "
+                    "(negative = lower loss), its 95% interval, ✱ when the interval excludes 0, and "
+                    "n = the seeds both have.",
+                    lambda g, c: [_paired_table(ctx, g, c)],
+                    conv,
+                )
             else:
-                out += [
-                    ("h", 2, f"Relative to `{ctx.baseline}`{SUFFIX[conv]}"),
-                    (
-                        "p",
-                        f"{CONVENTION_TEXT[conv]} (mean / mean of `{ctx.baseline}` in the same column − 1) × "
-                        "100; negative = lower loss. Bold as in the table above.",
-                    ),
-                ]
-                body = [_relative_table(ctx, g, conv) for g in range(len(lay.groups))]
-            for g in range(len(lay.groups)):
-                out += heads[g] + [body[g]]
+                out += section(
+                    f"Relative to `{ctx.baseline}`{SUFFIX[conv]}",
+                    f"{CONVENTION_TEXT[conv]} (mean / mean of `{ctx.baseline}` in the same column − 1) × "
+                    "100; negative = lower loss. Bold as in the table above.",
+                    lambda g, c: [_relative_table(ctx, g, c)],
+                    conv,
+                )
     for conv in ctx.conventions:
         if ctx.splits:
             sel, rep = ctx.splits
-            out += [
-                ("h", 2, f"Tuned comparison: each {lay.row_axis} at its best {lay.col_axis}{SUFFIX[conv]}"),
-                (
-                    "p",
-                    f"{CONVENTION_TEXT[conv]} Each row's {lay.col_axis} is the one with the lowest mean {sel} "
-                    f"loss among its eligible cells; the {rep} loss of that cell is reported, and compared with "
-                    f"`{ctx.baseline}` at *its* best {lay.col_axis} (paired: same seeds, same chunks; ✱ when "
-                    "the interval excludes 0). This decides which init is better (Lee et al. 2026: once each "
-                    "method's learning rate is tuned, gaps shrink); the interval is conditional on the choice.",
-                ),
-            ]
-            for g in range(len(lay.groups)):
-                out += heads[g] + _tuned(ctx, g, conv)
+            out += section(
+                f"Tuned comparison: each {lay.row_axis} at its best {lay.col_axis}{SUFFIX[conv]}",
+                f"{CONVENTION_TEXT[conv]} Each row's {lay.col_axis} is the one with the lowest mean {sel} "
+                f"loss among its eligible cells; the {rep} loss of that cell is reported, and compared with "
+                f"`{ctx.baseline}` at *its* best {lay.col_axis} (paired: same seeds, same chunks; ✱ when "
+                "the interval excludes 0). This decides which init is better (Lee et al. 2026: once each "
+                "method's learning rate is tuned, gaps shrink); the interval is conditional on the choice.",
+                lambda g, c: _tuned(ctx, g, c),
+                conv,
+            )
         else:
-            out += [
-                ("h", 2, f"Best {lay.col_axis} per {lay.row_axis}{SUFFIX[conv]}"),
-                (
-                    "p",
-                    f"{CONVENTION_TEXT[conv]} Lowest mean final eval loss over eligible cells, chosen and "
-                    "reported on the same eval chunks.",
-                ),
-            ]
-            for g in range(len(lay.groups)):
-                out += heads[g] + _best_lr(ctx, g, conv)
+            out += section(
+                f"Best {lay.col_axis} per {lay.row_axis}{SUFFIX[conv]}",
+                f"{CONVENTION_TEXT[conv]} Lowest mean final eval loss over eligible cells, chosen and "
+                "reported on the same eval chunks.",
+                lambda g, c: _best_lr(ctx, g, c),
+                conv,
+            )
     return out
 
 
