@@ -1,9 +1,10 @@
 """A sweep's plan, built once and used by the sweep and by its dry run: the runs, their packs, the manifest, and the
 checks of what no single run can get past.
 
-Errors that are not one run's fault (the configured device is missing, the data cannot fill one step's batches, the
-out_dir is a file, another config's store, a model or dataset that cannot be read, targets that match nothing, a rank
-above a layer's, a sequence longer than the model's context) would fail every run alike: they raise
+Errors that are not one run's fault (the configured device is missing, a 4-bit base without bitsandbytes or on a
+device it cannot serve, the data cannot fill one step's batches, the out_dir is a file, another config's store, a model
+or dataset that cannot be read, targets that match nothing, a rank above a layer's, a sequence longer than the model's
+context) would fail every run alike: they raise
 :class:`SweepAbort` (or a ``ValueError`` naming the problem) and stop the sweep once, and ``--dry-run`` runs the same
 checks before any training.
 """
@@ -20,7 +21,7 @@ from ..config.grid import RunSpec, plan_runs
 from ..config.schema import RunConfig, SweepConfig
 from ..config.typecheck import to_dict
 from ..run.data import check_data
-from ..run.models import check_model, model_skeleton
+from ..run.models import check_model, check_quantize, model_skeleton
 from ..run.pack import pack_key
 from ..runtime import DeviceUnavailable, check_out_dir, pick_device
 from ..store import SweepStore
@@ -140,6 +141,9 @@ class SweepPlan:
         """
         for model_cfg in dict.fromkeys(j.run.model for j in runs):
             log(f"model: {check_model(model_cfg)}")
+            for device in dict.fromkeys(pick_device(j.run.train.device) for j in runs if j.run.model == model_cfg):
+                if quantized := check_quantize(model_cfg, device):
+                    log(f"  {quantized}")
             skeleton = model_skeleton(model_cfg)
             for lora in dict.fromkeys(j.run.lora for j in runs if j.run.model == model_cfg):
                 n = len(validate(skeleton, lora))
