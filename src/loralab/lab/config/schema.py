@@ -238,7 +238,8 @@ class RunConfig:
         require(
             self.model.quantize == "none" or not self.rewrites_base,
             f"lora.init / lora.init_pattern use {', '.join(self._base_rewriters())}, which rewrites the base weight: "
-            f"a {self.model.quantize} base would round the rewrite to 4 bits (loralab refuses it); use an init that "
+            f"a 4-bit base (model.quantize = {self.model.quantize!r}) would round the rewrite away (loralab refuses "
+            "it); use an init that "
             'leaves the base alone (e.g. "standard"), or model.quantize = "none"',
         )
 
