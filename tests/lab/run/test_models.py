@@ -375,3 +375,6 @@ def test_a_device_bitsandbytes_cannot_serve_is_named_before_loading(tiny_lm_dir,
     with pytest.raises(ModelError, match=r"model.quantize='fp4': bitsandbytes .* cannot run a 4-bit layer on cpu "
                                          r"\(NotImplementedError: no 4-bit kernel.*train on a CUDA device"):
         load_model(ModelConfig(name=str(tiny_lm_dir), quantize="fp4"))
+    # a device only a cluster's workers have is theirs to probe: here only the packages are checked
+    line = models.check_quantize(ModelConfig(name=str(tiny_lm_dir), quantize="fp4"), None)
+    assert line is not None and line.endswith("its device is checked where the run loads it")

@@ -109,10 +109,10 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
     return model.to(device), _prepare_tokenizer(tokenizer, cfg.name)
 
 
-def check_quantize(cfg: ModelConfig, device: torch.device | str) -> str | None:
+def check_quantize(cfg: ModelConfig, device: torch.device | str | None) -> str | None:
     """Check that ``cfg.quantize`` can run here: bitsandbytes and accelerate are installed, and a 4-bit layer of that
-    type quantizes and runs a forward on ``device`` (milliseconds). Returns a one-line description (None: no
-    quantization).
+    type quantizes and runs a forward on ``device`` (milliseconds; skipped for ``None``, a device that only the
+    workers of a cluster have). Returns a one-line description (None: no quantization).
 
     Raises:
         ModelError: a missing package (with the install line), or a device bitsandbytes cannot serve.
@@ -128,6 +128,9 @@ def check_quantize(cfg: ModelConfig, device: torch.device | str) -> str | None:
         )
     import bitsandbytes as bnb
 
+    what = f"{cfg.quantize} 4-bit base (bitsandbytes {getattr(bnb, '__version__', '?')})"
+    if device is None:
+        return f"{what}; its device is checked where the run loads it"
     try:
         with torch.random.fork_rng(devices=[]):  # the probe's weights come from the global RNG
             layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type=cfg.quantize)
@@ -138,7 +141,7 @@ def check_quantize(cfg: ModelConfig, device: torch.device | str) -> str | None:
             f"model.quantize={cfg.quantize!r}: bitsandbytes {getattr(bnb, '__version__', '?')} cannot run a 4-bit "
             f"layer on {device} ({_one_line(e)}); train on a CUDA device (train.device), {fix}"
         ) from None
-    return f"{cfg.quantize} 4-bit base (bitsandbytes {getattr(bnb, '__version__', '?')}) on {device}"
+    return f"{what} on {device}"
 
 
 def _importable(package: str) -> bool:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
+
 from loralab.inject import validate
 
 from ..config.grid import RunSpec, plan_runs
@@ -79,6 +81,14 @@ def check_context(run: RunConfig, skeleton: Any) -> None:
         )
 
 
+def _device_here(name: str) -> torch.device | None:
+    """``train.device`` on this machine; None where only a cluster's workers have it (the executor checked that)."""
+    try:
+        return pick_device(name)
+    except DeviceUnavailable:
+        return None
+
+
 @dataclass(frozen=True)
 class SweepPlan:
     """Every run of a sweep in grid order, and what the store's manifest records about it."""
@@ -141,7 +151,7 @@ class SweepPlan:
         """
         for model_cfg in dict.fromkeys(j.run.model for j in runs):
             log(f"model: {check_model(model_cfg)}")
-            for device in dict.fromkeys(pick_device(j.run.train.device) for j in runs if j.run.model == model_cfg):
+            for device in dict.fromkeys(_device_here(j.run.train.device) for j in runs if j.run.model == model_cfg):
                 if quantized := check_quantize(model_cfg, device):
                     log(f"  {quantized}")
             skeleton = model_skeleton(model_cfg)
