@@ -239,8 +239,7 @@ class RunConfig:
             self.model.quantize == "none" or not self.rewrites_base,
             f"lora.init / lora.init_pattern use {', '.join(self._base_rewriters())}, which rewrites the base weight: "
             f"a 4-bit base (model.quantize = {self.model.quantize!r}) would round the rewrite away (loralab refuses "
-            "it); use an init that "
-            'leaves the base alone (e.g. "standard"), or model.quantize = "none"',
+            'it); use an init that leaves the base alone (e.g. "standard"), or model.quantize = "none"',
         )
 
     def _base_rewriters(self) -> list[str]:

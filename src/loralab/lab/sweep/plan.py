@@ -4,9 +4,8 @@ checks of what no single run can get past.
 Errors that are not one run's fault (the configured device is missing, a 4-bit base without bitsandbytes or on a
 device it cannot serve, the data cannot fill one step's batches, the out_dir is a file, another config's store, a model
 or dataset that cannot be read, targets that match nothing, a rank above a layer's, a sequence longer than the model's
-context) would fail every run alike: they raise
-:class:`SweepAbort` (or a ``ValueError`` naming the problem) and stop the sweep once, and ``--dry-run`` runs the same
-checks before any training.
+context) would fail every run alike: they raise :class:`SweepAbort` (or a ``ValueError`` naming the problem) and stop
+the sweep once, and ``--dry-run`` runs the same checks before any training.
 """
 
 from __future__ import annotations
