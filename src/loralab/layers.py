@@ -305,9 +305,9 @@ class Linear4bit(Linear):
 
     The base forward is untouched and the update runs in the adapter's dtype, cast to the output's: at step 0 with
     B = 0 the output is the 4-bit base's, exactly. Merging is refused (:meth:`check_mergeable`): requantizing
-    ``W + ΔW`` rounds each entry to the 4-bit grid, whose steps (a tenth of a block's largest entry and more) are
-    larger than a trained update's entries, so the merged weight would be off by about as much as ΔW itself. For the same reason the inits that rewrite the base (pissa, olora)
-    are refused on it (``inject.validate``).
+    ``W + ΔW`` rounds each entry to the 4-bit grid, whose steps (nf4: 0.08 to 0.30 of the block's largest entry) are
+    larger than a trained update's entries, so the merged weight would be off by about as much as ΔW itself. For the
+    same reason the inits that rewrite the base (pissa, olora) are refused on it (``inject.validate``).
     """
 
     writable_base = False
