@@ -339,8 +339,11 @@ def edge_verdicts(found: Sequence[Edge], fits: Mapping[str, EdgeFit | None]) -> 
         total = sum(e.init == init for e in found)
         off = sum(e.init == init and e.censored is not None for e in found)
         if f is None or (total and off / total > CENSOR_LIMIT):
+            kinds = sorted({e.censored for e in found if e.init == init and e.censored})
+            fix = {"not bracketed": "finish the search (rerun it)"}
+            todo = "; ".join(fix.get(k, "extend the grid") + f" ({k})" for k in kinds) or "measure more α"
             out[f"equivalence {init}"] = Verdict(
-                "undecided", f"{off} of {total} series off the grid or not bracketed; extend the grid"
+                "undecided", f"{off} of {total} series off the grid or not bracketed, fits need 2 α: {todo}"
             )
             continue
         usable[init] = f
@@ -355,8 +358,10 @@ def edge_verdicts(found: Sequence[Edge], fits: Mapping[str, EdgeFit | None]) -> 
         f = usable.get(init)
         match[init] = None if f is None else _inside(f.ci, p) and not _inside(f.ci, other)
     text = "; ".join(
-        f"{i}: {'matches' if m else 'does not match' if m is False else 'undecided'} α^{TOY[i]:g}"
-        + (f" (slope {usable[i].slope:+.2f} [{usable[i].ci[0]:+.2f}, {usable[i].ci[1]:+.2f}])" if i in usable else "")
+        f"{i} {'matches' if m else 'does not match'} α^{TOY[i]:g} (slope {usable[i].slope:+.2f} "
+        f"[{usable[i].ci[0]:+.2f}, {usable[i].ci[1]:+.2f}])"
+        if i in usable
+        else f"{i}: no usable fit"
         for i, m in match.items()
     )
     if all(m is True for m in match.values()):

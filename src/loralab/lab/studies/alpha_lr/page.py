@@ -167,8 +167,15 @@ def _edge_blocks(found: Sequence[A.Edge], fits: Mapping, verdicts: Mapping, figu
         es = [e for e in found if e.init == init and e.alpha == alpha]
         parts = []
         for e in es:
-            rng = f"[{e.lo:.3g}, {e.hi:.3g})" if e.lo and e.hi else f"{e.censored}"
-            parts.append(f"s{e.seed}: {rng}" + (f" ⚠ {e.censored}" if e.censored and e.lo and e.hi else ""))
+            if e.lo and e.hi:
+                rng = f"[{e.lo:.3g}, {e.hi:.3g})"
+            elif e.lo:
+                rng = f"≥ {e.lo:.3g} ⚠ {e.censored}"
+            elif e.hi:
+                rng = f"< {e.hi:.3g} ⚠ {e.censored}"
+            else:
+                rng = f"⚠ {e.censored}"
+            parts.append(f"s{e.seed}: {rng}")
         return "; ".join(parts) or "—"
 
     rows = [[f"{a:g}", *(text(i, a) for i in inits)] for a in alphas]
@@ -245,7 +252,8 @@ def _plot_edges(path: Path, found: Sequence[A.Edge], fits: Mapping) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("α (r = 8, s = α/r)")
     ax.set_ylabel("largest stable learning rate (bars: its grid bracket)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.savefig(path, dpi=DPI)
     return path
 
