@@ -305,8 +305,13 @@ def test_the_search_refuses_a_learning_rate_axis_that_is_not_geometric(probe_cfg
 
 
 @pytest.mark.slow
-def test_the_search_trains_a_tiny_real_model(probe_cfg, tmp_path, capsys, one_thread):
-    """Real training: an absurd learning rate blows the tiny model up, a tiny one does not."""
+def test_the_search_trains_a_tiny_real_model(probe_cfg, tmp_path, capsys, one_thread, monkeypatch):
+    """Real training: an absurd learning rate blows the tiny model up, a tiny one does not; the probes, trained one
+    at a time, share one loaded model."""
+    from loralab.lab.run import assets
+
+    loads, real = [], assets.load_model
+    monkeypatch.setattr(assets, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
     lrs = ", ".join(repr(2.0**k) for k in range(-10, 21))  # an octave grid, 1e-3 … 1e6
     rc = main(["alpha-lr", "probe", str(probe_cfg), "--no-progress", "--start-lr", "1", "--set", "train.max_steps=4",
                "--set", "grid.lora.alpha=[16.0]", "--set", "grid.train.seed=[0]", "--set", f"grid.train.lr=[{lrs}]"])
@@ -315,6 +320,7 @@ def test_the_search_trains_a_tiny_real_model(probe_cfg, tmp_path, capsys, one_th
     statuses = [json.loads(p.read_text())["status"] for p in (tmp_path / "out" / "runs").glob("*/result.json")]
     assert "ok" in statuses and "diverged" in statuses
     assert "max stable lr" in out
+    assert len(statuses) > 1 and len(loads) == 1
 
 
 # ---- 3. best learning rate against rank ---------------------------------------------------------------------------
