@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from ...report.markup import Block, to_markdown
 from ...report.plots import DPI, init_colors
@@ -306,6 +307,7 @@ def _plot_drift(path: Path, drifts: Sequence[A.Drift]) -> Path:
             if c is not None:
                 ax.plot([d.lrs[c]], [d.val[r, c]], "*", color=rc[str(rank)], ms=14)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the minor ticks' labels would overlap
         ax.set_title(f"{d.scaling}: mean validation loss (★ best)", fontsize=10)
         ax.set_xlabel("learning rate")
         ax.legend(fontsize=8)
