@@ -1,5 +1,5 @@
-"""``loralab inits | check | sweep | report | width | export | evaluate | generate``: parse arguments and call the lab;
-nothing else lives here."""
+"""``loralab inits | check | sweep | report | width | alpha-lr | export | evaluate | generate``: parse arguments and
+call the lab; nothing else lives here."""
 
 from __future__ import annotations
 
@@ -80,6 +80,25 @@ def _width(args) -> int:
     run_width(config, out)
     for kind, path in write_width_report(out).items():
         print(f"{kind}: {path}")
+    return 0
+
+
+def _alpha_lr(args) -> int:
+    if args.action == "report":
+        from .lab.studies.alpha_lr.page import write_page
+
+        paths = write_page(args.out, collapse=args.collapse, probe=args.probe, ranks=args.rank)
+        for kind, path in paths.items():
+            print(f"{kind}: {path}")
+        return 0
+    from .lab.config.toml import load_sweep
+    from .lab.studies.alpha_lr.search import plan_search, run_search
+
+    sweep = load_sweep(args.config, args.set)
+    if args.dry_run:
+        print(plan_search(sweep))
+        return 0
+    run_search(sweep, start_lr=args.start_lr, confirm=args.confirm, progress=not args.no_progress)
     return 0
 
 
@@ -176,6 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the cells, check the config, device and store; train nothing"
     )
     w.set_defaults(fn=_width)
+    a = sub.add_parser("alpha-lr", help="α vs learning rate, α/r vs α/√r (docs/results/alpha-lr.md)")
+    act = a.add_subparsers(dest="action", required=True)
+    ap = act.add_parser("probe", help="max stable lr of each series of a sweep, training only what the search needs")
+    ap.add_argument("config", help="a sweep TOML with a geometric train.lr axis, e.g. configs/alpha-lr-probe.toml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for loralab sweep")
+    ap.add_argument("--start-lr", type=float, default=1e-2, help="where the first series' search starts")
+    ap.add_argument("--confirm", type=int, default=1, help="grid points above the answer checked unstable")
+    ap.add_argument("--dry-run", action="store_true", help="print the series and finished probes; train nothing")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ar = act.add_parser("report", help="verdicts, tables and figures from the stores (results.md, results.json)")
+    ar.add_argument("--collapse", default=None, metavar="DIR", help="the α × lr store (configs/alpha-lr.toml)")
+    ar.add_argument("--probe", default=None, metavar="DIR", help="the stability-search store (alpha-lr probe)")
+    ar.add_argument(
+        "--rank", action="append", default=[], metavar="DIR", help="a rank × lr store (repeat: α/r and α/√r)"
+    )
+    ar.add_argument("--out", required=True, help="where results.md, results.json and the PNGs go")
+    a.set_defaults(fn=_alpha_lr)
     e = sub.add_parser("export", help="write a run's trained adapter (PEFT format), or with --merged a full model")
     _run_choice(e)
     e.add_argument("--out", required=True, help="a new (or empty) directory to write")
@@ -227,6 +263,11 @@ _START_UP = {
     ],
     "report": ["loralab.lab.report.write"],
     "width": ["loralab.lab.studies.width.study", "loralab.lab.studies.width.report"],
+    "alpha-lr": [
+        "loralab.lab.studies.alpha_lr.search",
+        "loralab.lab.studies.alpha_lr.page",
+        "transformers:AutoConfig,AutoModelForCausalLM,AutoTokenizer",
+    ],
     **{
         name: ["loralab.lab.adapters", "transformers:AutoConfig,AutoModelForCausalLM,AutoTokenizer"]
         for name in ("export", "evaluate", "generate")
@@ -257,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             _start_up(command)
         return args.fn(args)
     except KeyboardInterrupt:
-        resumable = command in ("sweep", "width")  # only these store results as they go
+        resumable = command in ("sweep", "width", "alpha-lr")  # only these store results as they go
         print(
             "interrupted" + (": finished runs are stored; rerun the same command to resume" if resumable else ""),
             file=sys.stderr,

@@ -124,6 +124,7 @@ class LocalExecutor:
 
     def __init__(self, plan: SweepPlan, progress: bool = True, log: Callable[[str], None] = print):
         self.plan, self.progress, self.log = plan, progress, log
+        self.assets = Assets()  # kept across calls of run(): a search that trains one probe at a time loads once
 
     def check(self, runs: Sequence[RunSpec]) -> None:
         for device in dict.fromkeys(s.run.train.device for s in runs):
@@ -133,7 +134,7 @@ class LocalExecutor:
         return lambda r: self.log(f"    {r.run_id + ' ' if named else ''}{summarize(r)}")
 
     def run(self, runs: Sequence[RunSpec], store: SweepStore) -> None:
-        assets, done = Assets(), 0
+        assets, done = self.assets, 0
         for group in self.plan.packs(runs):
             names = ", ".join(s.run_id for s in group)
             self.log(f"[{done + 1}{f'-{done + len(group)}' if len(group) > 1 else ''}/{len(runs)}] {names}")

@@ -24,7 +24,7 @@ from .local import LocalExecutor
 from .lock import SweepLock
 from .plan import Executor, SweepAbort, SweepPlan
 
-__all__ = ["make_executor", "outcome", "run_sweep"]
+__all__ = ["make_executor", "outcome", "prepare_redo", "run_sweep"]
 
 
 def make_executor(
@@ -53,7 +53,7 @@ def make_executor(
     raise ValueError(f"unknown executor {name!r}; valid: {', '.join(EXECUTORS)}")
 
 
-def _prepare_redo(
+def prepare_redo(
     store: SweepStore, runs: Sequence[RunSpec], statuses: dict[str, Any], log: Callable[[str], None]
 ) -> int:
     """Move aside the results of failed and unreadable runs (``RunStore.reset``); returns how many failed before."""
@@ -83,7 +83,7 @@ def run_sweep(plan: SweepPlan, executor: Executor | None = None, log: Callable[[
         plan.check_inputs(todo)  # what would fail every run alike stops the sweep here, once, writing nothing
         fresh = store.manifest() is None
         store.write_manifest(**plan.manifest(), run_axes=[s.axes for s in plan.runs])
-        failed = _prepare_redo(store, todo, statuses, log)
+        failed = prepare_redo(store, todo, statuses, log)
         log(
             f"sweep {plan.sweep.name!r}: {len(plan.runs)} runs, {len(plan.runs) - len(todo)} already finished, "
             f"{len(todo)} to run"
