@@ -24,7 +24,7 @@ def test_all_nine_schemes_exist_with_metadata():
                             "orthogonal-qr-match", "random-both", "pissa", "olora"}
     s = init_schemes()
     assert not s["random-both"].preserves_output
-    assert {n for n in SCHEMES if s[n].modifies_base} == {"pissa", "olora"}
+    assert {n for n in SCHEMES if s[n].modifies_base} == {"pissa", "olora", "random-both-subtracted"}
     assert {n for n in SCHEMES if s[n].even_rank} == {"orthogonal-eye", "orthogonal-qr-const", "orthogonal-qr-match"}
     assert all(s[n].summary for n in SCHEMES)
 
@@ -107,6 +107,37 @@ def test_random_both_adds_noise():
     assert (f.b @ f.a).abs().max() > 0
 
 
+@pytest.mark.parametrize("dist, var_a, var_b", [
+    ("kaiming", 1 / (3 * D_IN), 1 / (3 * R)),
+    ("xavier", 2 / (D_IN + R), 2 / (R + D_OUT)),
+])
+def test_random_both_distributions(dist, var_a, var_b):
+    """kaiming: KU(d_in), KU(r) (REFERENCE.md); xavier: Glorot uniform with each factor's fans, Var = 2/(in + out)."""
+    f = run("random-both", dist=dist)
+    assert f.a.var().item() == pytest.approx(var_a, rel=0.05)
+    assert f.b.var().item() == pytest.approx(var_b, rel=0.1)
+    assert f.a.abs().max() <= (3 * var_a) ** 0.5 and f.b.abs().max() <= (3 * var_b) ** 0.5
+
+
+def test_random_both_default_is_kaiming_and_an_unknown_dist_is_refused():
+    assert all(torch.equal(x, y) for x, y in zip(vars(run("random-both")).values(),
+                                                 vars(run("random-both", dist="kaiming")).values()) if x is not None)
+    with pytest.raises(ValueError, match="dist='glorot' is not an option of 'random-both'; use one of 'kaiming'"):
+        LoraConfig(init="random-both", init_kwargs={"dist": "glorot"})
+    with pytest.raises(ValueError, match="dist='glorot' is not one of"):
+        run("random-both", dist="glorot")
+
+
+@pytest.mark.parametrize("dist", ["kaiming", "xavier"])
+def test_subtracted_control_is_random_both_moved_into_the_base(dist):
+    """The control: random-both's factors (same seed), with s·B·A taken out of the base: output kept, both non-zero."""
+    w, scale = torch.randn(D_OUT, D_IN), 2.0
+    rb, ctl = run("random-both", w, scale=scale, dist=dist), run("random-both-subtracted", w, scale=scale, dist=dist)
+    assert torch.equal(rb.a, ctl.a) and torch.equal(rb.b, ctl.b)
+    assert torch.count_nonzero(ctl.a) == ctl.a.numel() and torch.count_nonzero(ctl.b) == ctl.b.numel()
+    assert torch.allclose(ctl.base, w - scale * rb.b @ rb.a)
+
+
 def test_pissa_takes_the_top_singular_part():
     w, scale = torch.randn(64, 48), 2.0
     f = run("pissa", w, scale=scale)
@@ -186,9 +217,10 @@ def test_reads_weight_is_honest(name):
     weight gives other factors for another weight."""
     w = torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(1))
     f = run(name, w)
-    if init_schemes()[name].reads_weight:
-        other = run(name, torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(2)))
-        assert not torch.allclose(f.a, other.a)
+    if init_schemes()[name].reads_weight:   # the factors, or the new base beyond the weight's own change
+        w2 = torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(2))
+        other = run(name, w2)
+        assert not torch.allclose(f.a, other.a) or not torch.allclose(f.base - w, other.base - w2)
     else:
         g = run(name, torch.empty(D_OUT, D_IN, device="meta"))
         assert torch.equal(f.a, g.a) and torch.equal(f.b, g.b) and g.a.device.type == "cpu"

@@ -13,6 +13,7 @@ from loralab import (
     AdapterError,
     AdapterFormatWarning,
     LoraConfig,
+    init_schemes,
     inject,
     load_adapter,
     lora_layers,
@@ -93,6 +94,24 @@ def test_base_modifying_schemes(tmp_path, init, portable):
     if portable:  # a plain adapter: merging it into the untouched base gives the fine-tuned model
         merge(back)
         assert torch.allclose(logits(back), want, atol=1e-4)
+
+
+MOVES = sorted(n for n, s in init_schemes().items() if s.modifies_base)
+
+
+@pytest.mark.parametrize("init", MOVES)
+def test_every_base_moving_scheme_exports_portably_and_round_trips(tmp_path, init):
+    """Any scheme that rewrites the base (registry-wide): the portable file loads on the unmodified base, in PEFT and
+    in loralab; saved as-is, loralab reloads it exactly (in PEFT's format when PEFT redoes the scheme, else its own)."""
+    base, model = adapted(targets=["q_proj", "v_proj", "down_proj"], init=init)
+    want = logits(model)
+    save_adapter(model, tmp_path / "portable", portable=True)
+    assert torch.allclose(logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "portable").eval()),
+                          want, atol=1e-4)
+    assert torch.allclose(logits(load_adapter(copy.deepcopy(base), tmp_path / "portable")), want, atol=1e-4)
+    save_adapter(model, tmp_path / "as-is")
+    assert (tmp_path / "as-is" / "adapter_config.json").exists() == (init in ("pissa", "olora"))
+    assert torch.allclose(logits(load_adapter(copy.deepcopy(base), tmp_path / "as-is")), want, atol=1e-4)
 
 
 def test_portable_rslora_scales_alpha_by_sqrt2(tmp_path):

@@ -1,5 +1,5 @@
-"""``loralab inits | check | sweep | report | width | alpha-lr | export | evaluate | generate``: parse arguments and
-call the lab; nothing else lives here."""
+"""``loralab inits | check | sweep | report | width | alpha-lr | cold-start | export | evaluate | generate``: parse
+arguments and call the lab; nothing else lives here."""
 
 from __future__ import annotations
 
@@ -99,6 +99,16 @@ def _alpha_lr(args) -> int:
         print(plan_search(sweep))
         return 0
     run_search(sweep, start_lr=args.start_lr, confirm=args.confirm, progress=not args.no_progress)
+    return 0
+
+
+def _cold_start(args) -> int:
+    from .lab.runtime import check_out_dir
+    from .lab.studies.cold_start import write_cold_start
+
+    out = check_out_dir(args.out or f"{args.run_dir}/cold-start", "--out")
+    for kind, path in write_cold_start(args.run_dir, out, shock_dir=args.shock, page=args.page).items():
+        print(f"{kind}: {path}")
     return 0
 
 
@@ -212,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ar.add_argument("--out", required=True, help="where results.md, results.json and the PNGs go")
     a.set_defaults(fn=_alpha_lr)
+    cs = sub.add_parser("cold-start", help="the cold-start shock study's figures, tables and verdict (issue 18)")
+    cs.add_argument("run_dir", help="the out_dir of configs/cold-start.toml's sweep")
+    cs.add_argument("--shock", default=None, help="the out_dir of configs/cold-start-shock.toml's sweep (shock vs α)")
+    cs.add_argument("--out", default=None, help="figures and results.json (default: RUN_DIR/cold-start)")
+    cs.add_argument(
+        "--page", default=None, help="the page whose results section is rewritten (default: OUT.md if it exists)"
+    )
+    cs.set_defaults(fn=_cold_start)
     e = sub.add_parser("export", help="write a run's trained adapter (PEFT format), or with --merged a full model")
     _run_choice(e)
     e.add_argument("--out", required=True, help="a new (or empty) directory to write")
@@ -268,6 +286,7 @@ _START_UP = {
         "loralab.lab.studies.alpha_lr.page",
         "transformers:AutoConfig,AutoModelForCausalLM,AutoTokenizer",
     ],
+    "cold-start": ["loralab.lab.studies.cold_start"],
     **{
         name: ["loralab.lab.adapters", "transformers:AutoConfig,AutoModelForCausalLM,AutoTokenizer"]
         for name in ("export", "evaluate", "generate")

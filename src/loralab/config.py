@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,6 +202,12 @@ class LoraConfig:
                 raise ValueError(
                     f"LoraConfig.init_kwargs {extra} are not options of {init!r}; its options: {opts or 'none'}"
                 )
+            for key, choices in _choices(scheme.fn).items():
+                if key in self.init_kwargs and self.init_kwargs[key] not in choices:
+                    raise ValueError(
+                        f"LoraConfig.init_kwargs {key}={self.init_kwargs[key]!r} is not an option of {init!r}; "
+                        f"use one of {', '.join(map(repr, choices))}"
+                    )
 
     @property
     def scale(self) -> float:
@@ -217,6 +224,16 @@ class LoraConfig:
         if init is None:
             init = (get_scheme(self.init).one_hot or self.init) if one_hot else self.init
         return _lookup(self.rank_pattern, name, self.rank), float(_lookup(self.alpha_pattern, name, self.alpha)), init
+
+
+def _choices(fn: Any) -> dict[str, tuple]:
+    """``{option: allowed values}`` for a scheme's options annotated ``Literal[...]`` (checked when a config is
+    built, so a misspelt value fails before a model is touched)."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError):  # annotations that do not resolve: nothing to check
+        return {}
+    return {k: typing.get_args(t) for k, t in hints.items() if typing.get_origin(t) is typing.Literal}
 
 
 def name_matches(name: str, patterns: str | Iterable[str]) -> bool:

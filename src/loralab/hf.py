@@ -172,7 +172,8 @@ def init_peft(
     if scheme.modifies_base:
         raise ValueError(
             f"init_peft: {init!r} rewrites the base weight, which a PEFT adapter file would not record "
-            f"(it would load on the wrong base); use PEFT's own init_lora_weights={init!r}"
+            f"(it would load on the wrong base); use PEFT's own init_lora_weights={init!r} where PEFT has the "
+            f"scheme (pissa, olora), else loralab.inject"
         )
     adapter = str(adapter_name or getattr(peft_model, "active_adapter", "default"))
     get_base = getattr(peft_model, "get_base_model", None)

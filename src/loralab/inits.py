@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -170,11 +171,42 @@ def orthogonal_eye(w: Tensor, rank: int, *, scale: float, g: torch.Generator) ->
     return _orthogonal(w, rank, g, eye=True, ca=d_in**-0.5, cb=rank**-0.5)
 
 
-@register("random-both", preserves_output=False, reads_weight=False)
-def random_both(w: Tensor, rank: int, *, scale: float, g: torch.Generator) -> Factors:
-    """A ~ KU(d_in), B ~ KU(r): the anti-pattern; s·B·A ≠ 0 adds noise to the pretrained weight."""
+RANDOM_DISTS = ("kaiming", "xavier")  # the options of random-both's ``dist``
+
+
+def _random_pair(w: Tensor, rank: int, g: torch.Generator, dist: str) -> tuple[Tensor, Tensor]:
+    """Both factors random: ``kaiming`` draws A ~ KU(d_in), B ~ KU(r) (REFERENCE.md); ``xavier`` draws both from
+    Glorot uniform, U(±√(6/(fan_in + fan_out))), Var = 2/(fan_in + fan_out) with the factor's own fans (A: d_in and
+    r; B: r and d_out). A is drawn first, then B, either way."""
     d_out, d_in = w.shape
-    return Factors(a=_ku(rank, d_in, d_in, g), b=_ku(d_out, rank, rank, g))
+    if dist == "kaiming":
+        return _ku(rank, d_in, d_in, g), _ku(d_out, rank, rank, g)
+    if dist == "xavier":
+        a = torch.empty(rank, d_in).uniform_(-1.0, 1.0, generator=g) * math.sqrt(6.0 / (d_in + rank))
+        return a, torch.empty(d_out, rank).uniform_(-1.0, 1.0, generator=g) * math.sqrt(6.0 / (rank + d_out))
+    raise ValueError(f"init_kwargs dist={dist!r} is not one of {', '.join(map(repr, RANDOM_DISTS))}")
+
+
+@register("random-both", preserves_output=False, reads_weight=False)
+def random_both(
+    w: Tensor, rank: int, *, scale: float, g: torch.Generator, dist: Literal["kaiming", "xavier"] = "kaiming"
+) -> Factors:
+    """A ~ KU(d_in), B ~ KU(r) (``dist="xavier"``: Glorot uniform): the anti-pattern; s·B·A ≠ 0 adds noise to W."""
+    a, b = _random_pair(w, rank, g, dist)
+    return Factors(a=a, b=b)
+
+
+@register("random-both-subtracted", modifies_base=True)
+def random_both_subtracted(
+    w: Tensor, rank: int, *, scale: float, g: torch.Generator, dist: Literal["kaiming", "xavier"] = "kaiming"
+) -> Factors:
+    """As random-both, with W ← W − s·B·A: the output is preserved, yet both factors start non-zero (a control).
+
+    It separates the two things random-both changes at step 0: noise in the output (which this removes) and two
+    non-zero factors (which it keeps, so both get a gradient at once). Same seed, same factors as random-both.
+    """
+    a, b = _random_pair(w, rank, g, dist)
+    return Factors(a=a, b=b, base=w - scale * (b @ a))
 
 
 @register("pissa", modifies_base=True, one_hot="reversed-normal")

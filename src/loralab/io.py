@@ -130,7 +130,7 @@ def _peft_init(layers: dict[str, LoraLayer], portable: bool) -> tuple[Any, str |
         if isinstance(layer, Embedding):
             ok = layer.lora_A0 is None  # PEFT leaves an embedding's base alone under any init
         else:
-            ok = type(layer) in _PEFT_RECOMPUTES[init] and layer.init == init
+            ok = type(layer) in _PEFT_RECOMPUTES.get(init, ()) and layer.init == init
         if not ok:
             return None, (
                 f"with init_lora_weights={init!r} PEFT would not rebuild the base of {name!r} "
@@ -568,13 +568,14 @@ def _present(cfg: LoraConfig, model: nn.Module, in_file: dict[str, Any]) -> Lora
     return dataclasses.replace(cfg, **changes)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, seed: int = 0) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, seed: int | None = None) -> nn.Module:
     """Load an adapter directory (saved by loralab, in either form, or by PEFT) into ``model``; all-or-nothing.
 
     On a plain model the layers named by the adapter's config are injected first (a pissa/olora adapter saved
     without ``portable`` recomputes the residual base, as PEFT does); on a model that already has LoRA layers the
     weights are loaded into them (how a training run resumes). Modules saved whole (``modules_to_save``) are loaded
-    and made trainable.
+    and made trainable. ``seed`` seeds that injection: by default the seed the file records (0 when it records
+    none), so a base-moving scheme with random factors (random-both-subtracted) rebuilds the residual it trained on.
     """
     root = Path(path)
     if not root.is_dir():
@@ -583,10 +584,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, seed: int = 0) ->
     if peft:
         sidecar = _read_sidecar(root)
         cfg = config_from_peft(_read_json(root / CONFIG_FILE), sidecar)
-        tensors = _read_weights(root / WEIGHTS_FILE)
+        tensors, saved_seed = _read_weights(root / WEIGHTS_FILE), (sidecar or {}).get("seed")
     else:
-        cfg = _own_config(_read_json(root / OWN_CONFIG_FILE))
-        tensors = _read_weights(root / OWN_WEIGHTS_FILE)
+        own = _read_json(root / OWN_CONFIG_FILE)
+        cfg, tensors, saved_seed = _own_config(own), _read_weights(root / OWN_WEIGHTS_FILE), own.get("seed")
+    if seed is None:
+        seed = saved_seed if isinstance(saved_seed, int) and not isinstance(saved_seed, bool) else 0
     in_file = _saved_in_file(model, cfg.modules_to_save, tensors)
     cfg = _present(cfg, model, in_file)
     existing = lora_layers(model)

@@ -13,6 +13,7 @@ from loralab.lab import store as store_mod
 from loralab.lab.runtime import check_out_dir
 from loralab.lab.store import (
     CorruptFileError,
+    CurveLosses,
     EvalChunks,
     ManifestMismatchError,
     RunResult,
@@ -301,6 +302,34 @@ def test_eval_chunks_round_trip_keeps_non_finite_losses(tmp_path):
                                           np.asarray(getattr(split, stage), dtype=getattr(back.splits[name],
                                                                                           stage).dtype))
     assert back.splits["val"].final.dtype == np.float32 and (tmp_path / "r" / "eval_chunks.npz").stat().st_size < 4096
+
+
+def test_curve_losses_round_trip_and_old_files_have_none(tmp_path):
+    """The periodic evals' per-chunk losses come back typed, NaN kept; a file without them (written before loralab
+    stored them) reads as before, with ``curve`` None."""
+    old = _chunks()
+    curve = CurveLosses(ids=np.arange(3), steps=np.array([0, 2, 4]),
+                        losses=np.array([[3.0, 3.1, 3.2], [2.9, np.nan, 3.0], [2.5, 2.6, np.inf]], dtype=np.float32))
+    run, legacy = RunStore(tmp_path / "r"), RunStore(tmp_path / "legacy")
+    run.write_eval_chunks(EvalChunks(old.pool_digest, old.splits, curve))
+    legacy.write_eval_chunks(old)
+    back = run.eval_chunks()
+    assert back.curve == curve and list(back.splits) == ["val", "test"]
+    assert back.curve.losses.dtype == np.float32 and back.curve.steps.dtype == np.int64
+    assert legacy.eval_chunks().curve is None and back.splits == run.eval_chunks().splits
+    with pytest.raises(ValueError, match=r"curve losses must be \(steps, chunks\) = \(3, 3\); got \(2, 3\)"):
+        CurveLosses(ids=np.arange(3), steps=np.array([0, 2, 4]), losses=np.zeros((2, 3)))
+
+
+def test_a_misshapen_curve_makes_the_file_unreadable_by_name(tmp_path):
+    run = RunStore(tmp_path / "r")
+    arrays = _chunks().to_arrays() | {"curve.chunk_ids": np.arange(3), "curve.steps": np.arange(2),
+                                      "curve.losses": np.zeros((3, 3), dtype=np.float32)}
+    run.root.mkdir(parents=True)
+    with open(run.root / "eval_chunks.npz", "wb") as f:
+        np.savez_compressed(f, **arrays)
+    with pytest.raises(CorruptFileError, match="eval_chunks.npz is not a per-chunk eval file.*curve losses"):
+        run.eval_chunks()
 
 
 @pytest.mark.parametrize("content", [b"PK\x03\x04 truncated", b"not a zip", None], ids=["truncated", "foreign", "keys"])

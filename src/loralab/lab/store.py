@@ -21,6 +21,8 @@ read back as :class:`RunResult` through the config's type-checked path, so a dam
 
 ``eval_chunks.npz`` is numpy's (compressed, no pickles): float32 losses of a few hundred chunks take a few KB, where
 JSON would take several times that and lose NaN; any numpy reads it. Stores written before it existed have none.
+It also holds the periodic evals' per-chunk losses (``curve.*``: the curve with intervals), which files written
+before them lack (:attr:`EvalChunks.curve` is then ``None``).
 
 Deviation from the spec, additive: ``sweep.json`` may hold ``"run_axes"`` (the axes of each run, parallel to
 ``run_ids``) so that runs never started still have axes in :meth:`SweepStore.records`.
@@ -51,6 +53,7 @@ from .config.typecheck import ConfigError, from_dict
 
 __all__ = [
     "CorruptFileError",
+    "CurveLosses",
     "EvalChunks",
     "ManifestMismatchError",
     "RunRecord",
@@ -135,6 +138,7 @@ STATUSES = ("ok", "diverged", "failed")
 FINISHED = ("ok", "diverged")  # results; a failed run is recorded, but a resumed sweep tries it again
 CONFIG, METRICS, DIAGNOSTICS, RESULT = "config.json", "metrics.jsonl", "diagnostics.json", "result.json"
 EVAL_CHUNKS = "eval_chunks.npz"
+CURVE = "curve"  # eval_chunks.npz's prefix of the periodic evals' per-chunk losses (not a split)
 STAGES = ("pretrained", "step0", "final")
 ADAPTER = "adapter"  # the run's trained adapter: a directory in PEFT's format
 MANIFEST = "sweep.json"
@@ -233,18 +237,57 @@ class SplitLosses:
     __hash__ = None  # type: ignore[assignment]
 
 
+@dataclass(frozen=True, eq=False)
+class CurveLosses:
+    """Per-chunk losses of a run's periodic evals (the curve), step 0 included, on the curve chunks.
+
+    Attributes:
+        ids: ``(c,)`` the curve chunks' ids in the held-out pool (the first ``data.curve_chunks`` validation chunks).
+        steps: ``(k,)`` the optimizer steps evaluated, increasing, starting at 0.
+        losses: ``(k, c)`` float32; row ``i`` at ``steps[i]`` (NaN or inf where the run blew up).
+    """
+
+    ids: np.ndarray
+    steps: np.ndarray
+    losses: np.ndarray
+
+    def __post_init__(self) -> None:
+        if np.shape(self.losses) != (len(self.steps), len(self.ids)):
+            raise ValueError(
+                f"curve losses must be (steps, chunks) = ({len(self.steps)}, {len(self.ids)}); "
+                f"got {np.shape(self.losses)}"
+            )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CurveLosses):
+            return NotImplemented
+        return (
+            np.array_equal(self.ids, other.ids)
+            and np.array_equal(self.steps, other.steps)
+            and np.array_equal(self.losses, other.losses, equal_nan=True)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @dataclass(frozen=True)
 class EvalChunks:
-    """The per-chunk eval losses of one run (``eval_chunks.npz``): splits ``val``/``test``, or ``eval``."""
+    """The per-chunk eval losses of one run (``eval_chunks.npz``): splits ``val``/``test``, or ``eval``; and the
+    periodic evals' per-chunk losses (``curve``; ``None`` in files written before loralab stored them)."""
 
     pool_digest: str  # which held-out pool the ids index
     splits: Mapping[str, SplitLosses]
+    curve: CurveLosses | None = None
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = {"pool_digest": np.array(self.pool_digest)}
         for name, split in self.splits.items():
             out[f"{name}.ids"] = np.asarray(split.ids, dtype=np.int64)
             out |= {f"{name}.{stage}": np.asarray(getattr(split, stage), dtype=np.float32) for stage in STAGES}
+        if self.curve is not None:  # "curve.*" has no "curve.ids"-style split: it has no stages
+            out[f"{CURVE}.chunk_ids"] = np.asarray(self.curve.ids, dtype=np.int64)
+            out[f"{CURVE}.steps"] = np.asarray(self.curve.steps, dtype=np.int64)
+            out[f"{CURVE}.losses"] = np.asarray(self.curve.losses, dtype=np.float32)
         return out
 
     @classmethod
@@ -267,7 +310,14 @@ class EvalChunks:
                     raise ValueError(f"{key!r} is missing or not shaped like {name}.ids {ids.shape}")
                 losses[stage] = np.asarray(arrays[key], dtype=np.float32)
             splits[name] = SplitLosses(ids=ids.astype(np.int64), **losses)
-        return cls(str(arrays["pool_digest"]), splits)
+        curve = None
+        if f"{CURVE}.losses" in arrays:
+            curve = CurveLosses(
+                ids=np.asarray(arrays[f"{CURVE}.chunk_ids"], dtype=np.int64),
+                steps=np.asarray(arrays[f"{CURVE}.steps"], dtype=np.int64),
+                losses=np.asarray(arrays[f"{CURVE}.losses"], dtype=np.float32),
+            )
+        return cls(str(arrays["pool_digest"]), splits, curve)
 
 
 class RunStore:

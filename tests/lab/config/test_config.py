@@ -515,3 +515,49 @@ def test_a_config_that_is_not_utf8_text_is_named(tmp_path, capsys, command, cont
     assert main([command, str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"loralab {command}: error: {path}: cannot load the config") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- an axis over a whole table
+
+VARIANTS = [{"init": "standard"}, {"init": "random-both"}, {"init": "random-both", "init_kwargs": {"dist": "xavier"}}]
+
+
+def test_a_table_axis_sets_its_fields_together_and_keeps_the_rest():
+    """Inits with their own options next to inits without: a product of two axes could not hold them."""
+    sweep = parse_sweep(sweep_dict(lora={"rank": 4, "alpha": 8.0}, grid={"lora": VARIANTS, "train.seed": [0, 1]}))
+    runs = plan_runs(sweep)
+    assert [(r.run.lora.init, dict(r.run.lora.init_kwargs), r.run.train.seed) for r in runs] == [
+        (v["init"], v.get("init_kwargs", {}), s) for v in VARIANTS for s in (0, 1)]
+    assert all((r.run.lora.rank, r.run.lora.alpha) == (4, 8.0) for r in runs)
+    assert [r.run_id.split("-")[0] for r in runs[::2]] == ["standard_seed0", "random", "random"]
+    assert runs[4].run_id.startswith("random-both+xavier_seed0-") and len({r.run_id for r in runs}) == 6
+    # the same run through a plain axis has the same config, so the same hash
+    plain = plan_runs(parse_sweep(sweep_dict(lora={"rank": 4, "alpha": 8.0}, grid={"lora.init": ["random-both"]})))
+    assert plain[0].run_id[-8:] == runs[2].run_id[-8:]
+
+
+@pytest.mark.parametrize("grid, fragment", [
+    ({"lora": [{"init": "standard", "init_kwargs": {"dist": "xavier"}}]}, "are not options of 'standard'"),
+    ({"lora": [{"inti": "standard"}]}, "grid axis 'lora': unknown key 'lora.inti'"),
+    ({"lora": [{}]}, "names a whole table: list tables of its fields"),
+    ({"lora": [{"rank": "eight"}]}, "grid.lora[0].rank: expected int"),
+    ({"lora": [{"init": "standard"}, {"init": "standard"}]}, "lists a value twice"),
+])
+def test_a_bad_table_axis_is_named(grid, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        parse_sweep(sweep_dict(grid=grid))
+
+
+def test_an_override_conflicts_only_with_the_fields_a_table_axis_sets():
+    data = sweep_dict(grid={"lora": VARIANTS})
+    assert parse_sweep(data, ["lora.rank=2"]).base.lora.rank == 2
+    for key in ("lora.init=reversed", "lora.init_kwargs.dist=xavier"):
+        with pytest.raises(ConfigError, match="sets what grid axis 'lora' varies"):
+            parse_sweep(data, [key])
+
+
+def test_report_labels_a_table_axis_by_its_fields():
+    from loralab.lab.report.cells import fmt_value
+
+    assert [fmt_value(v) for v in VARIANTS] == ["standard", "random-both", "random-both, dist=xavier"]
+    assert fmt_value({"rank": 8, "alpha": 16.0}) == "rank=8, alpha=16"

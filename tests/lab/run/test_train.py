@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -307,3 +308,23 @@ def test_on_divergence_continue_trains_to_the_end(assets, tmp_path):
     assert store.eval_chunks().splits["eval"].final.shape == (len(assets[1].eval),)
     stopped, _ = train(assets, tmp_path / "stop", lr=1e3, max_steps=8, eval_every=2, warmup_ratio=0.0)
     assert stopped.status == "diverged" and stopped.steps == stopped.diverged_at_step == result.diverged_at_step
+
+
+# ---- the curve's per-chunk losses ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("init", ["standard", "random-both"])
+def test_the_curve_is_stored_per_chunk_and_agrees_with_the_metrics(assets, tmp_path, init):
+    """Every periodic eval (step 0 and the last included) is in eval_chunks.npz per chunk; its mean is the logged
+    eval loss, and its step-0 row is the step-0 eval of those chunks (the pretrained model's for standard)."""
+    with pytest.warns() if init == "random-both" else contextlib.nullcontext():
+        _, store = train(assets, tmp_path / "run", init=init, max_steps=5, eval_every=2)
+    chunks = store.eval_chunks()
+    curve, first = chunks.curve, next(iter(chunks.splits.values()))
+    logged = of_kind(store, "eval")
+    assert curve.steps.tolist() == [m["step"] for m in logged] == [0, 2, 4, 5]
+    assert curve.losses.mean(1).tolist() == pytest.approx([m["eval_loss"] for m in logged], rel=1e-6)
+    c = len(curve.ids)
+    assert c > 0 and curve.ids.tolist() == first.ids[:c].tolist()
+    np.testing.assert_allclose(curve.losses[0], first.step0[:c], rtol=1e-6)
+    np.testing.assert_allclose(curve.losses[-1], first.final[:c], rtol=1e-6)
+    assert np.array_equal(first.step0[:c], first.pretrained[:c]) == (init == "standard")

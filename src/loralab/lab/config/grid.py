@@ -13,6 +13,7 @@ bfloat16, ``auto`` runs in bfloat16 under new ids, and ``model.dtype=float32`` r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -27,7 +28,7 @@ from loralab.config import clip
 
 from ..runtime import auto_dtype, pick_device
 from .schema import EXECUTION, RunConfig, SweepConfig, added_fields, fields_with_role
-from .typecheck import ConfigError, from_dict, set_path, to_dict
+from .typecheck import ConfigError, field_type, from_dict, set_path, to_dict
 
 __all__ = ["RunSpec", "expand", "plan_runs", "run_id"]
 
@@ -81,6 +82,11 @@ def _label(axis: str, value: Any) -> str:
         text = f"{name}{value:g}"
     elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         text = "+".join(value)
+    elif isinstance(value, Mapping) and dataclasses.is_dataclass(field_type(RunConfig, axis)):
+        # a table axis's value: its fields' labels, joined (only table axes: mapping-valued fields keep their ids)
+        leaves = {f"{axis}.{k}.{kk}": vv for k, v in value.items() if isinstance(v, Mapping) for kk, vv in v.items()}
+        leaves |= {f"{axis}.{k}": v for k, v in value.items() if not isinstance(v, Mapping)}
+        return "+".join(_label(path, v) for path, v in sorted(leaves.items()))[:60]
     else:
         text = f"{name}{json.dumps(to_dict(value), sort_keys=True, separators=(',', ':'))}"
     return text[:24]
@@ -100,7 +106,9 @@ def expand(sweep: SweepConfig) -> list[tuple[dict[str, Any], RunConfig]]:
         axes = dict(zip(sweep.grid, values))
         data = copy.deepcopy(base)
         for axis, value in axes.items():
-            set_path(data, axis, copy.deepcopy(value))
+            table = dataclasses.is_dataclass(field_type(RunConfig, axis))  # an axis over a table sets its fields
+            for path, v in ({f"{axis}.{k}": v for k, v in value.items()} if table else {axis: value}).items():
+                set_path(data, path, copy.deepcopy(v))
         try:
             points.append((axes, from_dict(RunConfig, data)))
         except ConfigError as e:

@@ -96,18 +96,20 @@ def parse_sweep(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Sweep
         else:
             set_path(raw, key, value)
             set_keys.append(key)
-    for key, axis in itertools.product(set_keys, grid):
-        if key == axis or key.startswith(axis + ".") or axis.startswith(key + "."):
-            raise ConfigError(
-                f"override {key!r} sets what grid axis {axis!r} varies, so it would be ignored; "
-                f"override the axis instead: grid.{axis}=[...]"
-            )
     top = {key: raw.pop(key) for key in _TOP if key in raw}
     for key in raw:
         if key not in _TOP_KEYS:
             raise unknown_key("", key, [*_TOP_KEYS, "grid"])
+    checked = _check_grid(grid)
+    for key, path in itertools.product(set_keys, grid_paths(checked)):
+        if key == path or key.startswith(path + ".") or path.startswith(key + "."):
+            axis = next(a for a in checked if path == a or path.startswith(a + "."))
+            raise ConfigError(
+                f"override {key!r} sets what grid axis {axis!r} varies, so it would be ignored; "
+                f"override the axis instead: grid.{axis}=[...]"
+            )
     base = from_dict(RunConfig, raw)  # TOML keeps the run's tables at the top, so errors say "lora.rank"
-    sweep = from_dict(SweepConfig, {**top, "base": base, "grid": _check_grid(grid)})
+    sweep = from_dict(SweepConfig, {**top, "base": base, "grid": checked})
     configs = [json.dumps(to_dict(run), sort_keys=True) for _, run in expand(sweep)]
     if len(set(configs)) != len(configs):
         raise ConfigError("two grid points give the same run config; remove the repeated axis or value")
@@ -151,6 +153,44 @@ def _flatten_grid(table: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _table_values(axis: str, cls: type, values: Any) -> tuple[dict[str, Any], ...]:
+    """The values of an axis that names a whole table: each a table of some of its fields, set together.
+
+    Such an axis varies fields jointly where a product of axes would make points that are not runs, e.g. an init
+    with its own options next to one without them: ``lora = [{init = "standard"}, {init = "random-both",
+    init_kwargs = {dist = "xavier"}}]``. The fields a value leaves out keep the base config's values.
+    """
+    example = next(iter(fields_of(cls)))
+    if not isinstance(values, list) or not values or not all(isinstance(v, dict) and v for v in values):
+        raise ConfigError(
+            f"grid axis {axis!r} names a whole table: list tables of its fields set together, e.g. "
+            f'"{axis}" = [{{{example} = ...}}, ...], or name one field, e.g. "{axis}.{example}"; got {values!r}'
+        )
+    try:
+        return tuple(
+            {
+                k: to_dict(convert(field_type(RunConfig, f"{axis}.{k}"), v, f"grid.{axis}[{i}].{k}"))
+                for k, v in d.items()
+            }
+            for i, d in enumerate(values)
+        )
+    except ConfigError as e:
+        raise ConfigError(f"grid axis {axis!r}: {e}") from e
+
+
+def grid_paths(grid: Mapping[str, Sequence]) -> list[str]:
+    """The dotted fields the axes set: an axis itself, or for a table axis each field its values set."""
+    out: list[str] = []
+    for axis, values in grid.items():
+        keys = [f"{axis}.{k}" for v in values if isinstance(v, Mapping) for k in v] if _is_table(axis) else [axis]
+        out += [k for k in keys if k not in out]
+    return out
+
+
+def _is_table(axis: str) -> bool:
+    return dataclasses.is_dataclass(field_type(RunConfig, axis))
+
+
 def _check_grid(grid: Mapping[str, Any]) -> dict[str, tuple]:
     """Each axis names a run field and lists values of its type; returns the values checked, in JSON form."""
     checked = {}
@@ -160,16 +200,14 @@ def _check_grid(grid: Mapping[str, Any]) -> dict[str, tuple]:
         except ConfigError as e:
             raise ConfigError(f"grid axis {axis!r}: {e}") from e
         if dataclasses.is_dataclass(tp):
-            raise ConfigError(
-                f"grid axis {axis!r} names a whole table; name one of its fields, e.g. "
-                f"{axis}.{next(iter(fields_of(typing.cast(type, tp))))}"
-            )
-        if not isinstance(values, list) or not values:
-            raise ConfigError(
-                f"grid axis {axis!r} must be a non-empty list of {type_name(tp)} values, e.g. "
-                f'"{axis}" = [a, b]; got {values!r}'
-            )
-        checked[axis] = tuple(to_dict(convert(tp, v, f"grid.{axis}[{i}]")) for i, v in enumerate(values))
+            checked[axis] = _table_values(axis, typing.cast(type, tp), values)
+        else:
+            if not isinstance(values, list) or not values:
+                raise ConfigError(
+                    f"grid axis {axis!r} must be a non-empty list of {type_name(tp)} values, e.g. "
+                    f'"{axis}" = [a, b]; got {values!r}'
+                )
+            checked[axis] = tuple(to_dict(convert(tp, v, f"grid.{axis}[{i}]")) for i, v in enumerate(values))
         seen = [json.dumps(v, sort_keys=True) for v in checked[axis]]
         if len(set(seen)) != len(seen):
             raise ConfigError(f"grid axis {axis!r} lists a value twice: {list(checked[axis])}")

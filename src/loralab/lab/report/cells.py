@@ -44,7 +44,15 @@ def dotted_get(d: Any, path: str) -> Any:
 
 
 def fmt_value(v: Any) -> str:
-    """An axis value for humans: small floats as ``1e-4``/``2.5e-3``, other values as ``str``."""
+    """An axis value for humans: small floats as ``1e-4``/``2.5e-3``, a table axis's value as its fields (a string
+    field bare, others ``key=value``: ``random-both, dist=xavier``), other values as ``str``."""
+    if isinstance(v, Mapping):
+        return ", ".join(
+            (x if isinstance(x, str) and not nested else f"{k}={fmt_value(x)}")
+            for key, val in v.items()
+            for nested in [isinstance(val, Mapping)]
+            for k, x in (val.items() if nested else [(key, val)])
+        )
     if isinstance(v, float) and v != 0 and abs(v) < 0.1:
         mant, exp = f"{v:.3e}".split("e")
         return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"

@@ -12,7 +12,8 @@ backward, so they cost nothing extra.
 Evaluation (docs/evaluation.md): the *final* eval of a run (when it ends) covers every held-out chunk of the data
 (val and test, or the one eval set) and is stored per chunk, with the pretrained model's and the run's step-0 losses,
 in ``eval_chunks.npz`` before ``result.json``. Periodic evals (curves, divergence checks) cover only the first
-``curve_rows`` chunks, so a large eval set does not multiply the run time. The pretrained model's losses are computed
+``curve_rows`` chunks, so a large eval set does not multiply the run time; their per-chunk losses (step 0's among
+them) go to the same file, so a curve can have intervals. The pretrained model's losses are computed
 once per process and data (``pretrained_cache``) and serve as the step-0 losses of every run whose init preserves the
 output (its diagnostics record the largest change of the output, 0 or ~1e-7); a run whose init does not (random-both)
 is evaluated at step 0 itself.
@@ -25,8 +26,9 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,7 +39,7 @@ from loralab.layers import LoraLayer
 from ..config.grid import RunSpec
 from ..config.schema import RunConfig, TrainConfig
 from ..runtime import versions
-from ..store import EvalChunks, RunResult, RunStore, SplitLosses
+from ..store import CurveLosses, EvalChunks, RunResult, RunStore, SplitLosses
 from .data import PackedData, iterate_batches
 from .loss import fused_loss_ok, sequence_losses
 from .pack import Pack
@@ -137,6 +139,7 @@ class _Run:
     identity: float = 0.0
     step0: torch.Tensor | None = None  # per-chunk losses of the final eval's chunks at step 0 and at the end
     final: torch.Tensor | None = None
+    curve: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, per-chunk losses on curve chunks)
     result: RunResult | None = None  # set the moment the run ends
 
     @property
@@ -269,7 +272,8 @@ class _Trainer:
         for k in which:
             r = self.runs[k]
             r.step0 = own.get(k, self.pretrained)
-            r.initial = r.best = r.last = r.step0[: self.data.curve_rows].mean().item()
+            r.curve = [(0, r.step0[: self.data.curve_rows])]
+            r.initial = r.best = r.last = r.curve[0][1].mean().item()
             r.store.append_metric({"kind": "eval", "step": 0, "eval_loss": r.initial, "elapsed_s": self.elapsed()})
 
     def loop(self) -> None:
@@ -369,9 +373,12 @@ class _Trainer:
             self.pack.model, self.data.eval[: self.data.curve_rows], self.eval_bs, len(which), self.amp, self.fused
         )
         for k, chunk_losses in zip(which, losses):
-            self.log_eval(self.runs[k], chunk_losses.mean().item())
+            self.log_eval(self.runs[k], chunk_losses)
 
-    def log_eval(self, r: _Run, loss: float) -> None:
+    def log_eval(self, r: _Run, chunk_losses: torch.Tensor) -> None:
+        """Record a periodic eval: its mean in the metrics, its per-chunk losses for ``eval_chunks.npz``."""
+        loss = chunk_losses.mean().item()
+        r.curve.append((r.step, chunk_losses))
         r.last, r.last_eval_step, r.best = loss, r.step, min(r.best, loss)
         r.store.append_metric({"kind": "eval", "step": r.step, "eval_loss": loss, "elapsed_s": self.elapsed()})
         self.check(r, loss)
@@ -384,7 +391,7 @@ class _Trainer:
             r = self.runs[k]
             r.final = chunk_losses
             if r.last_eval_step != r.step:  # a periodic eval at this step already logged the curve chunks
-                self.log_eval(r, chunk_losses[: self.data.curve_rows].mean().item())
+                self.log_eval(r, chunk_losses[: self.data.curve_rows])
             self.write_chunks(r)
 
     def write_chunks(self, r: _Run) -> None:
@@ -402,6 +409,11 @@ class _Trainer:
                     )
                     for name, ids in data.splits.items()
                 },
+                CurveLosses(
+                    ids=torch.cat(list(data.splits.values()))[: data.curve_rows].numpy(),
+                    steps=np.array([step for step, _ in r.curve], dtype=np.int64),
+                    losses=torch.stack([losses for _, losses in r.curve]).numpy(),
+                ),
             )
         )
 
