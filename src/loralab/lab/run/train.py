@@ -113,6 +113,14 @@ def _diagnostics(layers: dict[str, LoraLayer], identity: float, grad_scale: floa
     return {"identity_max_abs": identity, "fused_loss": fused, "layers": out}
 
 
+def _grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of ``params``' gradients (what clipping would measure), as a 0-d tensor."""
+    grads = [p.grad.detach().float() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 def _blown(loss: float, ref: float, factor: float) -> bool:
     return not math.isfinite(loss) or loss > factor * ref
 
@@ -287,12 +295,12 @@ class _Trainer:
         step, pack_time = 0, 0.0
         while active := [k for k, r in enumerate(rs) if r.status == "running"]:
             self.pack.set_active(active)
-            t0 = time.perf_counter()
+            t0, tokens0 = time.perf_counter(), [rs[k].tokens for k in active]
             losses = self.accumulate(active, first_step=step == 0)
-            lrs = self.step(active, step)
+            lrs, norms = self.step(active, step)
             step, dt = step + 1, time.perf_counter() - t0
             pack_time += dt
-            for k, loss in zip(active, losses):
+            for k, loss, norm, before in zip(active, losses, norms, tokens0):
                 r = rs[k]
                 r.step, r.train_time = step, r.train_time + dt
                 r.store.append_metric(
@@ -301,7 +309,9 @@ class _Trainer:
                         "step": step,
                         "loss": loss,
                         "lr": lrs[k],
+                        "grad_norm": norm,
                         "tokens": r.tokens,
+                        "tokens_per_s": (r.tokens - before) / max(dt, 1e-9),  # this run's share of the step
                         "elapsed_s": self.elapsed(),
                     }
                 )
@@ -343,17 +353,20 @@ class _Trainer:
                     )
         return sums.tolist()
 
-    def step(self, active: list[int], step: int) -> dict[int, float]:
-        """Per-run clipping and learning rate, then one AdamW step for every active run; returns the lrs used."""
-        lrs = {}
+    def step(self, active: list[int], step: int) -> tuple[dict[int, float], list[float]]:
+        """Per-run clipping and learning rate, then one AdamW step for every active run; returns the lrs used and
+        each active run's gradient norm before clipping (read in one sync)."""
+        lrs, norms = {}, []
         for k in active:
-            cfg = self.runs[k].cfg
+            cfg, params = self.runs[k].cfg, self.pack.run_params(k)
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.pack.run_params(k), cfg.grad_clip)
+                norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            else:  # measured only: the gradients stay as they are, NaN or not
+                norms.append(_grad_norm(params))
             lrs[k] = self.opt.param_groups[k]["lr"] = cfg.lr * lr_factor(step, self.total, self.runs[k].warmup)
         self.opt.step()  # inactive runs have no grads, so AdamW leaves them alone
         self.opt.zero_grad(set_to_none=True)
-        return lrs
+        return lrs, torch.stack([n.float().to(self.device) for n in norms]).tolist()
 
     def check(self, r: _Run, loss: float) -> None:
         """Record a blow-up (once); with ``on_divergence = "stop"`` the run ends at this step."""
