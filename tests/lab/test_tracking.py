@@ -277,3 +277,25 @@ def test_a_tracker_that_breaks_is_one_warning_and_the_store_is_complete(backend,
         assert [m["step"] for m in r.metrics if m["kind"] == "train"] == [1, 2, 3]
         assert r.diagnostics is not None and r.eval_chunks is not None and r.result.final_eval_loss is not None
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_run_of_a_pack_gets_its_own_tracker_run(backend, cfg, file_store_env):
+    store, lines = sweep(cfg, f"tracking.backend={backend}", "pack=2")   # both runs trained at once, on one base
+    assert any("standard" in line and "reversed" in line for line in lines)   # one pack of two
+    check_against_store(read(backend, store.root / "tracking"), store, backend)
+
+
+@needs("tensorboard")
+def test_replay_logs_a_finished_store_as_training_would(cfg, tmp_path):
+    """What the Ray executor's driver does as each run ends: the run's files, logged from the store."""
+    from loralab.lab.tracking import Tracking
+
+    store, _ = sweep(cfg)   # trained without a tracker
+    lines: list[str] = []
+    tracking = Tracking(parse_sweep(cfg, ["tracking.backend=tensorboard"]), lines.append)
+    for run_id in store.run_ids():
+        tracking.replay(store.run(run_id))
+    tracking.close()
+    assert lines == []
+    check_against_store(read("tensorboard", store.root / "tracking"), store, "tensorboard")

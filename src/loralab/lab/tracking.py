@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from .config.schema import SweepConfig, TrackingConfig
-from .store import RunResult, RunStore, flat, to_strict_json
+from .store import CorruptFileError, RunResult, RunStore, flat, to_strict_json
 
 __all__ = ["RunLogger", "Tracker", "TrackedRunStore", "Tracking", "check_tracking", "tracker_key"]
 
@@ -329,6 +329,25 @@ class Tracking:
                 self._backend = MlflowTracker(self.cfg, self.project, root, self.sweep)
         return self._backend
 
+    def replay(self, run: RunStore) -> None:
+        """Log a run the store already holds, from its files (a Ray worker trained it: the driver logs it then)."""
+        if self.off:
+            return
+        tracked = TrackedRunStore(run.root, self)
+        try:
+            config, metrics, diagnostics, result = run.config(), run.metrics(), run.diagnostics(), run.result()
+        except CorruptFileError as e:  # the store's problem, reported by the sweep and the report; not a tracker's
+            self.log(f"warning: run {run.run_id} is not logged to {self.cfg.backend}: {e}")
+            return
+        if config is not None:
+            tracked.track_config(config["run_id"], config["axes"], config["config"])
+        for record in metrics:
+            tracked.track_metric(record)
+        if diagnostics is not None:
+            tracked.track_diagnostics(diagnostics)
+        if result is not None:
+            tracked.track_result(result)
+
     def close(self) -> None:
         """End the tracker runs still open (the sweep stopped before their results) as the backend's "killed"."""
         for key in list(self.open):
@@ -359,19 +378,33 @@ class TrackedRunStore(RunStore):
 
     def write_config(self, run_id: str, axes: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         super().write_config(run_id, axes, config)
-        self.params = hyperparams(run_id, axes, config)
+        self.track_config(run_id, axes, config)
 
     def append_metric(self, record: Mapping[str, Any]) -> None:
         super().append_metric(record)
-        names = TRAIN_METRICS if record.get("kind") == "train" else EVAL_METRICS
-        self._log(_numbers(record, names), int(record.get("step", 0)), f"step {record.get('step')}")
+        self.track_metric(record)
 
     def write_diagnostics(self, diagnostics: Mapping[str, Any]) -> None:
         super().write_diagnostics(diagnostics)
-        self._log(step0_metrics(diagnostics), 0, "the step-0 diagnostics")
+        self.track_diagnostics(diagnostics)
 
     def write_result(self, result: RunResult) -> None:
         super().write_result(result)
+        self.track_result(result)
+
+    # What each write sends to the tracker (also used by Tracking.replay).
+
+    def track_config(self, run_id: str, axes: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        self.params = hyperparams(run_id, axes, config)
+
+    def track_metric(self, record: Mapping[str, Any]) -> None:
+        names = TRAIN_METRICS if record.get("kind") == "train" else EVAL_METRICS
+        self._log(_numbers(record, names), int(record.get("step", 0)), f"step {record.get('step')}")
+
+    def track_diagnostics(self, diagnostics: Mapping[str, Any]) -> None:
+        self._log(step0_metrics(diagnostics), 0, "the step-0 diagnostics")
+
+    def track_result(self, result: RunResult) -> None:
         what = f"the {result.status} result"
         logger = self.logger(what)
         if logger is not None:
