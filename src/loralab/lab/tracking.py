@@ -369,7 +369,7 @@ class TrackedRunStore(RunStore):
         if key not in t.open and self.params is not None:
             params = self.params
             started = t.call(
-                f"starting run {self.run_id} ({what} not logged)",
+                f"the start of run {self.run_id} (with {what})",
                 lambda: t.backend().start_run(tracker_key(self.root), self.run_id, params),
             )
             if started is not None:
