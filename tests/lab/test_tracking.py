@@ -217,9 +217,12 @@ def check_against_store(logged: dict[str, Logged], store: SweepStore, backend: s
                 assert got == value, key
         if rec.status == "failed":
             continue
-        assert t.metrics["result/final_eval_loss"] == pytest.approx(rec.result.final_eval_loss, rel=1e-6)
-        assert t.metrics["result/steps"] == rec.result.steps == 3
-        stored = {m["step"]: m["loss"] for m in rec.metrics if m["kind"] == "train"}
+        if rec.result.final_eval_loss is None:   # blown up: NaN or inf stays in the store
+            assert "result/final_eval_loss" not in t.metrics
+        else:
+            assert t.metrics["result/final_eval_loss"] == pytest.approx(rec.result.final_eval_loss, rel=1e-6)
+        assert t.metrics["result/steps"] == rec.result.steps > 0
+        stored = {m["step"]: m["loss"] for m in rec.metrics if m["kind"] == "train" and m["loss"] is not None}
         assert t.train_loss.keys() == stored.keys()
         assert list(t.train_loss.values()) == pytest.approx(list(stored.values()), rel=1e-6)
         if backend != "wandb":   # W&B keeps only the last value of a metric in its summary
@@ -299,3 +302,12 @@ def test_replay_logs_a_finished_store_as_training_would(cfg, tmp_path):
     tracking.close()
     assert lines == []
     check_against_store(read("tensorboard", store.root / "tracking"), store, "tensorboard")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_diverged_run_is_logged_as_diverged(backend, cfg, file_store_env):
+    store, lines = sweep(cfg, f"tracking.backend={backend}", "grid.lora.init=['standard']", "train.lr=1e3",
+                        "train.warmup_ratio=0", "train.max_steps=12", "train.eval_every=3", "lora.alpha=8")
+    assert [r.status for r in store.records()] == ["diverged"]
+    assert not any(line.startswith("warning") for line in lines), lines
+    check_against_store(read(backend, store.root / "tracking"), store, backend)
