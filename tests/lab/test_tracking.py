@@ -140,6 +140,9 @@ def read_wandb(root: Path) -> dict[str, Logged]:
     def items(updates):
         return {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in updates}
 
+    import wandb
+
+    wandb.teardown()   # W&B's service writes the files in the background; this waits for it, as a process's end does
     out: dict[str, Logged] = {}
     files = sorted(root.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
     for path in files:   # attempts in time order: the last one's values win
@@ -255,7 +258,7 @@ def test_runs_are_logged_and_a_redo_logs_into_the_same_tracker_run(backend, cfg,
 def test_without_tracking_nothing_is_logged(cfg):
     store, lines = sweep(cfg)
     assert [r.status for r in store.records()] == ["ok", "ok"]
-    assert not (store.root / "tracking").exists() and not any("tracking" in line for line in lines)
+    assert not (store.root / "tracking").exists() and not any(line.startswith("warning") for line in lines)
 
 
 def _raise_disk_full(*args, **kwargs):
