@@ -7,7 +7,8 @@ allows it. A solo run is a pack of one. A run that blows up (NaN/inf loss, or a 
 initial eval loss) is ``diverged``: with ``on_divergence = "stop"`` it leaves the pack after its final eval, with
 ``"continue"`` it trains to the last step as the published study's runs did (its final loss is the blown-up one); it
 is recorded either way, never dropped, and the others go on. Step-0 diagnostics come from the first micro-batch's
-backward, so they cost nothing extra.
+backward, so they cost nothing extra. Each step's train record holds each run's loss, lr, gradient norm (before
+clipping) and tokens/s, its losses and norms read from the device together, in one sync per step.
 
 Evaluation (docs/evaluation.md): the *final* eval of a run (when it ends) covers every held-out chunk of the data
 (val and test, or the one eval set) and is stored per chunk, with the pretrained model's and the run's step-0 losses,
@@ -296,11 +297,12 @@ class _Trainer:
         while active := [k for k, r in enumerate(rs) if r.status == "running"]:
             self.pack.set_active(active)
             t0, tokens0 = time.perf_counter(), [rs[k].tokens for k in active]
-            losses = self.accumulate(active, first_step=step == 0)
+            sums = self.accumulate(active, first_step=step == 0)
             lrs, norms = self.step(active, step)
+            losses, grad_norms = torch.stack([sums, norms]).tolist()  # the one sync of a step
             step, dt = step + 1, time.perf_counter() - t0
             pack_time += dt
-            for k, loss, norm, before in zip(active, losses, norms, tokens0):
+            for k, loss, norm, before in zip(active, losses, grad_norms, tokens0):
                 r = rs[k]
                 r.step, r.train_time = step, r.train_time + dt
                 r.store.append_metric(
@@ -334,8 +336,9 @@ class _Trainer:
                 self.on_done(k, r.result, self.pack.models[k])
         bar.close()
 
-    def accumulate(self, active: list[int], first_step: bool) -> list[float]:
-        """Forward/backward of one optimizer step's micro-batches for the ``active`` runs; their mean train losses."""
+    def accumulate(self, active: list[int], first_step: bool) -> torch.Tensor:
+        """Forward/backward of one optimizer step's micro-batches for the ``active`` runs; their mean train losses
+        ``(K,)``, float32 on the device (read by the caller, with the gradient norms)."""
         rs, cfg = self.runs, self.runs[active[0]].cfg
         sums = torch.zeros(len(active), device=self.device)  # float32 on the device, read once per step: one sync
         for micro in range(cfg.grad_accum):
@@ -351,11 +354,11 @@ class _Trainer:
                     rs[k].store.write_diagnostics(
                         _diagnostics(self.pack.run_layers(k), rs[k].identity, cfg.grad_accum, self.fused)
                     )
-        return sums.tolist()
+        return sums
 
-    def step(self, active: list[int], step: int) -> tuple[dict[int, float], list[float]]:
+    def step(self, active: list[int], step: int) -> tuple[dict[int, float], torch.Tensor]:
         """Per-run clipping and learning rate, then one AdamW step for every active run; returns the lrs used and
-        each active run's gradient norm before clipping (read in one sync)."""
+        the active runs' gradient norms before clipping ``(K,)``, float32 on the device."""
         lrs, norms = {}, []
         for k in active:
             cfg, params = self.runs[k].cfg, self.pack.run_params(k)
@@ -366,7 +369,7 @@ class _Trainer:
             lrs[k] = self.opt.param_groups[k]["lr"] = cfg.lr * lr_factor(step, self.total, self.runs[k].warmup)
         self.opt.step()  # inactive runs have no grads, so AdamW leaves them alone
         self.opt.zero_grad(set_to_none=True)
-        return lrs, torch.stack([n.float().to(self.device) for n in norms]).tolist()
+        return lrs, torch.stack([n.float().to(self.device) for n in norms])
 
     def check(self, r: _Run, loss: float) -> None:
         """Record a blow-up (once); with ``on_divergence = "stop"`` the run ends at this step."""
