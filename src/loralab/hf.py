@@ -28,7 +28,7 @@ from torch import nn
 from .inits import get_scheme
 from .inject import IdentityWarning, lora_layers, module_seed, register_model_hook
 from .io import CONFIG_FILE, OWN_CONFIG_FILE, AdapterError, conv_peft_differs, load_adapter, save_adapter
-from .layers import layer_type_for
+from .layers import layer_type_for, weight_of
 
 
 class _SavePretrained:
@@ -213,7 +213,7 @@ def _peft_factors(name: str, module: Any, adapter: str, init: str, seed: int, in
     scheme, rank = get_scheme(resolved), module.r[adapter]
     if scheme.even_rank and rank % 2:
         raise ValueError(f"init_peft: {resolved!r} needs an even rank; {name!r} has r={rank}")
-    w = cls.to_matrix(base.weight.detach())
+    w = cls.to_matrix(weight_of(base).detach())
     w = w.to(device="cpu", dtype=torch.float32) if scheme.reads_weight else torch.empty(w.shape, device="meta")
     g = torch.Generator().manual_seed(module_seed(seed, name))
     factors = scheme(w, rank, scale=module.scaling[adapter], g=g, **(init_kwargs if resolved == init else {}))

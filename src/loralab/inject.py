@@ -241,6 +241,12 @@ def validate(model: nn.Module, config: LoraConfig, *, loading: bool = False) -> 
                 f"d_in={d_in}): {why}; lower rank or set "
                 f"rank_pattern={{{name.rsplit('.', 1)[-1]!r}: {min(d_in, d_out)}}}"
             )
+        if get_scheme(init).modifies_base and not cls.writable_base:
+            raise ValueError(
+                f"init {init!r} rewrites the base weight, which {name!r} holds in 4 bits ({type(module).__name__}): "
+                f"the rewrite would be rounded to the 4-bit grid; use an init that leaves the base alone (e.g. "
+                f"'standard'; init_pattern sets it per module), or load the base in float (no quantization)"
+            )
         if get_scheme(init).modifies_base and id(module.weight) in shared:
             raise ValueError(
                 _tied_error(name, shared[id(module.weight)], f"init {init!r} rewrites the weight of")
@@ -275,17 +281,18 @@ def plan(model: nn.Module, config: LoraConfig, seed: int = 0, *, loading: bool =
     """
     planned = []
     for t in validate(model, config, loading=loading):
+        weight = weight_of(t.module).detach()  # dequantized once for a 4-bit base
         layer = t.cls(
             t.module,
             t.rank,
             t.alpha,
             rslora=config.rslora,
             dropout=config.dropout,
-            dtype=_adapter_dtype(weight_of(t.module)),
+            dtype=_adapter_dtype(weight),
         )
         g = torch.Generator().manual_seed(module_seed(seed, t.name))
         scheme = get_scheme(t.init)
-        w = layer.to_matrix(weight_of(t.module).detach())
+        w = layer.to_matrix(weight)
         if scheme.reads_weight and w.is_meta:
             raise ValueError(
                 f"init {t.init!r} reads the weight of {t.name!r}, which is on the meta device (no "
@@ -381,15 +388,17 @@ def merge(model: nn.Module) -> nn.Module:
     layers = _require_layers(model, "merge")
     if any(layer.merged for layer in layers.values()):
         raise LoraStateError("model is already merged; call unmerge(model) before merging again")
-    _check_untied(model, layers)
+    _check_mergeable(model, layers)
     for layer in layers.values():
         layer.merge()
     return model
 
 
-def _check_untied(model: nn.Module, layers: dict[str, LoraLayer]) -> None:
+def _check_mergeable(model: nn.Module, layers: dict[str, LoraLayer]) -> None:
+    """Raise before any layer merges if one cannot (a 4-bit base, a tied weight): merging is all-or-nothing."""
     shared = _weight_sharers(model)
     for name, layer in layers.items():
+        layer.check_mergeable(repr(name))
         if not layer.merged and id(layer.base_layer.weight) in shared:
             raise LoraStateError(
                 _tied_error(name, shared[id(layer.base_layer.weight)], "merging") + ", or keep this adapter unmerged"
@@ -415,7 +424,7 @@ def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
     """
     layers = _require_layers(model, "unload")
     if merge_weights:
-        _check_untied(model, layers)
+        _check_mergeable(model, layers)
     for name, layer in layers.items():
         if merge_weights and not layer.merged:
             layer.merge()

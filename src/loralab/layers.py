@@ -5,6 +5,11 @@
 ``to_matrix``/``from_matrix`` (its weight seen as ``(d_out, d_in)`` and back) and ``apply_weight`` (its op with a
 given weight and no bias). The generic LoRA forward is ``apply_weight(x, ΔW)``, exact for every type by linearity;
 types override ``lora_delta`` with a factored form that never builds ΔW (and the tests check the two agree).
+
+A 4-bit base (bitsandbytes' ``Linear4bit``, e.g. from transformers' ``BitsAndBytesConfig(load_in_4bit=True)``) is
+adapted without importing bitsandbytes here (it is an optional extra): its type is recognised by name, and its weight
+is dequantized only where a float matrix is read (:func:`weight_of`, for the init and the shapes). Its base cannot take
+an exact update, so merging and the inits that rewrite the base are refused there (:class:`Linear4bit`).
 """
 
 from __future__ import annotations
@@ -91,8 +96,15 @@ def add_update(out: Tensor, h: Tensor, b: Tensor, *, inplace: bool = True) -> Te
 
 
 def weight_of(module: nn.Module) -> Tensor:
-    """``module.weight`` as a tensor (torch types a module's attributes as ``Tensor | Module``)."""
-    return typing.cast(Tensor, module.weight)
+    """``module.weight`` as a float tensor: the weight itself, or for a 4-bit bitsandbytes weight (which carries its
+    ``quant_state``) a dequantized copy in the dtype it was quantized from."""
+    weight = typing.cast(Tensor, module.weight)
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return weight
+    from bitsandbytes.functional import dequantize_4bit  # only reached with bitsandbytes installed: it made `weight`
+
+    return dequantize_4bit(weight.data, state)
 
 
 class LoraLayer(nn.Module):
@@ -112,6 +124,7 @@ class LoraLayer(nn.Module):
     """
 
     one_hot_input = False  # an embedding's input is one-hot: inits take their scheme's `one_hot` variant there
+    writable_base = True  # False: the base weight cannot take an exact update (merge and base-rewriting inits refused)
 
     def __init__(
         self,
@@ -127,7 +140,7 @@ class LoraLayer(nn.Module):
         self.base_layer = base
         self.rank, self.alpha, self.rslora = rank, float(alpha), rslora
         self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
-        weight = typing.cast(Tensor, base.weight)
+        weight = weight_of(base)
         d_out, d_in = self.to_matrix(weight).shape
         device = weight.device
         self.lora_A = nn.Parameter(torch.zeros(rank, d_in, dtype=dtype, device=device))
@@ -198,11 +211,21 @@ class LoraLayer(nn.Module):
             self.lora_A0 = self.lora_A.detach().clone()
             self.lora_B0 = self.lora_B.detach().clone()
 
+    def check_mergeable(self, name: str = "LoRA layer") -> None:
+        """Raise :class:`LoraStateError` if ΔW cannot be folded into this layer's base weight (``name`` names it)."""
+        if not self.writable_base:
+            raise LoraStateError(
+                f"{name}: cannot merge into its {type(self.base_layer).__name__} base: a 4-bit weight would round "
+                f"ΔW away; keep the adapter unmerged (unload(model, merge_weights=False) gives the base back), or "
+                f"load the base in float and load the adapter onto it to merge there"
+            )
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ΔW into the base weight (``W ← W + s·B·A``)."""
         if self.merged:
             raise LoraStateError("LoRA layer is already merged; call unmerge() before merging again")
+        self.check_mergeable()
         w = self.base_weight
         w.add_(self.delta_weight().to(w.dtype))
         self.merged = True
@@ -274,6 +297,20 @@ class Linear(LoraLayer):
         xd, unbias = runs[0].dropout.masked(x3)
         out = add_update(runs[0].base_layer(x3, *args, **kwargs), down(xd, a, unbias), b)  # (K, n, d_out)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class Linear4bit(Linear):
+    """LoRA on bitsandbytes' ``Linear4bit`` (nf4/fp4 weight, dequantized by the base's own forward; QLoRA, Dettmers
+    et al. 2023).
+
+    The base forward is untouched and the update runs in the adapter's dtype, cast to the output's: at step 0 with
+    B = 0 the output is the 4-bit base's, exactly. Merging is refused (:meth:`check_mergeable`): requantizing
+    ``W + ΔW`` rounds each entry to the 4-bit grid, whose steps (nf4: 0.08 to 0.30 of the block's largest entry) are
+    larger than a trained update's entries, so the merged weight would be off by about as much as ΔW itself. For the
+    same reason the inits that rewrite the base (pissa, olora) are refused on it (``inject.validate``).
+    """
+
+    writable_base = False
 
 
 class GPT2Conv1D(Linear):
@@ -367,10 +404,17 @@ def _is_gpt2_conv1d(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
+def _is_bnb_4bit(module: nn.Module) -> bool:
+    # By name, so the library never imports bitsandbytes (an optional extra); its subclasses count too.
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
 def layer_type_for(module: nn.Module) -> type[LoraLayer] | None:
     """The LoRA layer class that adapts ``module``, or None if its type is not supported."""
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return None  # nn.MultiheadAttention reads out_proj.weight directly; a wrapper would be silently ignored
+    if _is_bnb_4bit(module):  # an nn.Linear subclass whose weight is packed
+        return Linear4bit
     if isinstance(module, nn.Linear):
         return Linear
     if isinstance(module, nn.Embedding):
@@ -382,4 +426,4 @@ def layer_type_for(module: nn.Module) -> type[LoraLayer] | None:
     return None
 
 
-SUPPORTED_TYPES = "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers' GPT-2 Conv1D"
+SUPPORTED_TYPES = "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers' GPT-2 Conv1D, bitsandbytes' Linear4bit"

@@ -358,3 +358,22 @@ def test_the_prompt_uses_the_chat_template_when_the_tokenizer_has_one(tiny_lm_di
     assert prompt_text(tokenizer, "hi") == "<|user|>hi\n<|assistant|>"
     assert prompt_text(tokenizer, "hi", "train") == "User: hi\nAssistant:"
     assert prompt_text(tokenizer, "hi", "raw") == "hi"
+
+
+def test_a_4bit_runs_adapter_reloads_to_its_stored_loss_and_a_merged_export_is_refused(tiny_lm_dir, chat_jsonl,
+                                                                                        tmp_path, capsys, one_thread):
+    pytest.importorskip("bitsandbytes")
+    cfg = sweep_config(tmp_path / "sweep.toml", tmp_path / "out", tiny_lm_dir, chat_jsonl,
+                       {"model.quantize": ["nf4"], **ONE_RUN})
+    assert cli(capsys, "sweep", cfg, "--no-progress")[0] == 0
+    (run_id,) = results(tmp_path / "out")
+    rc, out, err = cli(capsys, "evaluate", tmp_path / "out", "--run", run_id, "--device", "cpu")
+    assert rc == 0, err
+    stored = results(tmp_path / "out")[run_id]["final_eval_loss"]
+    assert float(out.split(": eval loss ")[1].split()[0]) == pytest.approx(stored, rel=REL_TOL)  # on the 4-bit base
+    rc, _, err = cli(capsys, "export", tmp_path / "out", "--run", run_id, "--out", tmp_path / "merged", "--merged")
+    assert rc == 2 and err.count("\n") == 1
+    assert "cannot merge into its Linear4bit base" in err and "without --merged" in err
+    assert not (tmp_path / "merged").exists()
+    rc, _, err = cli(capsys, "export", tmp_path / "out", "--run", run_id, "--out", tmp_path / "adapter")
+    assert rc == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -275,7 +275,7 @@ def export(run: RunStore, out: str | os.PathLike, *, merged: bool = False) -> Pa
 
     Raises:
         ValueError: the run has no adapter (the message says why), ``out`` is not empty, or the adapter cannot be
-            merged (an adapter on weights tied to another module).
+            merged (an adapter on weights tied to another module, or on a 4-bit base: ``model.quantize``).
     """
     adapter = adapter_of(run)
     dest, tmp = _fresh_dir(out)

@@ -353,7 +353,7 @@ def test_overlapping_axes_giving_the_same_runs_are_rejected():
 
 # one other valid value per field: every field must change the id
 _CHANGES = {
-    "model": {"name": "other", "dtype": "bfloat16", "cache_dir": "/c"},
+    "model": {"name": "other", "dtype": "bfloat16", "cache_dir": "/c", "quantize": "nf4"},
     "data": {"source": "x.jsonl", "seq_len": 128, "eval_fraction": 0.1, "max_train_chunks": 5,
              "max_eval_chunks": 5, "split_seed": 1, "cache_dir": "/c", "val_chunks": 9, "test_chunks": 9,
              "curve_chunks": 2, "joiner": "\n\n"},
@@ -378,6 +378,17 @@ def test_every_field_is_covered_by_the_change_table():
     covered = {s: set(c) | {f for sec, f in fields_with_role(EXECUTION) if sec == s} for s, c in _CHANGES.items()}
     covered["lora"] |= set(_TOGETHER)
     assert covered == {s: set(to_dict(_BASE)[s]) for s in to_dict(_BASE)}
+
+
+def test_a_4bit_base_is_another_run_and_a_float_base_keeps_its_id():
+    """``model.quantize`` came after stores existed: at "none" the id is the one computed without the field."""
+    d = to_dict(_BASE)
+    d["model"].pop("quantize")
+    assert from_dict(RunConfig, d) == _BASE and run_id(_BASE, {}) == run_id(from_dict(RunConfig, d), {})
+    ids = {q: run_id(dataclasses.replace(_BASE, model=ModelConfig(quantize=q)), {}) for q in ("none", "nf4", "fp4")}
+    assert ids["none"] == run_id(_BASE, {}) and len(set(ids.values())) == 3
+    with pytest.raises(ConfigError, match=r"ModelConfig.quantize must be one of none, nf4, fp4; got 'int4'"):
+        parse_sweep(sweep_dict(model={"quantize": "int4"}))
 
 
 def test_a_field_added_later_changes_the_id_only_away_from_its_default():

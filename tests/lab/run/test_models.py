@@ -327,3 +327,54 @@ def test_a_conversion_killed_midway_leaves_nothing_once_a_later_one_succeeds(tmp
         os.umask(old_umask)
     assert [p.name for p in models_dir.iterdir()] == ["smollm2-135m-instruct"]
     assert oct((models_dir / "smollm2-135m-instruct").stat().st_mode & 0o777) == oct(0o775)   # the umask's mode
+
+
+# ---- a 4-bit base (model.quantize) ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_a_4bit_base_quantizes_every_linear_but_the_head(tiny_lm_dir, quant):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import AutoModelForCausalLM
+
+    model, _ = load_model(ModelConfig(name=str(tiny_lm_dir), quantize=quant))
+    dense = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    four_bit = {n for n, m in linears.items() if type(m).__name__ == "Linear4bit"}
+    assert four_bit == set(linears) - {"lm_head"} and four_bit
+    q = model.model.layers[0].mlp.down_proj.weight
+    assert q.quant_state.quant_type == quant and q.quant_state.nested  # double quantization, as Unsloth's default
+    w = dense.model.layers[0].mlp.down_proj.weight
+    assert (dequantize_4bit(q.data, q.quant_state) - w).abs().max() <= 0.2 * w.abs().max()
+    x = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        got, want = model(x).logits, dense(x).logits
+    assert got.dtype == torch.float32 and not torch.equal(got, want)  # computes in model.dtype, on rounded weights
+    torch.testing.assert_close(got, want, atol=0.5, rtol=0)  # ... and is still the same model
+
+
+def test_a_4bit_base_without_bitsandbytes_is_one_line_with_the_install(tiny_lm_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    cfg = ModelConfig(name=str(tiny_lm_dir), quantize="nf4")
+    for call in (lambda: models.check_quantize(cfg, "cpu"), lambda: load_model(cfg)):
+        with pytest.raises(ModelError, match=r"needs bitsandbytes, which is not installed: run `pip install "
+                                             r"'loralab\[bnb\]'`, or set model.quantize = \"none\"") as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert models.check_quantize(ModelConfig(name=str(tiny_lm_dir)), "cpu") is None  # a float base needs neither
+
+
+def test_a_device_bitsandbytes_cannot_serve_is_named_before_loading(tiny_lm_dir, monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("no 4-bit kernel for this backend")
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", unsupported)
+    with pytest.raises(ModelError, match=r"model.quantize='fp4': bitsandbytes .* cannot run a 4-bit layer on cpu "
+                                         r"\(NotImplementedError: no 4-bit kernel.*train on a CUDA device"):
+        load_model(ModelConfig(name=str(tiny_lm_dir), quantize="fp4"))
+    # a device only a cluster's workers have is theirs to probe: here only the packages are checked
+    line = models.check_quantize(ModelConfig(name=str(tiny_lm_dir), quantize="fp4"), None)
+    assert line is not None and line.endswith("its device is checked where the run loads it")

@@ -4,6 +4,7 @@ only runs that may share a base are packed together."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 
 from loralab import inject
 from loralab.config import LoraConfig
-from loralab.lab.config.schema import RunConfig, TrainConfig
+from loralab.lab.config.schema import ModelConfig, RunConfig, TrainConfig
 from loralab.lab.run.pack import Pack, PackedLayer, pack_key
 from loralab.lab.store import RunStore
 from loralab.lab.config.grid import RunSpec
@@ -212,3 +213,38 @@ def test_a_pack_shares_the_frozen_base_unless_an_init_rewrites_it(assets, init, 
     assert (pack_ptrs <= base_ptrs) == shares and bool(pack_ptrs & base_ptrs) == shares
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
     assert all(not isinstance(m, PackedLayer) for m in model.modules())   # the base's module tree is untouched
+
+
+@pytest.fixture(scope="module")
+def assets_4bit(tiny_lm_dir, chat_jsonl):
+    pytest.importorskip("bitsandbytes")
+    from loralab.lab.config.schema import DataConfig, ModelConfig
+    from loralab.lab.run.data import load_data
+    from loralab.lab.run.models import load_model
+
+    model, tokenizer = load_model(ModelConfig(name=str(tiny_lm_dir), quantize="nf4"), "cpu")
+    model.requires_grad_(False)
+    data = load_data(DataConfig(source=str(chat_jsonl), seq_len=32, max_train_chunks=16, max_eval_chunks=4), tokenizer)
+    return model, data
+
+
+def test_packed_runs_on_a_4bit_base_share_it_and_match_solo_runs(assets_4bit, tmp_path):
+    model, _ = assets_4bit
+    cfgs = [run_cfg("standard", 1e-3, 0), run_cfg("reversed", 3e-3, 1)]
+    pack = Pack(model, cfgs)
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    assert all(m.model.layers[0].self_attn.q_proj.base_layer.weight is weight for m in pack.models)  # no copy
+    solo, packed, solo_stores, pack_stores = solo_and_packed(assets_4bit, tmp_path, cfgs)
+    for s, p, ss, ps in zip(solo, packed, solo_stores, pack_stores):
+        assert (p.status, p.steps, p.pack_size) == (s.status, s.steps, 2) == ("ok", 5, 2)
+        (s_train, s_eval), (p_train, p_eval) = metrics(ss), metrics(ps)
+        torch.testing.assert_close(torch.tensor(p_train), torch.tensor(s_train), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(p_eval), torch.tensor(s_eval), rtol=1e-4, atol=1e-5)
+
+
+def test_a_4bit_base_is_packed_apart_from_a_float_one():
+    dense = run_cfg()
+    four_bit = dataclasses.replace(dense, model=ModelConfig(quantize="nf4"))
+    assert pack_key(four_bit) != pack_key(dense)
+    assert pack_key(four_bit) == pack_key(dataclasses.replace(four_bit, train=dataclasses.replace(
+        four_bit.train, lr=5e-3, seed=3)))

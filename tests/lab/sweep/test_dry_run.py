@@ -342,3 +342,26 @@ def test_ray_dry_run_checks_the_address(valid, tmp_path, capsys, nothing_loads):
     out, err = capsys.readouterr()
     assert rc == 2 and "ok:" not in out
     one_line_error(err, f"no Ray cluster answers at '127.0.0.1:{port}'", "ray start --head")
+
+
+# ---- a 4-bit base (model.quantize) ---------------------------------------------------------------------------------
+
+def test_dry_run_checks_a_4bit_base_and_names_a_missing_bitsandbytes(valid, tmp_path, capsys, nothing_loads,
+                                                                    monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    cfg = with_(valid, **{"model.quantize": "nf4"})
+    rc, out, err, _ = dry(capsys, write(tmp_path, cfg))
+    assert rc == 0, err
+    assert "nf4 4-bit base (bitsandbytes" in out and "on cpu" in out  # probed on the runs' device
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    rc, out, err, _ = dry(capsys, write(tmp_path, cfg))
+    assert rc == 2 and "ok:" not in out
+    one_line_error(err, "model.quantize='nf4' needs bitsandbytes", "pip install 'loralab[bnb]'",
+                   'model.quantize = "none"')
+
+
+def test_dry_run_refuses_a_base_rewriting_init_on_a_4bit_base(valid, tmp_path, capsys, nothing_loads):
+    cfg = with_(valid, **{"model.quantize": "fp4", "grid": {"lora.init": ["standard", "pissa"]}})
+    rc, out, err, _ = dry(capsys, write(tmp_path, cfg))
+    assert rc == 2 and "ok:" not in out
+    one_line_error(err, "pissa, which rewrites the base weight", "model.quantize = 'fp4'", 'model.quantize = "none"')

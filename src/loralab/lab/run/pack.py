@@ -10,7 +10,10 @@ runs' mean losses, so each run's factors get exactly the gradient of its own los
 set and the others go on. Dropout is drawn once over the stacked input (independent per element, so per run as well).
 
 Runs can share a pack only if they differ in nothing but fields whose role is :data:`..config.schema.PER_RUN`, and an
-init that rewrites the base weight (pissa, olora) is always packed alone (on its own copy of the weights).
+init that rewrites the base weight (pissa, olora) is always packed alone (on its own copy of the weights). A 4-bit
+base (``model.quantize``) packs like a float one: its frozen packed weights are shared the same way, each run's update
+is its own, and no init may rewrite it (the config refuses that). ``model.quantize`` is not per run, so a 4-bit and a
+float base are never in one pack.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 import loralab
-from loralab.inits import get_scheme
 from loralab.inject import eval_mode
 from loralab.layers import LoraLayer
 
@@ -34,16 +36,12 @@ from ..config.typecheck import to_dict
 __all__ = ["Pack", "PackedLayer", "pack_key"]
 
 
-def _moves_base(run: RunConfig) -> bool:
-    return any(get_scheme(i).modifies_base for i in {run.lora.init, *run.lora.init_pattern.values()})
-
-
 def pack_key(run: RunConfig) -> str:
     """Runs with equal keys can train in one pack; a base-rewriting init gets a key of its own."""
     d = to_dict(run)
     for section, name in fields_with_role(PER_RUN):
         d[section].pop(name)
-    if _moves_base(run):
+    if run.rewrites_base:
         d["alone"] = json.dumps(to_dict(run), sort_keys=True)
     return json.dumps(d, sort_keys=True)
 
@@ -72,7 +70,7 @@ class Pack:
             raise ValueError(
                 "runs in one pack must differ only in " + ", ".join(f"{s}.{f}" for s, f in fields_with_role(PER_RUN))
             )
-        shared = {} if any(_moves_base(r) for r in runs) else {id(t): t for t in base_model.parameters()}
+        shared = {} if any(r.rewrites_base for r in runs) else {id(t): t for t in base_model.parameters()}
         self.models = [loralab.inject(copy.deepcopy(base_model, dict(shared)), r.lora, seed=r.train.seed) for r in runs]
         self.layers: dict[str, PackedLayer] = {}
         if len(runs) == 1:

@@ -1,12 +1,11 @@
 """A sweep's plan, built once and used by the sweep and by its dry run: the runs, their packs, the manifest, and the
 checks of what no single run can get past.
 
-Errors that are not one run's fault (the configured device is missing, the data cannot fill one step's batches, the
-out_dir is a file, another config's store, a tracker whose package is missing, a model or dataset that cannot be
-read, targets that match nothing, a rank above a layer's, a sequence longer than the model's context) would fail every
-run alike: they raise
-:class:`SweepAbort` (or a ``ValueError`` naming the problem) and stop the sweep once, and ``--dry-run`` runs the same
-checks before any training.
+Errors that are not one run's fault (the configured device is missing, a 4-bit base without bitsandbytes or on a
+device it cannot serve, the data cannot fill one step's batches, the out_dir is a file, another config's store, a
+tracker whose package is missing, a model or dataset that cannot be read, targets that match nothing, a rank above a
+layer's, a sequence longer than the model's context) would fail every run alike: they raise :class:`SweepAbort` (or a
+``ValueError`` naming the problem) and stop the sweep once, and ``--dry-run`` runs the same checks before any training.
 """
 
 from __future__ import annotations
@@ -15,13 +14,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
+
 from loralab.inject import validate
 
 from ..config.grid import RunSpec, plan_runs
 from ..config.schema import RunConfig, SweepConfig
 from ..config.typecheck import to_dict
 from ..run.data import check_data
-from ..run.models import check_model, model_skeleton
+from ..run.models import check_model, check_quantize, model_skeleton
 from ..run.pack import pack_key
 from ..runtime import DeviceUnavailable, check_out_dir, pick_device
 from ..store import SweepStore
@@ -78,6 +79,14 @@ def check_context(run: RunConfig, skeleton: Any) -> None:
             f"{run.model.name!r}: {limit} tokens (max_position_embeddings in its config); set "
             f"data.seq_len={limit} or less"
         )
+
+
+def _device_here(name: str) -> torch.device | None:
+    """``train.device`` on this machine; None where only a cluster's workers have it (the executor checked that)."""
+    try:
+        return pick_device(name)
+    except DeviceUnavailable:
+        return None
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,9 @@ class SweepPlan:
         """
         for model_cfg in dict.fromkeys(j.run.model for j in runs):
             log(f"model: {check_model(model_cfg)}")
+            for device in dict.fromkeys(_device_here(j.run.train.device) for j in runs if j.run.model == model_cfg):
+                if quantized := check_quantize(model_cfg, device):
+                    log(f"  {quantized}")
             skeleton = model_skeleton(model_cfg)
             for lora in dict.fromkeys(j.run.lora for j in runs if j.run.model == model_cfg):
                 n = len(validate(skeleton, lora))
