@@ -212,7 +212,7 @@ def test_sweep_needs_name_and_out_dir_and_a_known_executor():
 def test_unknown_top_level_key_lists_tables_and_grid():
     with pytest.raises(ConfigError, match="did you mean 'train'") as e:
         parse_sweep(sweep_dict(trian={"lr": 1e-3}))
-    assert "name, out_dir, executor, pack, resources, model, data, lora, train, grid" in str(e.value)
+    assert "name, out_dir, executor, pack, resources, tracking, model, data, lora, train, grid" in str(e.value)
 
 
 def test_parse_does_not_mutate_its_input():
@@ -260,7 +260,8 @@ def test_grid_override_adds_or_replaces_an_axis_in_place():
 @pytest.mark.parametrize("override, fragment", [
     ("train.lr", "is not key=value"),
     ("=3", "is not key=value"),
-    ("trian.lr=1", "valid keys of the top level: name, out_dir, executor, pack, resources, model, data, lora, train"),
+    ("trian.lr=1", "valid keys of the top level: name, out_dir, executor, pack, resources, tracking, model, data, "
+                   "lora, train"),
     ("train.lrr=1", "valid keys of [train]: lr, epochs"),
     ("lora={rank=4}", "whole table"),
     ("train.lr.x=1", "not a table"),
@@ -277,7 +278,7 @@ def test_bad_override(override, fragment):
 
 
 def test_not_key_value_override_lists_valid_keys():
-    with pytest.raises(ConfigError, match=r"valid keys: name, out_dir, executor, pack, resources\.<field>, model\.<field>"):
+    with pytest.raises(ConfigError, match=r"valid keys: name, out_dir, executor, pack, resources\.<field>, tracking\."):
         parse_sweep(sweep_dict(), ["oops"])
 
 
@@ -492,6 +493,31 @@ def test_pack_and_resources_are_sweep_settings():
         parse_sweep(sweep_dict(resources={"gpus": -1}))
     with pytest.raises(ConfigError, match="did you mean 'gpus'"):
         parse_sweep(sweep_dict(resources={"gpu": 1}))
+
+
+def test_tracking_is_a_sweep_setting_from_the_file_or_set():
+    sweep = parse_sweep(sweep_dict(tracking={"backend": "mlflow", "project": "p"}), ["tracking.wandb_mode=online"])
+    t = sweep.tracking
+    assert (t.backend, t.project, t.dir, t.wandb_mode, t.uri) == ("mlflow", "p", "", "online", "")
+    assert parse_sweep(sweep_dict()).tracking.backend == "none"
+    assert parse_sweep(sweep_dict(), ["tracking.backend=wandb"]).tracking.backend == "wandb"   # no quotes needed
+    with pytest.raises(ConfigError, match="tracking.backend must be one of none, tensorboard, wandb, mlflow; got"):
+        parse_sweep(sweep_dict(), ["tracking.backend=comet"])
+    with pytest.raises(ConfigError, match="tracking.wandb_mode must be one of offline, online"):
+        parse_sweep(sweep_dict(tracking={"wandb_mode": "cloud"}))
+    with pytest.raises(ConfigError, match="did you mean 'backend'"):
+        parse_sweep(sweep_dict(tracking={"backnd": "wandb"}))
+
+
+@pytest.mark.parametrize("tracking", [{"backend": "wandb"}, {"backend": "mlflow", "dir": "/tmp/x", "project": "q"}])
+def test_tracking_changes_no_run_id_and_no_manifest(tracking):
+    """A tracker is a window onto the store: switching it on resumes the same store with the same runs."""
+    from loralab.lab.sweep.plan import SweepPlan
+
+    grid = {"lora.init": ["standard", "reversed"], "train.lr": [1e-4, 1e-3]}
+    off = SweepPlan.build(parse_sweep(sweep_dict(grid=grid)))
+    on = SweepPlan.build(parse_sweep(sweep_dict(grid=grid, tracking=tracking)))
+    assert on.run_ids == off.run_ids and on.manifest() == off.manifest()
 
 
 def test_the_committed_study_store_resumes_with_todays_run_ids():

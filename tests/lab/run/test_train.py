@@ -169,6 +169,22 @@ def test_tokens_count_micro_batches(assets, tmp_path, accum):
     assert [m["tokens"] for m in of_kind(store, "train")] == [per_step * s for s in range(1, steps + 1)]
 
 
+def test_train_records_hold_the_gradient_norm_before_clipping_and_tokens_per_second(assets, tmp_path):
+    """``grad_norm`` is measured before clipping: with a clip far above it (never triggers) and with clipping off
+    (measured only) the runs are the same and log the same norms; with a tight clip every logged norm is above the
+    clip (after clipping it would be at most the clip), the first (same weights, same batch) equal to the unclipped
+    run's."""
+    runs = {clip: train(assets, tmp_path / f"clip{clip}", max_steps=3, lr=5e-3, grad_clip=clip)[1]
+            for clip in (0.0, 1e9, 1e-3)}
+    norms = {clip: [m["grad_norm"] for m in of_kind(store, "train")] for clip, store in runs.items()}
+    assert all(math.isfinite(n) and n > 0 for n in norms[0.0])
+    assert norms[1e9] == pytest.approx(norms[0.0], rel=1e-6)
+    assert norms[1e-3][0] == pytest.approx(norms[0.0][0], rel=1e-6)
+    assert all(n > 10 * 1e-3 for n in norms[1e-3])   # each step was clipped, and its norm before clipping logged
+    for m in of_kind(runs[0.0], "train"):
+        assert m["tokens_per_s"] > 0
+
+
 def test_grad_accum_matches_a_full_batch(assets, tmp_path):
     """2 micro-batches of 2 ≡ 1 batch of 4: the batch order is one permutation sliced in order, and each micro
     loss is divided by grad_accum, so the accumulated gradient is the full batch's (up to float rounding)."""

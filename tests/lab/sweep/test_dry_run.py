@@ -227,6 +227,22 @@ def test_executor_flags(valid, tmp_path, capsys, nothing_loads, no_ray):
     assert results_under(tmp_path) == []
 
 
+@pytest.mark.parametrize("backend,module", [("wandb", "wandb"), ("mlflow", "mlflow"), ("tensorboard", "tensorboard")])
+def test_a_tracker_whose_package_is_missing_fails_before_training(valid, tmp_path, capsys, monkeypatch, nothing_loads,
+                                                                   backend, module):
+    """``tracking.backend=wandb`` without wandb: one line with the install command, in the dry run and before the
+    real sweep trains or writes anything (exit 2)."""
+    monkeypatch.setitem(sys.modules, module, None)   # ``import wandb`` fails as it does where it is not installed
+    path = write(tmp_path, valid)
+    for extra in (["--dry-run"], []):
+        rc = main(["sweep", str(path), "--set", f"tracking.backend={backend}", *extra])
+        out, err = capsys.readouterr()
+        assert rc == 2, out
+        assert f"pip install 'loralab[{backend}]'" in err and "tracking.backend=none" in err
+        assert len(err.strip().splitlines()) == 1 and "ok:" not in out
+    assert results_under(tmp_path) == [] and not (tmp_path / "out" / "sweep.json").exists()
+
+
 # ---- through the real entry point --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change,fragment", [({"train.lrr": 1e-3}, "train.lrr"),

@@ -289,3 +289,29 @@ def test_a_run_that_keeps_dying_is_recorded_failed_with_the_reason(ray_cluster, 
     assert "WorkerCrashedError" in failed["error"] and "died" in failed["error"]
     assert starts(ray_cluster)[failed["run_id"]] == 2   # the first attempt and one retry, then given up
     assert f"{failed['run_id']}\n    failed: " in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_driver_logs_each_run_to_the_tracker_from_the_store(ray_cluster, tiny_lm_dir, chat_jsonl, tmp_path,
+                                                                capsys):
+    """``[tracking]`` with Ray: the driver logs every run as it ends, from the store (tensorboard's own reader)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "sweep.toml", out, tiny_lm_dir, chat_jsonl)
+    kill_rule(ray_cluster, "", times=0)
+    assert main(sweep_cmd(cfg, "--set", "tracking.backend=tensorboard")) == 0
+    assert "warning" not in capsys.readouterr().out
+    name = load_sweep(cfg).name
+    logged = sorted(p.name for p in (out / "tracking" / name).iterdir())
+    assert logged == [d.name for d in run_dirs(out)] and len(logged) == 4
+    for d in run_dirs(out):
+        result = json.loads((d / "result.json").read_text())
+        ea = EventAccumulator(str(out / "tracking" / name / d.name))
+        ea.Reload()
+        train = [m for m in read_jsonl(d / "metrics.jsonl") if m["kind"] == "train" and m["loss"] is not None]
+        assert [e.step for e in ea.Scalars("train/loss")] == [m["step"] for m in train]
+        if result["final_eval_loss"] is not None:
+            (final,) = ea.Scalars("result/final_eval_loss")
+            assert final.value == pytest.approx(result["final_eval_loss"], rel=1e-6)

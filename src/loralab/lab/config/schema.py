@@ -32,6 +32,7 @@ __all__ = [
     "ResourcesConfig",
     "RunConfig",
     "SweepConfig",
+    "TrackingConfig",
     "TrainConfig",
     "added",
     "added_fields",
@@ -44,6 +45,8 @@ QUANTIZE = ("none", "nf4", "fp4")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 EXECUTORS = ("local", "ray")
 ON_DIVERGENCE = ("stop", "continue")
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
+WANDB_MODES = ("offline", "online")
 
 
 EXECUTION = "execution"  # changes how fast a run trains or what it keeps on disk, not what it computes: left out
@@ -266,6 +269,31 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Where a sweep's runs are also logged (``lab/tracking.py``, docs/tracking.md): a window onto the store.
+
+    A sweep-level table, not part of any ``RunConfig``: switching a tracker on or off changes no run id, no pack and
+    no manifest, so a store resumes with it either way.
+    """
+
+    backend: str = "none"  # none | tensorboard | wandb | mlflow (each an extra: pip install 'loralab[wandb]')
+    project: str = ""  # W&B project / MLflow experiment / TensorBoard folder; "" = the sweep's name
+    dir: str = ""  # the trackers' local files; "" = <out_dir>/tracking
+    wandb_mode: str = "offline"  # offline: files only, no account or network (`wandb sync` uploads later) | online
+    uri: str = ""  # MLflow tracking URI; "" = a file store in dir (no server), else e.g. http://host:5000
+
+    def __post_init__(self):
+        require(
+            self.backend in TRACKERS,
+            f"tracking.backend must be one of {', '.join(TRACKERS)}; got {self.backend!r}",
+        )
+        require(
+            self.wandb_mode in WANDB_MODES,
+            f"tracking.wandb_mode must be one of {', '.join(WANDB_MODES)}; got {self.wandb_mode!r}",
+        )
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """A grid of runs: ``base`` with each combination of the ``grid`` axes' values (see :func:`expand`)."""
 
@@ -276,6 +304,7 @@ class SweepConfig:
     executor: str = "local"  # local | ray
     pack: int = 0  # runs trained together in one process on one shared base; 0 = auto, 1 = off
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # also log the runs to W&B, MLflow, ...
 
     def __post_init__(self):
         require(bool(self.name), 'SweepConfig.name is empty: set name = "..." at the top of the file')

@@ -7,7 +7,8 @@ allows it. A solo run is a pack of one. A run that blows up (NaN/inf loss, or a 
 initial eval loss) is ``diverged``: with ``on_divergence = "stop"`` it leaves the pack after its final eval, with
 ``"continue"`` it trains to the last step as the published study's runs did (its final loss is the blown-up one); it
 is recorded either way, never dropped, and the others go on. Step-0 diagnostics come from the first micro-batch's
-backward, so they cost nothing extra.
+backward, so they cost nothing extra. Each step's train record holds each run's loss, lr, gradient norm (before
+clipping) and tokens/s, its losses and norms read from the device together, in one sync per step.
 
 Evaluation (docs/evaluation.md): the *final* eval of a run (when it ends) covers every held-out chunk of the data
 (val and test, or the one eval set) and is stored per chunk, with the pretrained model's and the run's step-0 losses,
@@ -113,6 +114,14 @@ def _diagnostics(layers: dict[str, LoraLayer], identity: float, grad_scale: floa
             "var_b": b.var().item(),
         }
     return {"identity_max_abs": identity, "fused_loss": fused, "layers": out}
+
+
+def _grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of ``params``' gradients (what clipping would measure), as a 0-d tensor."""
+    grads = [p.grad.detach().float() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def _blown(loss: float, ref: float, factor: float) -> bool:
@@ -291,12 +300,13 @@ class _Trainer:
         step, pack_time = 0, 0.0
         while active := [k for k, r in enumerate(rs) if r.status == "running"]:
             self.pack.set_active(active)
-            t0 = time.perf_counter()
-            losses = self.accumulate(active, first_step=step == 0)
-            lrs = self.step(active, step)
+            t0, tokens0 = time.perf_counter(), [rs[k].tokens for k in active]
+            sums = self.accumulate(active, first_step=step == 0)
+            lrs, norms = self.step(active, step)
+            losses, grad_norms = torch.stack([sums, norms]).tolist()  # the one sync of a step
             step, dt = step + 1, time.perf_counter() - t0
             pack_time += dt
-            for k, loss in zip(active, losses):
+            for k, loss, norm, before in zip(active, losses, grad_norms, tokens0):
                 r = rs[k]
                 r.step, r.train_time = step, r.train_time + dt
                 r.store.append_metric(
@@ -305,7 +315,9 @@ class _Trainer:
                         "step": step,
                         "loss": loss,
                         "lr": lrs[k],
+                        "grad_norm": norm,
                         "tokens": r.tokens,
+                        "tokens_per_s": (r.tokens - before) / max(dt, 1e-9),  # this run's share of the step
                         "elapsed_s": self.elapsed(),
                     }
                 )
@@ -328,8 +340,9 @@ class _Trainer:
                 self.on_done(k, r.result, self.pack.models[k])
         bar.close()
 
-    def accumulate(self, active: list[int], first_step: bool) -> list[float]:
-        """Forward/backward of one optimizer step's micro-batches for the ``active`` runs; their mean train losses."""
+    def accumulate(self, active: list[int], first_step: bool) -> torch.Tensor:
+        """Forward/backward of one optimizer step's micro-batches for the ``active`` runs; their mean train losses
+        ``(K,)``, float32 on the device (read by the caller, with the gradient norms)."""
         rs, cfg = self.runs, self.runs[active[0]].cfg
         sums = torch.zeros(len(active), device=self.device)  # float32 on the device, read once per step: one sync
         for micro in range(cfg.grad_accum):
@@ -345,19 +358,22 @@ class _Trainer:
                     rs[k].store.write_diagnostics(
                         _diagnostics(self.pack.run_layers(k), rs[k].identity, cfg.grad_accum, self.fused)
                     )
-        return sums.tolist()
+        return sums
 
-    def step(self, active: list[int], step: int) -> dict[int, float]:
-        """Per-run clipping and learning rate, then one AdamW step for every active run; returns the lrs used."""
-        lrs = {}
+    def step(self, active: list[int], step: int) -> tuple[dict[int, float], torch.Tensor]:
+        """Per-run clipping and learning rate, then one AdamW step for every active run; returns the lrs used and
+        the active runs' gradient norms before clipping ``(K,)``, float32 on the device."""
+        lrs, norms = {}, []
         for k in active:
-            cfg = self.runs[k].cfg
+            cfg, params = self.runs[k].cfg, self.pack.run_params(k)
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.pack.run_params(k), cfg.grad_clip)
+                norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            else:  # measured only: the gradients stay as they are, NaN or not
+                norms.append(_grad_norm(params))
             lrs[k] = self.opt.param_groups[k]["lr"] = cfg.lr * lr_factor(step, self.total, self.runs[k].warmup)
         self.opt.step()  # inactive runs have no grads, so AdamW leaves them alone
         self.opt.zero_grad(set_to_none=True)
-        return lrs
+        return lrs, torch.stack([n.float().to(self.device) for n in norms])
 
     def check(self, r: _Run, loss: float) -> None:
         """Record a blow-up (once); with ``on_divergence = "stop"`` the run ends at this step."""

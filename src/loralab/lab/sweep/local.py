@@ -24,6 +24,7 @@ from ..run.data import DataError
 from ..run.models import ModelError
 from ..runtime import versions
 from ..store import RunResult, RunStore, SweepStore
+from ..tracking import Tracking
 from .plan import SweepAbort, SweepPlan, check_batches, check_device
 
 __all__ = ["LocalExecutor", "failed_result", "run_pack", "summarize"]
@@ -135,9 +136,14 @@ class LocalExecutor:
 
     def run(self, runs: Sequence[RunSpec], store: SweepStore) -> None:
         assets, done = self.assets, 0
-        for group in self.plan.packs(runs):
-            names = ", ".join(s.run_id for s in group)
-            self.log(f"[{done + 1}{f'-{done + len(group)}' if len(group) > 1 else ''}/{len(runs)}] {names}")
-            named = len(group) > 1  # a pack's runs end in any order: name each
-            run_pack(group, [store.run(s.run_id) for s in group], assets, self.progress, self._logger(named))
-            done += len(group)
+        tracking = Tracking(self.plan.sweep, self.log)  # the runs' store writes also go to the tracker, if any
+        try:
+            for group in self.plan.packs(runs):
+                names = ", ".join(s.run_id for s in group)
+                self.log(f"[{done + 1}{f'-{done + len(group)}' if len(group) > 1 else ''}/{len(runs)}] {names}")
+                named = len(group) > 1  # a pack's runs end in any order: name each
+                stores = [tracking.watch(store.run(s.run_id)) for s in group]
+                run_pack(group, stores, assets, self.progress, self._logger(named))
+                done += len(group)
+        finally:
+            tracking.close()

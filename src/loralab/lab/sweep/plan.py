@@ -2,10 +2,10 @@
 checks of what no single run can get past.
 
 Errors that are not one run's fault (the configured device is missing, a 4-bit base without bitsandbytes or on a
-device it cannot serve, the data cannot fill one step's batches, the out_dir is a file, another config's store, a model
-or dataset that cannot be read, targets that match nothing, a rank above a layer's, a sequence longer than the model's
-context) would fail every run alike: they raise :class:`SweepAbort` (or a ``ValueError`` naming the problem) and stop
-the sweep once, and ``--dry-run`` runs the same checks before any training.
+device it cannot serve, the data cannot fill one step's batches, the out_dir is a file, another config's store, a
+tracker whose package is missing, a model or dataset that cannot be read, targets that match nothing, a rank above a
+layer's, a sequence longer than the model's context) would fail every run alike: they raise :class:`SweepAbort` (or a
+``ValueError`` naming the problem) and stop the sweep once, and ``--dry-run`` runs the same checks before any training.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ..run.models import check_model, check_quantize, model_skeleton
 from ..run.pack import pack_key
 from ..runtime import DeviceUnavailable, check_out_dir, pick_device
 from ..store import SweepStore
+from ..tracking import check_tracking
 
 __all__ = ["AUTO_PACK_TOKENS", "Executor", "SweepAbort", "SweepPlan", "check_batches", "check_context", "check_device"]
 
@@ -135,6 +136,7 @@ class SweepPlan:
         store = SweepStore(self.sweep.out_dir)
         check_out_dir(store.root)
         store.check_manifest(**self.manifest())
+        check_tracking(self.sweep.tracking)  # a tracker's package missing: one line with the install command
         # The real chunk count needs tokenizing (the sweep checks it); a cap below one step fails already.
         for spec in self.runs:
             if spec.run.data.max_train_chunks:

@@ -25,7 +25,9 @@ the driver sees belongs to this sweep. The driver holds the out_dir's lock (``lo
   hence ``max_calls=0`` (no limit).
 
 Deviation from the local executor: no progress bars here (on workers they would only reach Ray's log files); the driver
-prints one line per finished run instead. ``SweepConfig.pack`` is not used here: one task trains one run.
+prints one line per finished run instead. ``SweepConfig.pack`` is not used here: one task trains one run. A tracker
+(``[tracking]``) is fed by the driver from the store as each run ends (:meth:`..tracking.Tracking.replay`), so workers
+need neither the tracker's package nor its directory, and the runs show up whole rather than step by step.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ..config.schema import ResourcesConfig
 from ..config.typecheck import to_dict
 from ..run.assets import Assets
 from ..store import CorruptFileError, RunResult, RunStore, SweepStore
+from ..tracking import Tracking
 from .local import failed_result, run_pack, summarize
 from .lock import SweepLock
 from .plan import SweepAbort
@@ -162,6 +165,7 @@ class RayExecutor:
             (default: ``ResourcesConfig()``, 1 CPU, no GPU, 2 retries).
         progress: draw progress bars on the workers (they go to Ray's worker logs, not to this terminal).
         log: where the one-line-per-run messages go.
+        tracking: the sweep's tracker; each run is logged to it from the store as it ends (default: none).
     """
 
     def __init__(
@@ -170,8 +174,9 @@ class RayExecutor:
         resources: ResourcesConfig | None = None,
         progress: bool = False,
         log: Callable[[str], None] = print,
+        tracking: Tracking | None = None,
     ):
-        self.address, self.progress, self.log = address, progress, log
+        self.address, self.progress, self.log, self.tracking = address, progress, log, tracking
         self.resources = resources or ResourcesConfig()
 
     def run(self, runs: Sequence[RunSpec], store: SweepStore) -> None:
@@ -254,12 +259,17 @@ class RayExecutor:
                 for ref in ready:
                     spec = pending.pop(ref)
                     result = self._finish(spec, ref, store)
+                    if self.tracking is not None:
+                        self.tracking.replay(store.run(spec.run_id))
                     done += 1
                     self.log(f"[{done}/{total}] {spec.run_id}\n    {summarize(result)}")
         except (KeyboardInterrupt, SweepAbort):
             for ref in pending if cancel else ():
                 ray.cancel(ref, force=True)  # force: kill the worker mid-run; its run stays unfinished
             raise
+        finally:
+            if self.tracking is not None:
+                self.tracking.close()
 
     def _finish(self, spec: RunSpec, ref: Any, store: SweepStore) -> RunResult:
         run = store.run(spec.run_id)

@@ -20,6 +20,7 @@ from typing import Any
 from ..config.grid import RunSpec
 from ..config.schema import EXECUTORS, SweepConfig
 from ..store import FINISHED, SweepStore
+from ..tracking import Tracking
 from .local import LocalExecutor
 from .lock import SweepLock
 from .plan import Executor, SweepAbort, SweepPlan
@@ -49,7 +50,7 @@ def make_executor(
         from .ray_executor import RayExecutor
 
         # Not `progress`: bars drawn on Ray workers only reach their log files.
-        return RayExecutor(address=address, resources=plan.sweep.resources, log=log)
+        return RayExecutor(address=address, resources=plan.sweep.resources, log=log, tracking=Tracking(plan.sweep, log))
     raise ValueError(f"unknown executor {name!r}; valid: {', '.join(EXECUTORS)}")
 
 
