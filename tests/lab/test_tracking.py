@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from loralab.lab.config.toml import parse_sweep
-from loralab.lab.run import train as train_mod
 from loralab.lab.store import SweepStore
 from loralab.lab.sweep.local import LocalExecutor
 from loralab.lab.sweep.plan import SweepPlan
@@ -59,20 +58,6 @@ def sweep(cfg: dict, *overrides: str) -> tuple[SweepStore, list[str]]:
 def file_store_env(monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # set by the tracker; restored after the test
     monkeypatch.setenv("WANDB_SILENT", "true")
-
-
-@pytest.fixture
-def reversed_fails(monkeypatch):
-    """``reversed`` runs raise in training, as a run with a bug would."""
-    original = train_mod.train_pack
-
-    def train_pack(specs, stores, **kwargs):
-        if any(s.run.lora.init == "reversed" for s in specs):
-            raise RuntimeError("boom in reversed")
-        return original(specs, stores, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_pack", train_pack)
-    return monkeypatch
 
 
 # ---- the backends' own readers --------------------------------------------------------------------------------------

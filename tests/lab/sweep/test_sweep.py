@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from loralab.cli import main
-from loralab.lab.run import train as train_mod
 
 from test_dry_run import toml_text, with_
 
@@ -45,20 +44,6 @@ def results(out: Path) -> dict[str, dict]:
 def run_dir(out: Path, init: str) -> Path:
     (d,) = [d for d in (out / "runs").iterdir() if d.name.startswith(init)]
     return d
-
-
-@pytest.fixture
-def reversed_fails(monkeypatch):
-    """``reversed`` runs raise in training, as a run with a bug would."""
-    original = train_mod.train_pack
-
-    def train_pack(specs, stores, **kwargs):
-        if any(s.run.lora.init == "reversed" for s in specs):
-            raise RuntimeError("boom in reversed")
-        return original(specs, stores, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_pack", train_pack)
-    return monkeypatch
 
 
 def test_a_failed_run_exits_1_and_is_redone_on_resume(cfg, tmp_path, capsys, reversed_fails, one_thread):
