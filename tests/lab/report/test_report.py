@@ -14,36 +14,20 @@ from loralab.lab.report.cells import Cell, fmt_value
 from loralab.lab.report.markup import to_html, to_markdown
 from loralab.lab.report.write import write_report
 
-try:  # tests/lab may or may not be a package, depending on the rest of the suite
-    from .synthetic_store import (
-        CHUNKED_INITS,
-        CHUNKED_LRS,
-        CHUNKED_SEEDS,
-        ERROR,
-        FAILED,
-        INITS,
-        LRS,
-        PARTLY_DIVERGED,
-        QR_DELTA,
-        build_chunked_store,
-        build_grid_store,
-        build_study_store,
-    )
-except ImportError:
-    from synthetic_store import (
-        CHUNKED_INITS,
-        CHUNKED_LRS,
-        CHUNKED_SEEDS,
-        ERROR,
-        FAILED,
-        INITS,
-        LRS,
-        PARTLY_DIVERGED,
-        QR_DELTA,
-        build_chunked_store,
-        build_grid_store,
-        build_study_store,
-    )
+from synthetic_store import (
+    CHUNKED_INITS,
+    CHUNKED_LRS,
+    CHUNKED_SEEDS,
+    ERROR,
+    FAILED,
+    INITS,
+    LRS,
+    PARTLY_DIVERGED,
+    QR_DELTA,
+    build_chunked_store,
+    build_grid_store,
+    build_study_store,
+)
 
 
 def md_tables(text: str) -> list[tuple[str, list[str], list[list[str]]]]:
