@@ -19,8 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from loralab.lab.report.stats import bootstrap_means  # noqa: E402
 
 DESIGNS = [  # seeds, chunks, sd of the seed term, of the chunk term, of the noise
-    (1, 200, 0.0, 0.05, 0.05), (2, 200, 0.0, 0.05, 0.05), (2, 200, 0.01, 0.05, 0.05), (4, 200, 0.005, 0.05, 0.05),
-    (4, 200, 0.01, 0.05, 0.05), (8, 200, 0.01, 0.05, 0.05)]
+    (1, 200, 0.0, 0.05, 0.05),
+    (2, 200, 0.0, 0.05, 0.05),
+    (2, 200, 0.01, 0.05, 0.05),
+    (4, 200, 0.005, 0.05, 0.05),
+    (4, 200, 0.01, 0.05, 0.05),
+    (8, 200, 0.01, 0.05, 0.05),
+]
 
 
 def main() -> int:
@@ -31,8 +36,12 @@ def main() -> int:
         rng = np.random.default_rng(0)
         out = []
         for d in (delta, 0.0):
-            x = (d + rng.normal(0, sd_a, (reps, seeds, 1)) + rng.normal(0, sd_b, (reps, 1, chunks))
-                 + rng.normal(0, sd_e, (reps, seeds, chunks)))
+            x = (
+                d
+                + rng.normal(0, sd_a, (reps, seeds, 1))
+                + rng.normal(0, sd_b, (reps, 1, chunks))
+                + rng.normal(0, sd_e, (reps, seeds, chunks))
+            )
             lo, hi = np.quantile(bootstrap_means(x, 1000, np.random.default_rng(1)), [0.025, 0.975], axis=-1)
             out.append(((lo <= d) & (d <= hi)).mean() if d else ((lo > 0) | (hi < 0)).mean())
         print(f"| {seeds} | {chunks} | {sd_a} | {sd_b} | {sd_e} | {out[0]:.1%} | {out[1]:.1%} |")

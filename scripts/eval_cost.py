@@ -39,16 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     base, tok = load_model(ModelConfig(), "cpu")
     base.requires_grad_(False)
     data = load_data(DataConfig(seq_len=128, max_train_chunks=256, val_chunks=32, test_chunks=32), tok)
-    model = loralab.inject(base, LoraConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                                            dropout=0.05), seed=0)
+    model = loralab.inject(
+        base, LoraConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"), dropout=0.05), seed=0
+    )
     fused = fused_loss_ok(model, data.eval[:1])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     chunks = data.eval[:32]
     times: dict[str, list[float]] = {"train step (4 x 128)": [], "eval chunk, batch 32": [], "eval chunk, batch 4": []}
-    for i in range(args.rounds + 1):   # round 0 warms up and is not counted
+    for i in range(args.rounds + 1):  # round 0 warms up and is not counted
         t = time.perf_counter()
         model.train()
-        sequence_losses(model, data.train[4 * i:4 * i + 4], fused=fused).mean().backward()
+        sequence_losses(model, data.train[4 * i : 4 * i + 4], fused=fused).mean().backward()
         opt.step()
         opt.zero_grad()
         step = time.perf_counter() - t
@@ -62,14 +63,18 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in zip(times, (step, e32, e4)):
                 times[k].append(v)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"load average {load:.2f} at the end; medians of {args.rounds} rounds")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load average {load:.2f} at the end; medians of {args.rounds} rounds"
+    )
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"  {k}: {v:.3f} s")
     step = med["train step (4 x 128)"]
-    print(f"  eval chunk / train step: {med['eval chunk, batch 32'] / step:.3f} (batch 32), "
-          f"{med['eval chunk, batch 4'] / step:.3f} (batch 4)")
+    print(
+        f"  eval chunk / train step: {med['eval chunk, batch 32'] / step:.3f} (batch 32), "
+        f"{med['eval chunk, batch 4'] / step:.3f} (batch 4)"
+    )
     return 0
 
 

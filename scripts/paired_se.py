@@ -52,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--baseline", default="standard", help="the init the others are paired with")
     p.add_argument("--row-axis", default="lora.init")
-    p.add_argument("--split", default="all", choices=["all", "val", "test", "eval"],
-                   help="which chunks (all: val and test together)")
+    p.add_argument(
+        "--split",
+        default="all",
+        choices=["all", "val", "test", "eval"],
+        help="which chunks (all: val and test together)",
+    )
     args = p.parse_args(argv)
     records = [r for r in SweepStore(args.run_dir).records() if r.status in ("ok", "diverged")]
     missing = [r.run_id for r in records if r.eval_chunks is None]
@@ -76,15 +80,24 @@ def main(argv: list[str] | None = None) -> int:
         diff = a_loss - b_loss
         sd = float(diff.std(ddof=1))
         spread = math.sqrt((a_loss.var(ddof=1) + b_loss.var(ddof=1)) / 2)
-        row = [f"`{r.axes.get(args.row_axis)}`", ", ".join(f"{k}={v}" for k, v in others(r)), str(len(diff)),
-               r.status, f"{diff.mean():+.4f}", f"{sd:.4f}", f"{spread:.4f}"]
+        row = [
+            f"`{r.axes.get(args.row_axis)}`",
+            ", ".join(f"{k}={v}" for k, v in others(r)),
+            str(len(diff)),
+            r.status,
+            f"{diff.mean():+.4f}",
+            f"{sd:.4f}",
+            f"{spread:.4f}",
+        ]
         row += [f"{sd / math.sqrt(n):.4f}" for n in COUNTS]
         row += [f"{math.sqrt(2) * spread / math.sqrt(n):.4f}" for n in (128, 512)]
         print("| " + " | ".join(row) + " |")
     costs = [c for r in records if (c := eval_seconds_per_chunk(r)) is not None]
     if costs:
-        print(f"\nfinal eval: {statistics.median(costs):.3f} s per chunk (median of {len(costs)} runs; "
-              f"min {min(costs):.3f}, max {max(costs):.3f})")
+        print(
+            f"\nfinal eval: {statistics.median(costs):.3f} s per chunk (median of {len(costs)} runs; "
+            f"min {min(costs):.3f}, max {max(costs):.3f})"
+        )
     return 0
 
 

@@ -165,6 +165,9 @@ def main() -> int:
                     flush=True,
                 )
         time.sleep(0.5)
+    for out in {s.out_dir for s in finished}:
+        if (out / "shards").is_dir() and not any((out / "shards").iterdir()):
+            (out / "shards").rmdir()
     done = sum(s.moved for s in finished)
     print(f"done in {time.monotonic() - t0:.0f}s: {done} of {total} runs gathered", flush=True)
     return 0 if done == total else 1
