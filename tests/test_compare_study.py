@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "lab"))
 
 import compare_study  # noqa: E402
+
 from synthetic_store import FAILED, PARTLY_DIVERGED, build_study_store  # noqa: E402
 
 

@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
-from core_helpers import perturb, tiny_gpt2, tiny_llama
 
+from core_helpers import perturb, tiny_gpt2, tiny_llama
 from loralab import (
     AdapterError,
     IdentityWarning,

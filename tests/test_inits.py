@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loralab import LoraConfig, get_scheme, init_schemes, register
-from loralab.inits import Factors, _REGISTRY
+from loralab.inits import _REGISTRY, Factors
 
 SCHEMES = sorted(init_schemes())
 D_OUT, D_IN, R = 384, 512, 8

@@ -73,7 +73,7 @@ def test_patterns_override_rank_alpha_and_init():
 def test_same_seed_bit_identical_other_seed_differs():
     def factors(seed, targets=QV):
         m = inject(tiny_llama(), LoraConfig(rank=4, init="orthogonal-qr-match", targets=targets), seed=seed)
-        return {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for n, l in lora_layers(m).items()}
+        return {n: (ly.lora_A.detach().clone(), ly.lora_B.detach().clone()) for n, ly in lora_layers(m).items()}
 
     a, b, c = factors(0), factors(0), factors(1)
     assert all(torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1]) for n in a)

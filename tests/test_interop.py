@@ -10,7 +10,6 @@ import warnings
 
 import pytest
 import torch
-from model_zoo import ARCHS, BY_NAME, build, main_output
 
 from loralab import (
     AdapterFormatWarning,
@@ -23,6 +22,7 @@ from loralab import (
     trainable_summary,
 )
 from loralab.inject import saved_modules
+from model_zoo import ARCHS, BY_NAME, build, main_output
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")

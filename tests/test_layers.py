@@ -6,11 +6,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from core_helpers import LAYER_CASES, make_case, perturb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from core_helpers import LAYER_CASES, make_case, perturb
 from loralab import (
     IdentityWarning,
     LoraConfig,

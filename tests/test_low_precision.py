@@ -18,12 +18,22 @@ import torch
 from torch import nn
 
 from core_helpers import LAYER_CASES, make_case, perturb, tiny_llama
-from loralab import LoraConfig, check_identity, init_schemes, inject, load_adapter, lora_layers, merge, save_adapter, unmerge
+from loralab import (
+    LoraConfig,
+    check_identity,
+    init_schemes,
+    inject,
+    load_adapter,
+    lora_layers,
+    merge,
+    save_adapter,
+    unmerge,
+)
 from loralab.inject import validate
-from loralab.layers import Dropout, Linear
+from loralab.lab.config.grid import RunSpec
 from loralab.lab.run import loss as loss_mod
 from loralab.lab.run.loss import fused_loss_ok, sequence_losses
-from loralab.lab.config.grid import RunSpec
+from loralab.layers import Dropout, Linear
 
 HALF = [torch.bfloat16, torch.float16]
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}   # unit roundoff
@@ -182,9 +192,9 @@ def test_lora_under_autocast_saves_its_input_without_a_copy():
     packed = PackedLayer([Linear(base, 4, 8.0) for _ in range(2)])
     for layer in (solo, packed):
         x = torch.randn(8, 5, 64, dtype=torch.bfloat16, requires_grad=True)
-        saved = []
+        saved: list = []
         with torch.autocast("cpu", dtype=torch.bfloat16), \
-                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                torch.autograd.graph.saved_tensors_hooks(lambda t, keep=saved.append: keep(t) or t, lambda t: t):
             y = layer(x)
         assert y.dtype == torch.bfloat16
         activations = [t for t in saved if t.numel() == x.numel()]
@@ -317,8 +327,8 @@ def _losses(store):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_model_lab_run_trains_with_finite_losses(half_assets, tmp_path, dtype):
-    from loralab.lab.store import RunStore
     from loralab.lab.run.train import train_pack, train_run
+    from loralab.lab.store import RunStore
 
     model, data = half_assets[dtype]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -335,8 +345,8 @@ def test_half_model_lab_run_trains_with_finite_losses(half_assets, tmp_path, dty
     packed = train_pack(_specs([_run_cfg(), _run_cfg("reversed", seed=1)]), stores, base_model=model, data=data,
                         progress=False)
     assert [r.status for r in packed] == ["ok", "ok"]
-    torch.testing.assert_close(torch.tensor(_losses(stores[0])), torch.tensor(losses), rtol=4 * EPS[getattr(torch, dtype)],
-                               atol=0)
+    rtol = 4 * EPS[getattr(torch, dtype)]
+    torch.testing.assert_close(torch.tensor(_losses(stores[0])), torch.tensor(losses), rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -361,8 +371,8 @@ def test_lab_run_under_autocast_as_on_cuda(half_assets, tiny_assets, tmp_path, d
 
 @pytest.mark.parametrize("init", MOVES)
 def test_step0_identity_of_a_base_modifying_init_is_rounding_only(half_assets, tmp_path, init):
-    from loralab.lab.store import RunStore
     from loralab.lab.run.train import train_run
+    from loralab.lab.store import RunStore
 
     model, data = half_assets["bfloat16"]
     store = RunStore(tmp_path)
@@ -374,8 +384,8 @@ def test_step0_identity_of_a_base_modifying_init_is_rounding_only(half_assets, t
 
 def test_a_pack_that_ran_out_of_memory_is_freed_before_its_halves_train(half_assets, tmp_path, monkeypatch):
     from loralab.lab.run import train
-    from loralab.lab.store import SweepStore
     from loralab.lab.run.assets import Assets
+    from loralab.lab.store import SweepStore
     from loralab.lab.sweep.local import run_pack
 
     real, held, alive = train.train_pack, [], []
@@ -478,8 +488,8 @@ def test_gpu_lab_run_in_auto_dtype(tiny_lm_dir, chat_jsonl, tmp_path):
     from loralab.lab.config.schema import DataConfig, ModelConfig
     from loralab.lab.run.data import load_data
     from loralab.lab.run.models import load_model
-    from loralab.lab.store import RunStore
     from loralab.lab.run.train import train_pack
+    from loralab.lab.store import RunStore
 
     model, tokenizer = load_model(ModelConfig(name=str(tiny_lm_dir)), "cuda")   # auto -> bfloat16 on CUDA
     assert next(model.parameters()).dtype == torch.bfloat16
@@ -497,8 +507,8 @@ def test_gpu_float16_model_trains_in_float16(tiny_lm_dir, chat_jsonl, tmp_path):
     from loralab.lab.config.schema import DataConfig, ModelConfig
     from loralab.lab.run.data import load_data
     from loralab.lab.run.models import load_model
-    from loralab.lab.store import RunStore
     from loralab.lab.run.train import train_run
+    from loralab.lab.store import RunStore
 
     model, tokenizer = load_model(ModelConfig(name=str(tiny_lm_dir), dtype="float16"), "cuda")
     model.requires_grad_(False)

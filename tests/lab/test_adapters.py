@@ -201,7 +201,8 @@ def test_best_chooses_on_validation_chunks_never_on_test(tmp_path):
 
     store = SweepStore(tmp_path)
     for run_id, val, test in (("a", [2.0, 2.2], [3.0, 3.2]), ("b", [2.5, 2.7], [1.0, 1.2])):
-        store.run(run_id).write_eval_chunks(EvalChunks("pool", {"val": split([0, 1], val), "test": split([2, 3], test)}))
+        chunks = EvalChunks("pool", {"val": split([0, 1], val), "test": split([2, 3], test)})
+        store.run(run_id).write_eval_chunks(chunks)
         store.run(run_id).write_result(RunResult(run_id, "ok", final_eval_loss=float(np.mean(test))))
     assert best_run(store) == "a"   # lower on validation, though "b" is lower on test
 

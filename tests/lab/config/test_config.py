@@ -16,10 +16,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loralab import LoraConfig
-from loralab.lab.config.typecheck import ConfigError, from_dict, to_dict
-from loralab.lab.config.schema import EXECUTION, fields_with_role, DataConfig, ModelConfig, RunConfig, SweepConfig, TrainConfig
 from loralab.lab.config.grid import expand, plan_runs, run_id
+from loralab.lab.config.schema import (
+    EXECUTION,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    SweepConfig,
+    TrainConfig,
+    fields_with_role,
+)
 from loralab.lab.config.toml import load_sweep, parse_sweep
+from loralab.lab.config.typecheck import ConfigError, from_dict, to_dict
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "configs" / "example.toml"
 SAFE_ID = re.compile(r"^[A-Za-z0-9._+-]+-[0-9a-f]{8}$")

@@ -13,7 +13,6 @@ from matplotlib import image as mpimg
 from loralab.lab.report.cells import Cell, fmt_value
 from loralab.lab.report.markup import to_html, to_markdown
 from loralab.lab.report.write import write_report
-
 from synthetic_store import (
     CHUNKED_INITS,
     CHUNKED_LRS,

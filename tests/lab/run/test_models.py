@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loralab.lab.run import models
 from loralab.lab.config.schema import ModelConfig
+from loralab.lab.run import models
 from loralab.lab.run.models import ModelError, cache_root, check_model, load_model, model_skeleton, resolve_dtype
 
 _real_find_spec = importlib.util.find_spec

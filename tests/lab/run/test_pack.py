@@ -13,14 +13,12 @@ from torch import nn
 
 from loralab import inject
 from loralab.config import LoraConfig
-from loralab.lab.config.schema import ModelConfig, RunConfig, TrainConfig
-from loralab.lab.run.pack import Pack, PackedLayer, pack_key
-from loralab.lab.store import RunStore
 from loralab.lab.config.grid import RunSpec
-from loralab.lab.config.schema import SweepConfig
-from loralab.lab.sweep.plan import SweepPlan
+from loralab.lab.config.schema import ModelConfig, RunConfig, SweepConfig, TrainConfig
+from loralab.lab.run.pack import Pack, PackedLayer, pack_key
 from loralab.lab.run.train import train_pack, train_run
-
+from loralab.lab.store import RunStore
+from loralab.lab.sweep.plan import SweepPlan
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -172,8 +170,8 @@ def test_a_sweep_with_packs_resumes_like_one_without(tmp_path, tiny_lm_dir, chat
 def test_a_pack_that_runs_out_of_gpu_memory_is_split(assets, tmp_path, monkeypatch):
     """Simulated: packs of more than 2 runs raise CUDA OOM; the sweep trains them in halves and loses no run."""
     from loralab.lab.run import train
-    from loralab.lab.store import SweepStore
     from loralab.lab.run.assets import Assets
+    from loralab.lab.store import SweepStore
     from loralab.lab.sweep.local import run_pack
 
     real, sizes = train.train_pack, []

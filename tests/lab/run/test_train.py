@@ -12,10 +12,10 @@ import torch
 
 from loralab import IdentityWarning, lora_layers
 from loralab.config import LoraConfig
-from loralab.lab.config.schema import RunConfig, TrainConfig
-from loralab.lab.store import RunStore
 from loralab.lab.config.grid import RunSpec
+from loralab.lab.config.schema import RunConfig, TrainConfig
 from loralab.lab.run.train import lr_factor, train_run
+from loralab.lab.store import RunStore
 
 SEQ_LEN = 32   # the chunk length of conftest's tiny_assets
 TARGETS = ("q_proj", "v_proj")

@@ -5,8 +5,8 @@ import dataclasses
 from loralab import inits
 from loralab.config import LoraConfig
 from loralab.inits import Factors
-from loralab.lab.studies.identity import identity_table
 from loralab.lab.config.schema import ModelConfig
+from loralab.lab.studies.identity import identity_table
 
 
 def test_a_base_rewriting_scheme_that_breaks_the_model_is_caught(tiny_lm_dir, one_thread, monkeypatch):

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from loralab import init_schemes
 from loralab.cli import main
+from loralab.lab.config.typecheck import ConfigError
 from loralab.lab.studies.width import probe as P
 from loralab.lab.studies.width import study as W
-from loralab.lab.config.typecheck import ConfigError
 from loralab.lab.studies.width.report import fit, ols, summarize
 
 CPU = torch.device("cpu")

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 
 from loralab.cli import main
+from loralab.lab.config.grid import plan_runs
+from loralab.lab.config.toml import load_sweep
+from loralab.lab.config.typecheck import to_dict
 from loralab.lab.run import assets as assets_mod
 from loralab.lab.run import data as data_mod
 from loralab.lab.run import models as models_mod
 from loralab.lab.run import train as train_mod
-from loralab.lab.config.toml import load_sweep
-from loralab.lab.config.typecheck import to_dict
 from loralab.lab.store import RunResult, SweepStore
-from loralab.lab.config.grid import plan_runs
 
 FAST_S = 10.0   # a dry run reads configs, not weights; a hub lookup with retries would take ~25 s
 

@@ -21,12 +21,12 @@ import pytest
 from test_e2e import HUGE_LR, MAX_STEPS, SMALL_LR, env, loralab, midway, read_jsonl, run_dirs, write_config
 
 from loralab.cli import main
-from loralab.lab.config.toml import load_sweep
-from loralab.lab.store import RunResult, RunStore, SweepStore
-from loralab.lab.sweep.run import make_executor
 from loralab.lab.config.grid import RunSpec, plan_runs
 from loralab.lab.config.schema import SweepConfig
+from loralab.lab.config.toml import load_sweep
+from loralab.lab.store import RunResult, RunStore, SweepStore
 from loralab.lab.sweep.plan import SweepPlan
+from loralab.lab.sweep.run import make_executor
 
 HERE = Path(__file__).resolve().parent
 CONTROL = "LORALAB_TEST_RAY_CONTROL"   # env var, in the workers: the directory with kill.json and starts.log

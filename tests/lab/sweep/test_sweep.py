@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_dry_run import toml_text, with_
 
 from loralab.cli import main
-
-from test_dry_run import toml_text, with_
 
 
 @pytest.fixture
