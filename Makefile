@@ -13,7 +13,7 @@ quick: install
 	$(PY) -m loralab report runs/quick --out docs/quick
 
 test: install
-	$(PY) -m ruff check src scripts
+	$(PY) -m ruff check src scripts tests
 	$(PY) -m ruff format --check src scripts
 	$(PY) -m mypy
 	$(PY) -m pytest -q --runslow

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.lab.config.toml import load_sweep
-from loralab.lab.store import SweepStore
+from loralab.lab.store import RunStore, SweepStore
 from loralab.lab.sweep.plan import SweepPlan
 
 
@@ -56,11 +57,11 @@ def toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        return json.dumps(v).replace("\x7f", "\\u007f")  # JSON's escapes are TOML's; TOML also refuses a raw DEL
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{toml_value(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"no TOML literal for {type(v).__name__}: {v!r}")
 
 
@@ -74,7 +75,8 @@ def shards_of(spec: str, sets: list[str]) -> list[Shard]:
     out = Path(sweep.out_dir)
     plan = SweepPlan.build(sweep)
     SweepStore(out).write_manifest(**plan.manifest(), run_axes=[s.axes for s in plan.runs])
-    done = {p.parent.name for p in (out / "runs").glob("*/result.json")}
+    store = SweepStore(out)
+    done = {s.run_id for s in plan.runs if store.run(s.run_id).is_finished()}  # a failed run is done again
     pinned = [a for a in sweep.grid if a not in keep]
     groups: dict[tuple, list] = {}
     for spec_ in plan.runs:
@@ -99,11 +101,12 @@ def command(shard: Shard, sets: list[str]) -> list[str]:
 
 
 def gather(shard: Shard) -> tuple[int, int]:
-    """Move the shard's finished runs into its sweep's store; ``(moved, left)``."""
+    """Move the shard's finished runs (ok or diverged) into its sweep's store; ``(moved, left)``. A failed run stays
+    in the shard with its log, and the next call of this script trains it again."""
     src = shard.out_dir / "shards" / shard.name / "runs"
     moved = 0
     for rid in shard.run_ids:
-        if (src / rid / "result.json").is_file():
+        if RunStore(src / rid).is_finished():
             dest = shard.out_dir / "runs" / rid
             if dest.exists():
                 shutil.rmtree(dest)  # an unfinished attempt from an earlier sweep: the shard's run replaces it
