@@ -74,8 +74,8 @@ def shards_of(spec: str, sets: list[str]) -> list[Shard]:
         sys.exit(f"{spec}: {', '.join(unknown)} is not a grid axis of {config}; axes: {', '.join(sweep.grid)}")
     out = Path(sweep.out_dir)
     plan = SweepPlan.build(sweep)
-    SweepStore(out).write_manifest(**plan.manifest(), run_axes=[s.axes for s in plan.runs])
     store = SweepStore(out)
+    store.write_manifest(**plan.manifest(), run_axes=[s.axes for s in plan.runs])
     done = {s.run_id for s in plan.runs if store.run(s.run_id).is_finished()}  # a failed run is done again
     pinned = [a for a in sweep.grid if a not in keep]
     groups: dict[tuple, list] = {}
