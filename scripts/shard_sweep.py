@@ -108,10 +108,11 @@ def gather(shard: Shard) -> tuple[int, int]:
     for rid in shard.run_ids:
         if RunStore(src / rid).is_finished():
             dest = shard.out_dir / "runs" / rid
-            if dest.exists():
-                shutil.rmtree(dest)  # an unfinished attempt from an earlier sweep: the shard's run replaces it
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(src / rid), dest)
+            RunStore(dest).reset()  # an earlier unfinished attempt: cleared as a sweep clears it (a failure kept aside)
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in (src / rid).iterdir():
+                os.replace(f, dest / f.name)
+            (src / rid).rmdir()
             moved += 1
     if moved == len(shard.run_ids):
         shutil.rmtree(shard.out_dir / "shards" / shard.name, ignore_errors=True)

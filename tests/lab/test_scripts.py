@@ -269,12 +269,18 @@ def shard_with_runs(out: Path, name: str, status: dict[str, str | None]) -> shar
 def test_gather_moves_the_finished_runs_and_keeps_the_rest_of_a_shard(tmp_path):
     out = tmp_path / "out"
     shard = shard_with_runs(out, "shard000-a", {"a": "ok", "b": None, "f": "failed"})
-    stale = out / "runs" / "a"  # an unfinished attempt of an earlier sweep: the shard's finished run replaces it
-    stale.mkdir(parents=True)
-    (stale / "old.txt").write_text("old")
+    stale = out / "runs" / "a"  # a failed attempt of an earlier sweep: the shard's finished run replaces it
+    write_results(out, {"a": "failed"})
+    (stale / "metrics.jsonl").write_text("old")
 
     assert shard_sweep.gather(shard) == (1, 2)
-    assert sorted(p.name for p in (out / "runs" / "a").iterdir()) == ["metrics.jsonl", "result.json"]
+    assert sorted(p.name for p in (out / "runs" / "a").iterdir()) == [
+        "metrics.jsonl",
+        "metrics.jsonl.failed",  # the failed attempt is kept aside, as a sweep keeps it
+        "result.json",
+        "result.json.failed",
+    ]
+    assert SweepStore(out).run("a").status() == "ok"
     assert not (out / "runs" / "b").exists() and not (out / "runs" / "f").exists()
     src = out / "shards" / "shard000-a"
     assert (src / "runs" / "b" / "metrics.jsonl").is_file()  # what is not finished stays for a resume, with its log
