@@ -88,6 +88,8 @@ def main() -> int:
     print(text)
     if arms.skipped:
         print(f"left out: {', '.join(arms.skipped)}")
+    if arms.mixed:
+        print(arms.mixed)
     if args.plot:
         plot(series, args.ref, args.plot)
     return 0

@@ -102,11 +102,17 @@ def command(shard: Shard, sets: list[str]) -> list[str]:
 
 def gather(shard: Shard) -> tuple[int, int]:
     """Move the shard's finished runs (ok or diverged) into its sweep's store; ``(moved, left)``. A failed run stays
-    in the shard with its log, and the next call of this script trains it again."""
+    in the shard with its log, and the next call of this script trains it again. A run evaluated on another held-out
+    pool than the store's finished runs (the same data config tokenized otherwise) stays too, and says why."""
     src = shard.out_dir / "shards" / shard.name / "runs"
     moved = 0
     for rid in shard.run_ids:
-        if RunStore(src / rid).is_finished():
+        run = RunStore(src / rid)
+        digest, result = run.pool_digest(), run.result() if run.is_finished() else None
+        if result and digest and (problem := SweepStore(shard.out_dir).other_pool(digest, result.versions)):
+            print(f"{shard.name}: {rid} left in its shard: {problem}", flush=True)
+            continue
+        if result:
             dest = shard.out_dir / "runs" / rid
             RunStore(dest).reset()  # an earlier unfinished attempt: cleared as a sweep clears it (a failure kept aside)
             dest.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""The scripts under ``scripts/``: ``curve_gap.ahead_from`` on planted gap sequences, ``shard_sweep``'s TOML literals
+"""The scripts under ``scripts/``: ``curve_gap.ahead_from`` on planted gap sequences, ``same_runs`` on stores with a
+planted difference, ``shard_sweep``'s TOML literals
 (round trip through ``tomllib``), its shards (which axes are pinned, the run ids they share with the whole sweep) and,
 end to end on the tiny model, a sharded sweep gathered into one store that ``loralab sweep`` finds finished."""
 
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import curve_gap  # noqa: E402
+import same_runs  # noqa: E402
 import shard_sweep  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------- curve_gap
@@ -299,6 +301,32 @@ def test_gather_removes_a_shard_whose_runs_all_finished(tmp_path):
     assert not (out / "runs" / "c").exists()
 
 
+def with_pool(store: Path, rid: str, digest: str) -> None:
+    """Give a run per-chunk losses on held-out pool ``digest``."""
+    import numpy as np
+
+    from loralab.lab.store import EvalChunks, SplitLosses
+
+    z = np.zeros(2, dtype=np.float32)
+    split = SplitLosses(ids=np.arange(2), pretrained=z, step0=z, final=z)
+    SweepStore(store).run(rid).write_eval_chunks(EvalChunks(digest, {"test": split}))
+
+
+def test_gather_keeps_a_run_evaluated_on_another_pool_in_its_shard_and_says_why(tmp_path, capsys):
+    out = tmp_path / "out"
+    write_results(out, {"old": "ok"})
+    with_pool(out, "old", "pool-of-the-store")
+    shard = shard_with_runs(out, "shard000-a", {"a": "ok", "b": "ok"})
+    with_pool(out / "shards" / "shard000-a", "a", "pool-of-the-store")
+    with_pool(out / "shards" / "shard000-a", "b", "another-pool")
+    assert shard_sweep.gather(shard) == (1, 1)
+    assert SweepStore(out).run("a").status() == "ok" and not (out / "runs" / "b").exists()
+    assert SweepStore(out / "shards" / "shard000-a").run("b").status() == "ok"  # kept, not lost
+    said = capsys.readouterr().out
+    assert "b left in its shard" in said  # the store's runs, the one just moved included, name the pool
+    assert "2 finished run(s), e.g. a, were evaluated on held-out pool pool-of-the-store" in said
+
+
 # ----------------------------------------------------------------------------------------- shard_sweep: end to end
 
 
@@ -348,3 +376,55 @@ def test_a_sharded_sweep_is_gathered_into_one_finished_store(sweep_cfg, tmp_path
     assert dry.returncode == 0, (dry.stdout, dry.stderr)
     assert "ok: 0 runs to train, 4 already finished" in dry.stdout
     assert dry.stdout.count("  done ") == 4
+
+
+# ---------------------------------------------------------------------------------------------------------- same_runs
+
+N_CHUNKS = 40
+
+
+def store_with(root: Path, runs: dict[str, tuple[str, float]], *, pool: str = "pool", where=("cpu", "float32")) -> None:
+    """Runs ``run_id -> (status, shift)``: per-chunk losses ``hard + shift`` at the final stage, ``hard`` before."""
+    import numpy as np
+
+    from loralab.lab.store import EvalChunks, SplitLosses
+
+    hard = np.random.default_rng(0).normal(3.0, 0.5, N_CHUNKS).astype(np.float32)
+    store = SweepStore(root)
+    for rid, (status, shift) in runs.items():
+        run = store.run(rid)
+        if status in ("ok", "diverged"):
+            split = SplitLosses(ids=np.arange(N_CHUNKS), pretrained=hard, step0=hard, final=hard + np.float32(shift))
+            run.write_eval_chunks(EvalChunks(pool, {"val": split, "test": split}))
+        if status != "pending":
+            run.write_result(RunResult(run_id=rid, status=status, device=where[0], dtype=where[1]))
+
+
+def test_same_runs_finds_a_planted_difference_and_none_where_there_is_none(tmp_path):
+    import numpy as np
+
+    store_with(tmp_path / "a", {"r1": ("ok", 0.0), "r2": ("ok", 0.0), "only-a": ("ok", 0.0)}, where=("cuda:0", "bf16"))
+    store_with(tmp_path / "b", {"r1": ("ok", 0.01), "r2": ("ok", 0.01), "only-b": ("ok", 0.0)})
+    c = same_runs.compare(SweepStore(tmp_path / "a"), SweepStore(tmp_path / "b"))
+    assert c.split == "test" and [r for r, _, _ in c.runs] == ["r1", "r2"]
+    assert c.runs[0][1:] == ("cuda bf16", "cpu float32")
+    final, before = c.overall("final"), c.overall("pretrained")
+    assert final.mean == pytest.approx(0.01, abs=1e-6) and final.excludes_zero
+    assert before.mean == 0 and not before.excludes_zero  # the same base losses on both: no difference
+    assert all(np.isclose(e.mean, 0.01, atol=1e-6) for e in c.per_run("final"))
+    assert any("only-a (only in" in x for x in c.left_out) and any("only-b (only in" in x for x in c.left_out)
+    text = same_runs.markdown(c, "a", "b")
+    assert "| all 2 runs |" in text and "+0.0100" in text and "Not compared: " in text
+
+
+def test_same_runs_names_unfinished_runs_and_refuses_what_does_not_pair(tmp_path):
+    store_with(tmp_path / "a", {"r1": ("ok", 0.0), "r2": ("ok", 0.0)})
+    store_with(tmp_path / "b", {"r1": ("failed", 0.0), "r2": ("pending", 0.0)})
+    with pytest.raises(ValueError, match="no run is finished, with per-chunk losses, in both"):
+        same_runs.compare(SweepStore(tmp_path / "a"), SweepStore(tmp_path / "b"))
+    store_with(tmp_path / "c", {"r1": ("ok", 0.0), "r2": ("ok", 0.0)}, pool="another")
+    with pytest.raises(ValueError, match="run r1 was evaluated on other test chunks in the two stores"):
+        same_runs.compare(SweepStore(tmp_path / "a"), SweepStore(tmp_path / "c"))
+    store_with(tmp_path / "d", {"r1": ("ok", 0.0), "r2": ("failed", 0.0)})
+    c = same_runs.compare(SweepStore(tmp_path / "a"), SweepStore(tmp_path / "d"))
+    assert [r for r, _, _ in c.runs] == ["r1"] and c.left_out == ["r2 (ok in A, failed in B)"]

@@ -64,6 +64,7 @@ __all__ = [
     "atomic_write_json",
     "config_diff",
     "read_json",
+    "sweep_of",
     "to_strict_json",
 ]
 
@@ -439,6 +440,14 @@ class RunStore:
                 warnings.warn(f"{path}:{i + 1}: skipping a corrupt metrics line", stacklevel=2)
         return out
 
+    def pool_digest(self) -> str | None:
+        """The held-out pool the run was evaluated on (from ``eval_chunks.npz``); ``None`` without a readable one."""
+        try:
+            with np.load(self.root / EVAL_CHUNKS, allow_pickle=False) as npz:
+                return str(npz["pool_digest"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # eval_chunks() names a bad file
+            return None
+
     def is_finished(self) -> bool:
         """True iff the run has a readable ``ok`` or ``diverged`` result: a resumed sweep never redoes it."""
         return self.status() in FINISHED
@@ -647,6 +656,39 @@ class SweepStore:
             raise ValueError(f"invalid run id {run_id!r}: it must be a plain directory name")
         return RunStore(self.root / "runs" / run_id)
 
+    def pools(self) -> dict[str, list[str]]:
+        """Held-out pool digest -> the finished runs evaluated on it (those with per-chunk losses), in run order."""
+        out: dict[str, list[str]] = {}
+        for rid in self.run_ids():
+            run = self.run(rid)
+            digest = run.pool_digest() if run.is_finished() else None
+            if digest is not None:
+                out.setdefault(digest, []).append(rid)
+        return out
+
+    def other_pool(self, digest: str, here: Mapping[str, str]) -> str | None:
+        """Why runs evaluated on held-out pool ``digest`` (with package versions ``here``) do not belong in this
+        store: its finished runs were evaluated on another pool. ``None`` when they belong.
+
+        The same data config gives another pool when the tokenizer maps the text to other ids, e.g. another
+        transformers version converting a GGUF tokenizer with another EOS id; such runs trained on other tokens and
+        their eval losses do not pair with the store's.
+        """
+        others = {d: ids for d, ids in self.pools().items() if d != digest}
+        if not others:
+            return None
+        d, ids = next(iter(others.items()))
+        result = self.run(ids[0]).result()
+        theirs = {k: v for k, v in (result.versions if result else {}).items() if here.get(k) != v}
+        differ = ", ".join(f"{k} {v} there, {here.get(k, '?')} here" for k, v in theirs.items())
+        return (
+            f"{self.root}: {sum(map(len, others.values()))} finished run(s), e.g. {ids[0]}, were evaluated on held-out "
+            f"pool {d}, but the data here gives pool {digest}: the same data config became other tokens "
+            f"({differ or 'the same package versions: check the dataset and the tokenizer files'}). Runs on both "
+            "would not compare. Fix: install the versions its runs record (the versions in their result.json), or "
+            "use a new out_dir (--set out_dir=...)"
+        )
+
     def run_ids(self) -> list[str]:
         """Run ids in manifest order, then any other run directories (sorted)."""
         listed = list((self.manifest() or {}).get("run_ids", []))
@@ -664,6 +706,11 @@ class SweepStore:
         manifest = self.manifest() or {}
         axes_by_id = dict(zip(manifest.get("run_ids", []), manifest.get("run_axes", [])))
         return [load_record(self.run(r), axes_by_id.get(r)) for r in self.run_ids()]
+
+
+def sweep_of(run: RunStore) -> SweepStore:
+    """The sweep a run belongs to: :meth:`SweepStore.run` puts it at ``<out_dir>/runs/<run_id>``."""
+    return SweepStore(run.root.parent.parent)
 
 
 @dataclass(frozen=True)

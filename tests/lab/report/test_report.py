@@ -399,6 +399,35 @@ def test_runs_evaluated_on_other_chunks_are_not_paired(tmp_path):
     assert "were evaluated on different chunks" in md and "qr__lr0.001__s1" in md and "✱" not in md
 
 
+def test_a_store_that_computed_on_two_devices_says_so_and_still_pairs_by_seed(tmp_path):
+    import dataclasses
+
+    from loralab.lab.store import SweepStore
+
+    build_chunked_store(tmp_path)
+    store = SweepStore(tmp_path)
+
+    def computed(rid: str, device: str, dtype: str) -> None:
+        run = store.run(rid)
+        result = run.result()
+        (run.root / "result.json").unlink()
+        run.write_result(dataclasses.replace(result, device=device, dtype=dtype))
+
+    for rid in store.manifest()["run_ids"]:
+        computed(rid, "cuda:0", "bfloat16")
+    computed("qr__lr0.001__s1", "cpu", "float32")
+    computed("standard__lr0.001__s2", "cpu", "float32")
+    md = write_report(tmp_path)["md"].read_text()
+    assert "more than one device or dtype (25 on cuda bfloat16, 2 on cpu float32)" in md
+    assert "scripts/same_runs.py" in md   # how to measure what it costs
+    at = CHUNKED_LRS.index(1e-3)
+    assert DELTA.match(table(md, "Paired difference vs `standard`")["qr"][at])["n"] == "3"
+
+
+def test_a_store_computed_on_one_device_has_no_device_note(chunked):
+    assert "more than one device or dtype" not in chunked[2]
+
+
 def test_baseline_option(tmp_path, capsys):
     from loralab.cli import main
 

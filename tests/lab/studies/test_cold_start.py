@@ -188,6 +188,24 @@ def test_runs_without_curves_are_named_not_dropped(tmp_path):
     assert result["by_lr"][1e-3]["gaps"]["random-both"][0][1]["seeds"] == 1
 
 
+def test_a_store_that_computed_on_two_devices_says_so(tmp_path):
+    import dataclasses
+
+    build_training_store(tmp_path / "runs")
+    store = SweepStore(tmp_path / "runs")
+    run = store.run("random-both-0.001-1")
+    result = run.result()
+    (run.root / "result.json").unlink()
+    run.write_result(dataclasses.replace(result, device="cpu", dtype="float32"))
+    result = CS.analyze(tmp_path / "runs")
+    assert "1 on cpu float32" in result["mixed"] and "more than one device or dtype" in result["mixed"]
+    assert {e["seeds"] for _, e in result["by_lr"][1e-3]["gaps"]["random-both"]} == {2}   # still paired by seed
+    figures = {k: f"{k}.png" for k in ("curves", "gap", "levels", "shock")}
+    assert result["mixed"] in CS.results_markdown(result, figures)   # the page says it too
+    build_training_store(tmp_path / "alike")
+    assert "mixed" not in CS.analyze(tmp_path / "alike")
+
+
 def test_a_store_without_standard_is_refused_by_name(tmp_path):
     SweepStore(tmp_path).write_manifest("x", {}, [], {})
     with pytest.raises(ValueError, match="no finished `standard` run"):

@@ -130,6 +130,25 @@ def test_more_eval_chunks_than_held_out_stops_the_sweep(cfg, tmp_path, capsys, o
     assert no_result_files(tmp_path / "out")   # no run recorded failed
 
 
+def test_a_store_evaluated_on_another_held_out_pool_is_not_trained_into(cfg, tmp_path, capsys, one_thread):
+    """Another transformers can tokenize the same data config into other ids: a resume there would mix datasets."""
+    import numpy as np
+
+    out = tmp_path / "out"
+    assert sweep(capsys, tmp_path, cfg)[0] == 0
+    chunks = run_dir(out, "standard") / "eval_chunks.npz"
+    with np.load(chunks) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    np.savez(chunks, **{**arrays, "pool_digest": np.array("0123456789abcdef")})   # as if made elsewhere
+    (run_dir(out, "reversed") / "result.json").unlink()   # reversed is left to do
+    rc, _, err = sweep(capsys, tmp_path, cfg)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "1 finished run(s), e.g. standard" in err and "held-out pool 0123456789abcdef" in err
+    assert "same package versions" in err and "--set out_dir=" in err
+    assert not (run_dir(out, "reversed") / "result.json").exists()   # nothing trained, no failure recorded
+    assert sweep(capsys, tmp_path, cfg, "--set", f"out_dir={tmp_path / 'fresh'}")[0] == 0   # the fix named works
+
+
 def test_an_out_dir_that_is_a_file_stops_the_sweep(cfg, tmp_path, capsys):
     (tmp_path / "taken").write_text("")
     rc, _, err = sweep(capsys, tmp_path, cfg, "--set", f"out_dir={tmp_path / 'taken'}")

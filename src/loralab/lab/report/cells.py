@@ -11,6 +11,10 @@ is not one to recommend, even if its surviving seeds look good), under ``include
 With per-chunk eval losses in the store (``eval_chunks.npz``), :func:`chunk_losses` gives a cell's losses as a
 ``(seeds, chunks)`` matrix for :mod:`.stats`; :func:`eval_splits` says which splits select and which report. Used by
 ``write.py`` (tables) and, through plain lists, by ``plots.py``.
+
+Runs pair by seed whatever they computed on; a store whose runs computed on more than one device or dtype says so
+(:func:`mixed_compute`). The same SmolLM2 runs on a GPU in bfloat16 and on a CPU in float32, on the same tokens,
+end within the eval chunks' noise of each other (docs/evaluation.md), far closer than the seeds do.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import itertools
 import json
 import math
 import statistics
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +80,28 @@ def ended_worse(rec: RunRecord) -> bool:
     if res is None or res.initial_eval_loss is None:
         return False
     return res.final_eval_loss is None or res.final_eval_loss > res.initial_eval_loss
+
+
+def compute_of(rec: RunRecord) -> str:
+    """Where and in what precision a run computed, e.g. ``cuda bfloat16`` or ``cpu float32`` ("" when its result
+    does not say: unfinished, or written before loralab recorded it)."""
+    res = rec.result
+    if res is None:
+        return ""
+    return " ".join(x for x in (res.device.split(":")[0], res.dtype) if x)
+
+
+def mixed_compute(records: Sequence[RunRecord]) -> str | None:
+    """A sentence when the finished runs computed on more than one device or dtype, else ``None``."""
+    counts = Counter(compute_of(r) or "unknown" for r in records if r.status in ("ok", "diverged"))
+    if len(counts) < 2:
+        return None
+    parts = ", ".join(f"{n} on {where}" for where, n in counts.most_common())
+    return (
+        f"The finished runs computed on more than one device or dtype ({parts}). They pair by seed all the same: "
+        "the precision adds its own small noise to a difference (measure it on your model by running some runs on "
+        "both, then scripts/same_runs.py; docs/evaluation.md)."
+    )
 
 
 @dataclass(frozen=True)

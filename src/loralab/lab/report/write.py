@@ -44,6 +44,7 @@ from .cells import (
     fmt_value,
     make_layout,
     mean_curve,
+    mixed_compute,
 )
 from .markup import to_html, to_markdown
 from .stats import LEVEL, N_BOOT, Estimate, choose, interval, paired_difference, seed_for
@@ -668,6 +669,7 @@ def write_report(
     blocks = (
         _header(name, manifest, records, out_dir)
         + other_configs
+        + [("warn", note) for note in [mixed_compute(records)] if note]
         + _evaluation(ctx, records, manifest)
         + _tables(ctx)
         + images

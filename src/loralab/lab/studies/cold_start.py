@@ -23,6 +23,7 @@ import numpy as np
 from loralab.inits import get_scheme
 from loralab.io import atomic_write
 
+from ..report.cells import mixed_compute
 from ..report.stats import Estimate, Losses, interval, paired_difference, seed_for
 from ..store import RunRecord, SweepStore, atomic_write_json
 
@@ -122,10 +123,12 @@ def claim_verdict(by_lr: Mapping[float, Judgement]) -> str:
 
 @dataclass(frozen=True)
 class Arms:
-    """Per (arm, lr): seed -> (steps, (k, c) per-chunk losses on the curve chunks). Runs left out, with why."""
+    """Per (arm, lr): seed -> (steps, (k, c) per-chunk losses on the curve chunks). Runs left out, with why;
+    ``mixed``: what the report says when the runs computed on more than one device or dtype, else ``None``."""
 
     curves: Mapping[tuple[str, float], Mapping[int, tuple[np.ndarray, np.ndarray]]]
     skipped: tuple[str, ...]
+    mixed: str | None = None
 
     def arms(self) -> list[str]:
         return list(dict.fromkeys(a for a, _ in self.curves))
@@ -137,7 +140,7 @@ class Arms:
 def read_arms(records: Sequence[RunRecord]) -> Arms:
     """The curves of every finished run that stored them; every other run is named in ``skipped``."""
     curves: dict[tuple[str, float], dict[int, tuple[np.ndarray, np.ndarray]]] = {}
-    skipped, ids = [], None
+    skipped, ids, kept = [], None, []
     for rec in records:
         arm, chunks = arm_label(rec), rec.eval_chunks
         if rec.status not in ("ok", "diverged") or arm is None or chunks is None or chunks.curve is None:
@@ -149,7 +152,8 @@ def read_arms(records: Sequence[RunRecord]) -> Arms:
         ids = chunks.curve.ids
         lr, seed = float(_field(rec, "train", "lr")), int(_field(rec, "train", "seed"))
         curves.setdefault((arm, lr), {})[seed] = (chunks.curve.steps, chunks.curve.losses.astype(np.float64))
-    return Arms(curves, tuple(skipped))
+        kept.append(rec)
+    return Arms(curves, tuple(skipped), mixed_compute(kept))
 
 
 def _at(curve: tuple[np.ndarray, np.ndarray], step: int) -> np.ndarray | None:
@@ -252,6 +256,8 @@ def analyze(run_dir: str | Path, shock_dir: str | Path | None = None) -> dict[st
             + (f" (left out: {', '.join(arms.skipped[:3])})" if arms.skipped else "")
         )
     out: dict[str, Any] = {"skipped": list(arms.skipped), "lrs": arms.lrs(), "arms": arms.arms(), "by_lr": {}}
+    if arms.mixed:
+        out["mixed"] = arms.mixed
     verdicts: dict[str, dict[float, Judgement]] = {}
     for lr in arms.lrs():
         total = max((int(c[0].max()) for c in arms.curves.get((BASELINE, lr), {}).values()), default=0)
@@ -452,6 +458,8 @@ def results_markdown(result: Mapping[str, Any], figures: Mapping[str, str]) -> s
             lines.append(f"- α = {alpha:g}: measured before {before:g} nats; {state} (within ×2/3–×3/2).")
     if result["skipped"]:
         lines += ["", "Runs left out: " + ", ".join(result["skipped"]) + "."]
+    if result.get("mixed"):
+        lines += ["", result["mixed"]]
     return "\n".join(lines) + "\n"
 
 

@@ -23,7 +23,7 @@ from ..run.assets import Assets
 from ..run.data import DataError
 from ..run.models import ModelError
 from ..runtime import versions
-from ..store import RunResult, RunStore, SweepStore
+from ..store import RunResult, RunStore, SweepStore, sweep_of
 from ..tracking import Tracking
 from .plan import SweepAbort, SweepPlan, check_batches, check_device
 
@@ -53,6 +53,8 @@ def _train(
         model, data = assets.get(specs[0].run)
     except (ModelError, DataError) as e:  # the model's or the data's fault: every run on them would fail alike
         raise SweepAbort(str(e)) from None
+    if problem := sweep_of(stores[0]).other_pool(data.pool_digest, versions()):
+        raise SweepAbort(problem)
     for spec in specs:
         check_batches(spec.run, len(data.train))
     train.train_pack(
