@@ -29,7 +29,8 @@ class Comparison:
     split: str
     runs: list[tuple[str, str, str]] = field(default_factory=list)  # (run id, where A computed, where B did)
     diffs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # stage -> per run, B − A per chunk
-    left_out: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # in both, not finished in both
+    only: tuple[list[str], list[str]] = ([], [])  # run ids in A only, in B only
 
     def per_run(self, stage: str) -> list[Estimate]:
         return [
@@ -53,8 +54,8 @@ def compare(a: SweepStore, b: SweepStore) -> Comparison:
     """
     ra, rb = _records(a), _records(b)
     both = [rid for rid in ra if rid in rb]
-    left_out = [f"{rid} (only in {a.root})" for rid in ra if rid not in rb]
-    left_out += [f"{rid} (only in {b.root})" for rid in rb if rid not in ra]
+    only = ([rid for rid in ra if rid not in rb], [rid for rid in rb if rid not in ra])
+    left_out: list[str] = []
     pairs = []
     for rid in both:
         x, y = ra[rid], rb[rid]
@@ -70,7 +71,7 @@ def compare(a: SweepStore, b: SweepStore) -> Comparison:
     first = pairs[0][1].eval_chunks
     assert first is not None
     split = "test" if "test" in first.splits else next(iter(first.splits))
-    out = Comparison(split, left_out=left_out)
+    out = Comparison(split, left_out=left_out, only=only)
     for rid, x, y in pairs:
         cx, cy = x.eval_chunks, y.eval_chunks
         assert cx is not None and cy is not None
@@ -107,6 +108,7 @@ def markdown(c: Comparison, a: str, b: str) -> str:
     lines.append(f"| all {len(c.runs)} runs | | | " + " | ".join(_e(c.overall(s)) for s in STAGES) + " |")
     if c.left_out:
         lines += ["", "Not compared: " + ", ".join(c.left_out) + "."]
+    lines += ["", f"Run ids in one store only: {len(c.only[0])} in A, {len(c.only[1])} in B."]
     return "\n".join(lines)
 
 

@@ -412,9 +412,9 @@ def test_same_runs_finds_a_planted_difference_and_none_where_there_is_none(tmp_p
     assert final.mean == pytest.approx(0.01, abs=1e-6) and final.excludes_zero
     assert before.mean == 0 and not before.excludes_zero  # the same base losses on both: no difference
     assert all(np.isclose(e.mean, 0.01, atol=1e-6) for e in c.per_run("final"))
-    assert any("only-a (only in" in x for x in c.left_out) and any("only-b (only in" in x for x in c.left_out)
+    assert c.only == (["only-a"], ["only-b"]) and c.left_out == []
     text = same_runs.markdown(c, "a", "b")
-    assert "| all 2 runs |" in text and "+0.0100" in text and "Not compared: " in text
+    assert "| all 2 runs |" in text and "+0.0100" in text and "Run ids in one store only: 1 in A, 1 in B" in text
 
 
 def test_same_runs_names_unfinished_runs_and_refuses_what_does_not_pair(tmp_path):
