@@ -3,8 +3,8 @@
 For every run id finished in both stores: B − A per chunk of the reported split (``test``, else ``eval``) at each
 stage the store keeps (the pretrained model, the run at step 0, its final weights), with its mean and 95% bootstrap
 interval over the chunks, and where each computed. Then each stage over all runs both have (pigeonhole over runs and
-chunks, the lab's ``interval``). Runs in one store only, or unfinished in either, are named, not compared. Prints
-markdown.
+chunks, the lab's ``interval``). Runs unfinished in either store are named, those in one store only counted; neither
+is compared. Prints markdown.
 
     python scripts/same_runs.py docs/results/long-study/store runs/long-study-cpu
 """
