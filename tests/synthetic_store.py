@@ -8,6 +8,7 @@ independently of the code under test.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loralab.lab.store import EvalChunks, RunResult, SplitLosses, SweepStore
+from loralab.lab.store import EvalChunks, RunResult, RunStore, SplitLosses, SweepStore
 
 INITS = ("standard", "reversed", "orthogonal-eye", "orthogonal-qr-const", "orthogonal-qr-match")
 LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
@@ -202,3 +203,10 @@ def build_chunked_store(root: Path, *, splits: tuple[str, ...] = ("val", "test")
                                    initial_eval_loss=float(out.pretrained[report].astype(np.float32).mean()),
                                    steps=10))
     return out
+
+
+def rewrite_result(run: RunStore, **changes) -> None:
+    """Change fields of a run's result.json (written once: the old file goes first), e.g. where it computed."""
+    result = run.result()
+    (run.root / "result.json").unlink()
+    run.write_result(dataclasses.replace(result, **changes))

@@ -26,6 +26,7 @@ from synthetic_store import (
     build_chunked_store,
     build_grid_store,
     build_study_store,
+    rewrite_result,
 )
 
 
@@ -400,18 +401,13 @@ def test_runs_evaluated_on_other_chunks_are_not_paired(tmp_path):
 
 
 def test_a_store_that_computed_on_two_devices_says_so_and_still_pairs_by_seed(tmp_path):
-    import dataclasses
-
     from loralab.lab.store import SweepStore
 
     build_chunked_store(tmp_path)
     store = SweepStore(tmp_path)
 
     def computed(rid: str, device: str, dtype: str) -> None:
-        run = store.run(rid)
-        result = run.result()
-        (run.root / "result.json").unlink()
-        run.write_result(dataclasses.replace(result, device=device, dtype=dtype))
+        rewrite_result(store.run(rid), device=device, dtype=dtype)
 
     for rid in store.manifest()["run_ids"]:
         computed(rid, "cuda:0", "bfloat16")

@@ -13,6 +13,7 @@ from loralab.cli import main
 from loralab.lab.report.stats import Estimate, Losses, paired_difference
 from loralab.lab.store import CurveLosses, EvalChunks, RunResult, SplitLosses, SweepStore
 from loralab.lab.studies import cold_start as CS
+from synthetic_store import rewrite_result
 
 STEPS = list(range(0, 25, 3))  # the preset's evals: 0, 3, ..., 24
 TOTAL, CHUNKS, SEEDS = 24, 16, (0, 1)
@@ -189,14 +190,8 @@ def test_runs_without_curves_are_named_not_dropped(tmp_path):
 
 
 def test_a_store_that_computed_on_two_devices_says_so(tmp_path):
-    import dataclasses
-
     build_training_store(tmp_path / "runs")
-    store = SweepStore(tmp_path / "runs")
-    run = store.run("random-both-0.001-1")
-    result = run.result()
-    (run.root / "result.json").unlink()
-    run.write_result(dataclasses.replace(result, device="cpu", dtype="float32"))
+    rewrite_result(SweepStore(tmp_path / "runs").run("random-both-0.001-1"), device="cpu", dtype="float32")
     result = CS.analyze(tmp_path / "runs")
     assert "1 on cpu float32" in result["mixed"] and "more than one device or dtype" in result["mixed"]
     assert {e["seeds"] for _, e in result["by_lr"][1e-3]["gaps"]["random-both"]} == {2}   # still paired by seed
