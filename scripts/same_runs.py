@@ -17,11 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loralab.lab.report.cells import compute_of
+from loralab.lab.report.cells import compute_of, eval_splits
 from loralab.lab.report.stats import Estimate, interval, seed_for
-from loralab.lab.store import STAGES, RunRecord, SweepStore
-
-DONE = ("ok", "diverged")
+from loralab.lab.store import FINISHED, STAGES, RunRecord, SweepStore
 
 
 @dataclass
@@ -50,7 +48,8 @@ def compare(a: SweepStore, b: SweepStore) -> Comparison:
     """B − A for the runs finished in both.
 
     Raises:
-        ValueError: no run is finished in both, or two runs were evaluated on other chunks (they do not pair).
+        ValueError: no run is finished in both, or some were evaluated on other chunks (the report's
+            :func:`eval_splits` says which): their losses do not pair.
     """
     ra, rb = _records(a), _records(b)
     both = [rid for rid in ra if rid in rb]
@@ -59,7 +58,7 @@ def compare(a: SweepStore, b: SweepStore) -> Comparison:
     pairs = []
     for rid in both:
         x, y = ra[rid], rb[rid]
-        if x.status not in DONE or y.status not in DONE:
+        if x.status not in FINISHED or y.status not in FINISHED:
             left_out.append(f"{rid} ({x.status} in A, {y.status} in B)")
             continue
         if x.eval_chunks is None or y.eval_chunks is None:
@@ -68,20 +67,14 @@ def compare(a: SweepStore, b: SweepStore) -> Comparison:
         pairs.append((rid, x, y))
     if not pairs:
         raise ValueError(f"no run is finished, with per-chunk losses, in both {a.root} and {b.root}")
-    first = pairs[0][1].eval_chunks
-    assert first is not None
-    split = "test" if "test" in first.splits else next(iter(first.splits))
+    splits = eval_splits([r for _, x, y in pairs for r in (x, y)])  # the report's own check that losses pair
+    if isinstance(splits, str):
+        raise ValueError(f"{a.root} against {b.root}: {splits}")
+    split = splits[1]
     out = Comparison(split, left_out=left_out, only=only)
     for rid, x, y in pairs:
         cx, cy = x.eval_chunks, y.eval_chunks
         assert cx is not None and cy is not None
-        if (
-            split not in cx.splits
-            or split not in cy.splits
-            or cx.pool_digest != cy.pool_digest
-            or not np.array_equal(cx.splits[split].ids, cy.splits[split].ids)
-        ):
-            raise ValueError(f"run {rid} was evaluated on other {split} chunks in the two stores: not paired")
         out.runs.append((rid, compute_of(x) or "unknown", compute_of(y) or "unknown"))
         for stage in STAGES:
             d = getattr(cy.splits[split], stage).astype(np.float64) - getattr(cx.splits[split], stage)

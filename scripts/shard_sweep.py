@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.lab.config.toml import load_sweep
-from loralab.lab.store import RunStore, SweepStore
+from loralab.lab.store import SweepStore
 from loralab.lab.sweep.plan import SweepPlan
 
 
@@ -104,21 +104,21 @@ def gather(shard: Shard) -> tuple[int, int]:
     """Move the shard's finished runs (ok or diverged) into its sweep's store; ``(moved, left)``. A failed run stays
     in the shard with its log, and the next call of this script trains it again. A run evaluated on another held-out
     pool than the store's finished runs (the same data config tokenized otherwise) stays too, and says why."""
-    src = shard.out_dir / "shards" / shard.name / "runs"
+    store, own = SweepStore(shard.out_dir), SweepStore(shard.out_dir / "shards" / shard.name)
     moved = 0
     for rid in shard.run_ids:
-        run = RunStore(src / rid)
+        run = own.run(rid)
         digest, result = run.pool_digest(), run.result() if run.is_finished() else None
-        if result and digest and (problem := SweepStore(shard.out_dir).other_pool(digest, result.versions)):
+        if result and digest and (problem := store.other_pool(digest, result.versions)):
             print(f"{shard.name}: {rid} left in its shard: {problem}", flush=True)
             continue
         if result:
-            dest = shard.out_dir / "runs" / rid
-            RunStore(dest).reset()  # an earlier unfinished attempt: cleared as a sweep clears it (a failure kept aside)
-            dest.mkdir(parents=True, exist_ok=True)
-            for f in (src / rid).iterdir():
-                os.replace(f, dest / f.name)
-            (src / rid).rmdir()
+            dest = store.run(rid)
+            dest.reset()  # an earlier unfinished attempt: cleared as a sweep clears it (a failure kept aside)
+            dest.root.mkdir(parents=True, exist_ok=True)
+            for f in run.root.iterdir():
+                os.replace(f, dest.root / f.name)
+            run.root.rmdir()
             moved += 1
     if moved == len(shard.run_ids):
         shutil.rmtree(shard.out_dir / "shards" / shard.name, ignore_errors=True)

@@ -423,7 +423,8 @@ def test_same_runs_names_unfinished_runs_and_refuses_what_does_not_pair(tmp_path
     with pytest.raises(ValueError, match="no run is finished, with per-chunk losses, in both"):
         same_runs.compare(SweepStore(tmp_path / "a"), SweepStore(tmp_path / "b"))
     store_with(tmp_path / "c", {"r1": ("ok", 0.0), "r2": ("ok", 0.0)}, pool="another")
-    with pytest.raises(ValueError, match="run r1 was evaluated on other test chunks in the two stores"):
+    other = "runs `r1` and `r1` were evaluated on different chunks .held-out pools pool and another"
+    with pytest.raises(ValueError, match=other):
         same_runs.compare(SweepStore(tmp_path / "a"), SweepStore(tmp_path / "c"))
     store_with(tmp_path / "d", {"r1": ("ok", 0.0), "r2": ("failed", 0.0)})
     c = same_runs.compare(SweepStore(tmp_path / "a"), SweepStore(tmp_path / "d"))

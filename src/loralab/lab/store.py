@@ -137,6 +137,7 @@ def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 STATUSES = ("ok", "diverged", "failed")
 FINISHED = ("ok", "diverged")  # results; a failed run is recorded, but a resumed sweep tries it again
+_NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)  # truncated, foreign, misshapen
 CONFIG, METRICS, DIAGNOSTICS, RESULT = "config.json", "metrics.jsonl", "diagnostics.json", "result.json"
 EVAL_CHUNKS = "eval_chunks.npz"
 CURVE = "curve"  # eval_chunks.npz's prefix of the periodic evals' per-chunk losses (not a split)
@@ -374,7 +375,7 @@ class RunStore:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 return EvalChunks.from_arrays({k: npz[k] for k in npz.files})
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated, foreign, misshapen
+        except _NPZ_ERRORS as e:
             raise CorruptFileError(
                 f"{path} is not a per-chunk eval file ({e}); rerun the run, or move the file "
                 "aside (the report then shows this run without intervals)"
@@ -445,7 +446,7 @@ class RunStore:
         try:
             with np.load(self.root / EVAL_CHUNKS, allow_pickle=False) as npz:
                 return str(npz["pool_digest"])
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # eval_chunks() names a bad file
+        except _NPZ_ERRORS:  # eval_chunks() names a bad file
             return None
 
     def is_finished(self) -> bool:
