@@ -24,12 +24,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..store import RunRecord, SweepStore, config_diff
+from ..store import RunRecord
 from . import plots
 from .cells import (
     CONVENTIONS,
@@ -37,19 +36,15 @@ from .cells import (
     Layout,
     best_in_column,
     best_in_row,
-    cell_grid,
-    chunk_losses,
     diagnostic_stats,
-    eval_splits,
     fmt_value,
-    make_layout,
     mean_curve,
     mixed_compute,
 )
 from .markup import to_html, to_markdown
-from .stats import LEVEL, N_BOOT, Estimate, choose, interval, paired_difference, seed_for
+from .stats import LEVEL, N_BOOT, Estimate, choose
+from .table import Table, open_table
 
-BASELINE = "standard"
 STATUS_ORDER = ("ok", "diverged", "failed", "unfinished", "pending")
 PNGS = {
     "loss_vs_lr": "final eval loss vs LR, per init (diverged runs: x at their loss, ^ when not finite)",
@@ -70,48 +65,6 @@ MARKS = (
 )
 SUFFIX = {"excluded": "", "included": ", diverged runs included"}
 Block = tuple  # see markup.py
-
-
-@dataclass(frozen=True)
-class _Ctx:
-    """What every table of one report needs."""
-
-    lay: Layout
-    cells: dict
-    rep_axis: str
-    conventions: tuple[str, ...]  # both, or only "excluded" when no run diverged (they then agree)
-    baseline: str
-    base: int | None  # the baseline's row, None when it is not a row
-    splits: tuple[str, str] | None  # (selection split, reported split) with per-chunk losses, else None
-    why_not: str  # why there are no per-chunk statistics ("" when there are)
-
-    def estimate(self, g: int, r: int, c: int, convention: str, split: str) -> Estimate | None:
-        losses = chunk_losses(self.cells[g, r, c], convention, split, self.rep_axis)
-        if losses is None:
-            return None
-        # seeded by the cell, not the convention: the same runs give the same interval under either
-        return interval(
-            losses.values, seed=seed_for(self.lay.groups[g], self.lay.row_labels[r], self.lay.col_labels[c], split)
-        )
-
-    def paired(self, g: int, r: int, c: int, rb: int, cb: int, convention: str) -> Estimate | None:
-        """``(r, c) − (rb, cb)`` of group ``g`` on the reported split, same seeds and chunks."""
-        assert self.splits is not None
-        split = self.splits[1]
-        a, b = (chunk_losses(self.cells[g, i, j], convention, split, self.rep_axis) for i, j in ((r, c), (rb, cb)))
-        if a is None or b is None:
-            return None
-        return paired_difference(
-            a,
-            b,
-            seed=seed_for(
-                self.lay.groups[g],
-                self.lay.row_labels[r],
-                self.lay.col_labels[c],
-                self.lay.row_labels[rb],
-                self.lay.col_labels[cb],
-            ),
-        )
 
 
 def _num(v: Any, spec: str = ".4f") -> str:
@@ -160,7 +113,7 @@ def _header(name: str, manifest: dict, records: Sequence[RunRecord], out_dir: Pa
     ]
 
 
-def _evaluation(ctx: _Ctx, records: Sequence[RunRecord], manifest: dict) -> list[Block]:
+def _evaluation(ctx: Table, records: Sequence[RunRecord], manifest: dict) -> list[Block]:
     """How the numbers below were measured, or what this store lacks for intervals."""
     if ctx.splits is None:
         return [
@@ -198,7 +151,7 @@ def _evaluation(ctx: _Ctx, records: Sequence[RunRecord], manifest: dict) -> list
     ]
 
 
-def _grid_table(ctx: _Ctx, g: int, cell: Callable[[int, int], str], bold: Callable[[int, int], bool]) -> Block:
+def _grid_table(ctx: Table, g: int, cell: Callable[[int, int], str], bold: Callable[[int, int], bool]) -> Block:
     """A rows × columns table of group ``g``: ``cell(r, c)`` is each entry's text, ``bold(r, c)`` marks it."""
     lay = ctx.lay
     header = [f"{lay.row_axis} \\ {lay.col_axis}"] + list(lay.col_labels)
@@ -209,12 +162,12 @@ def _grid_table(ctx: _Ctx, g: int, cell: Callable[[int, int], str], bold: Callab
     return ("table", header, rows)
 
 
-def _best_of_column(ctx: _Ctx, g: int, convention: str) -> Callable[[int, int], bool]:
+def _best_of_column(ctx: Table, g: int, convention: str) -> Callable[[int, int], bool]:
     lay, cells = ctx.lay, ctx.cells
     return lambda r, c: len(lay.rows) > 1 and best_in_column(cells, lay, g, c, convention) == r
 
 
-def _loss_table(ctx: _Ctx, g: int, convention: str) -> Block:
+def _loss_table(ctx: Table, g: int, convention: str) -> Block:
     """Final eval loss of group ``g``: with an interval when the store has per-chunk losses."""
     cells = ctx.cells
 
@@ -225,7 +178,7 @@ def _loss_table(ctx: _Ctx, g: int, convention: str) -> Block:
     return _grid_table(ctx, g, cell, _best_of_column(ctx, g, convention))
 
 
-def _relative_table(ctx: _Ctx, g: int, convention: str) -> Block:
+def _relative_table(ctx: Table, g: int, convention: str) -> Block:
     """Means relative to the baseline row in % (stores without per-chunk losses)."""
     cells, base = ctx.cells, ctx.base
     assert base is not None
@@ -237,7 +190,7 @@ def _relative_table(ctx: _Ctx, g: int, convention: str) -> Block:
     )
 
 
-def _paired_table(ctx: _Ctx, g: int, convention: str) -> Block:
+def _paired_table(ctx: Table, g: int, convention: str) -> Block:
     """Paired differences from the baseline row in the same column, with intervals."""
     cells, base = ctx.cells, ctx.base
     assert base is not None
@@ -270,7 +223,7 @@ def _edge_warnings(lay: Layout, chosen: dict[int, int]) -> list[Block]:
     return out
 
 
-def _best_lr(ctx: _Ctx, g: int, convention: str) -> list[Block]:
+def _best_lr(ctx: Table, g: int, convention: str) -> list[Block]:
     """Each row's best column by mean (stores without per-chunk losses), warning when it is the grid's edge."""
     lay, cells = ctx.lay, ctx.cells
     items, chosen = [], {}
@@ -289,20 +242,12 @@ def _best_lr(ctx: _Ctx, g: int, convention: str) -> list[Block]:
     return overall + [("ul", items)] + _edge_warnings(lay, chosen)
 
 
-def _tuned(ctx: _Ctx, g: int, convention: str) -> list[Block]:
+def _tuned(ctx: Table, g: int, convention: str) -> list[Block]:
     """Each row at its own best column, chosen on the validation split only and reported on the test split."""
-    lay, cells = ctx.lay, ctx.cells
+    lay = ctx.lay
     assert ctx.splits is not None
     sel, rep = ctx.splits
-    val: dict[tuple[int, int], float] = {}
-    for r in range(len(lay.rows)):
-        for c in range(len(lay.cols)):
-            losses = chunk_losses(cells[g, r, c], convention, sel, ctx.rep_axis)
-            if losses is not None and cells[g, r, c].eligible(convention):
-                val[r, c] = float(losses.values.mean())
-    chosen = {
-        r: c for r in range(len(lay.rows)) if (c := choose({c: v for (i, c), v in val.items() if i == r})) is not None
-    }  # validation only
+    val, chosen = ctx.tuned(g, convention)  # validation only
     base_c = chosen.get(ctx.base) if ctx.base is not None else None
     delta_head = f"Δ vs `{ctx.baseline}` at its own {lay.col_axis}" if ctx.base is not None else "Δ (no baseline)"
     header = [
@@ -349,7 +294,7 @@ def _tuned(ctx: _Ctx, g: int, convention: str) -> list[Block]:
     return blocks + _edge_warnings(lay, chosen)
 
 
-def _tables(ctx: _Ctx) -> list[Block]:
+def _tables(ctx: Table) -> list[Block]:
     lay = ctx.lay
     heads = [[("h", 3, lay.group_label(g))] if lay.others else [] for g in range(len(lay.groups))]
     ci = " Each cell: mean [95% interval]." if ctx.splits else " Each cell: mean ± sample std over seeds."
@@ -482,26 +427,18 @@ def _problems(records: Sequence[RunRecord], out_dir: Path) -> list[Block]:
     return blocks
 
 
-def _other_configs(manifest: dict, records: Sequence[RunRecord]) -> tuple[list[RunRecord], list[Block]]:
-    """The runs made with this sweep's config, and a section naming those made with another one (left out).
-
-    A run's config.json that differs from ``sweep.json``'s base outside the grid axes belongs to another experiment
-    (e.g. runs of two configs that shared an out_dir whose sweep.json was lost): averaging it in would mix them.
-    """
-    base, axes = manifest.get("base", {}), list(manifest.get("grid", {}))
-    configs = {r.run_id: (r.config or {}).get("config") for r in records}
-    diffs = {k: config_diff(c, base, axes) for k, c in configs.items() if isinstance(c, dict)}
-    others = [f"`{r.run_id}` ({_axes_text(r)}): {diffs[r.run_id]}" for r in records if diffs.get(r.run_id)]
+def _other_configs(others: Sequence[tuple[RunRecord, str]]) -> list[Block]:
+    """A section naming the runs made with another config than sweep.json's (left out), if any."""
     if not others:
-        return list(records), []
+        return []
     note = (
         f"{len(others)} run(s) in this store were made with another config than sweep.json's (the fields that "
         "differ are named below). They are left out of every table and plot; move them to their own out_dir."
     )
-    return [r for r in records if not diffs.get(r.run_id)], [
+    return [
         ("warn", note),
         ("h", 2, f"Runs of another config, left out ({len(others)})"),
-        ("ul", others),
+        ("ul", [f"`{r.run_id}` ({_axes_text(r)}): {diff}" for r, diff in others]),
     ]
 
 
@@ -636,31 +573,9 @@ def write_report(
         ValueError: ``baseline`` is not one of the rows (naming them).
     """
     out_dir = Path(out_dir).expanduser()
-    store = SweepStore(out_dir)
-    manifest = store.manifest()
-    if manifest is None:
-        raise FileNotFoundError(f"{out_dir / 'sweep.json'} not found: {out_dir} is not a sweep directory")
-    records, other_configs = _other_configs(manifest, store.records())
-    lay = make_layout(manifest, row_axis, col_axis, rep_axis)
-    if baseline is not None and baseline not in lay.row_labels:
-        raise ValueError(
-            f"--baseline {baseline!r} is not a row of this report; the rows ({row_axis}) are "
-            f"{', '.join(lay.row_labels)}"
-        )
-    name_of_base = baseline or BASELINE
-    cells = cell_grid(lay, records)
-    splits = eval_splits(records)
-    conventions = CONVENTIONS if any(r.status == "diverged" for r in records) else CONVENTIONS[:1]
-    ctx = _Ctx(
-        lay,
-        cells,
-        rep_axis,
-        conventions,
-        name_of_base,
-        lay.row_labels.index(name_of_base) if name_of_base in lay.row_labels else None,
-        splits if isinstance(splits, tuple) else None,
-        splits if isinstance(splits, str) else "",
-    )
+    opened = open_table(out_dir, row_axis=row_axis, col_axis=col_axis, rep_axis=rep_axis, baseline=baseline)
+    manifest, records, ctx = opened.manifest, opened.records, opened.table
+    lay, cells = ctx.lay, ctx.cells
     report_dir = Path(out).expanduser() if out is not None else out_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     paths = _plot_all(report_dir, lay, cells)
@@ -668,7 +583,7 @@ def write_report(
     images = [("h", 2, "Plots")] + [("img", paths[k], cap) for k, cap in PNGS.items() if k in paths]
     blocks = (
         _header(name, manifest, records, out_dir)
-        + other_configs
+        + _other_configs(opened.others)
         + [("warn", note) for note in [mixed_compute(records)] if note]
         + _evaluation(ctx, records, manifest)
         + _tables(ctx)
