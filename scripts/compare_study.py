@@ -1,23 +1,37 @@
 """Compare a loralab init study's store with the published "A×0 ≠ 0×B" table (REFERENCE.md), point by point.
 
     python scripts/compare_study.py runs/study-smollm2 > docs/results/study-smollm2/comparison.md
+    python scripts/compare_study.py runs/long-study --min-seeds 2 > docs/results/long-study/comparison.md
 
-Reads only the store (like ``loralab report``). For each learning rate of the published grid it shows both studies'
-mean final eval loss relative to ``standard`` and the best init; then, per init, its best learning rate and the first
-learning rate at which it diverges; then the best cell overall. A published cell counts as diverged when its loss is
-above 4 nats/token (its diverged cells read 7.0–9.3, its others 2.2–2.4); a loralab cell when any seed's status is
-``diverged``.
+Reads only the store, through the report's own table (``loralab.lab.report.table``), so every interval here is the
+one ``loralab report`` prints. On the learning rates both grids share it gives:
+
+1. each init's mean final loss relative to ``standard``, ours / published, in %;
+2. each init − ``standard`` at each learning rate, paired (same seed, same chunks) with its 95% interval, against the
+   published difference of means, with a verdict: *holds* (our interval excludes zero on the published side),
+   *opposite* (it excludes zero on the other side) or *cannot decide* (it contains zero); with fewer seeds than
+   ``--min-seeds`` a direction is marked as not a finding, since its interval then covers chunk noise only;
+3. each init's best learning rate (ours chosen on validation, reported on test) and the first at which it diverges;
+4. the tuned comparison: each init at its own best learning rate against ``standard`` at its own.
+
+The published table gives means over 4 seeds without intervals, so its direction is the sign of a difference of
+means. A published cell counts as diverged when its loss is above 4 nats/token (its diverged cells read 7.0–9.3, its
+others 2.2–2.4); one of ours when any seed's status is ``diverged``. Paired differences follow the published study's
+convention for diverged runs (included at their final loss) unless ``--convention excluded``. A store still
+running is compared on what has finished, and the pending runs are counted.
 """
 
 from __future__ import annotations
 
-import statistics
+import argparse
 import sys
-from collections import defaultdict
+from collections import Counter
+from pathlib import Path
 
-sys.path.insert(0, "src")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from loralab.lab.store import SweepStore  # noqa: E402
+from loralab.lab.report.stats import Estimate  # noqa: E402
+from loralab.lab.report.table import Table, open_table  # noqa: E402
 
 INITS = ["standard", "reversed", "orthogonal-eye", "orthogonal-qr-const", "orthogonal-qr-match"]
 LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2]
@@ -33,103 +47,263 @@ PUBLISHED = {  # mean eval loss, Qwen2.5-1.5B-Instruct on no_robots, 4 seeds (RE
 PUBLISHED_DIVERGED = 4.0
 
 
-def ours(out_dir: str) -> dict[tuple[str, float], dict]:
-    """``(init, lr) -> {"mean": mean final loss over ok seeds or None, "diverged": k, "ok": k}``."""
-    cells: dict[tuple[str, float], dict] = defaultdict(lambda: {"losses": [], "diverged": 0, "ok": 0})
-    for rec in SweepStore(out_dir).records():
-        if rec.result is None:
-            continue
-        cell = cells[(rec.axes["lora.init"], float(rec.axes["train.lr"]))]
-        if rec.result.status == "diverged":
-            cell["diverged"] += 1
-        elif rec.result.status == "ok":
-            cell["ok"] += 1
-            cell["losses"].append(rec.result.final_eval_loss)
-    return {k: {**v, "mean": statistics.fmean(v["losses"]) if v["losses"] else None} for k, v in cells.items()}
+class StudyError(ValueError):
+    """The store cannot be compared with the published table (the message says why and what to do)."""
 
 
-def rel(x: float | None, ref: float | None) -> str:
-    return "—" if x is None or ref is None else f"{100 * (x / ref - 1):+.1f}%"
+def pub(init: str, lr: float) -> float:
+    return PUBLISHED[lr][INITS.index(init)]
+
+
+def pub_diverged(init: str, lr: float) -> bool:
+    return pub(init, lr) > PUBLISHED_DIVERGED
 
 
 def short(init: str) -> str:
     return init.replace("orthogonal-", "")
 
 
-def per_lr(cells: dict) -> list[str]:
-    lines = [
-        "| lr | " + " | ".join(f"{short(i)} ours / pub." for i in INITS[1:]) + " | best ours | best pub. |",
-        "|---|" + "---|" * (len(INITS) + 1),
-    ]
-    for lr in LRS:
-        mine = {i: cells.get((i, lr), {}) for i in INITS}
-        ref = mine["standard"].get("mean")
-        pub = dict(zip(INITS, PUBLISHED[lr]))
-        row = [
-            f"{rel(mine[i].get('mean'), ref)}{'†' * mine[i].get('diverged', 0)} / {rel(pub[i], pub['standard'])}"
-            for i in INITS[1:]
+def nats(x: float) -> str:
+    return f"{round(x, 4) + 0.0:+.4f}"  # + 0.0: no "-0.0000"
+
+
+def ci(est: Estimate | None) -> str:
+    if est is None:
+        return "no seed in common"
+    if not est.finite:
+        return f"not finite n={est.seeds}"
+    return f"{nats(est.mean)} [{nats(est.lo)}, {nats(est.hi)}]{' ✱' if est.excludes_zero else ''} n={est.seeds}"
+
+
+def verdict(published: float, est: Estimate | None, min_seeds: int) -> str:
+    """Whether our paired difference supports the published direction (the sign of ``published``)."""
+    if est is None:
+        return "no paired runs yet"
+    if not est.finite:
+        return "cannot decide (a loss is not finite)"
+    if not est.excludes_zero:
+        return "cannot decide"
+    word = "holds" if (est.mean > 0) == (published > 0) else "opposite"
+    if est.seeds < min_seeds:
+        return f"{word}? ({est.seeds} seed{'s' * (est.seeds != 1)}: not a finding)"
+    return word
+
+
+def kind(v: str) -> str:
+    """A verdict without its qualifiers: ``holds``, ``holds?``, ``opposite``, ``cannot decide``, ..."""
+    return v.split(" (")[0].split(";")[0]
+
+
+class Study:
+    """The store's table restricted to the published inits and the learning rates both grids share."""
+
+    def __init__(self, out_dir: str, convention: str, min_seeds: int) -> None:
+        opened = open_table(out_dir)
+        self.t: Table = opened.table
+        self.records, self.convention, self.min_seeds = opened.records, convention, min_seeds
+        lay = self.t.lay
+        if len(lay.groups) != 1:
+            raise StudyError(
+                f"{out_dir} varies {', '.join(lay.others)} besides the init and the learning rate; the published "
+                "table has one value of each other setting: compare one value at a time (a store per value)"
+            )
+        if self.t.splits is None:
+            raise StudyError(
+                f"{out_dir} has no per-chunk eval losses ({self.t.why_not}); rerun the sweep with "
+                "data.val_chunks and data.test_chunks set (docs/evaluation.md)"
+            )
+        self.rows = {label: r for r, label in enumerate(lay.row_labels) if label in INITS}
+        self.cols = {float(v): c for c, v in enumerate(lay.cols) if v is not None and float(v) in LRS}
+        if "standard" not in self.rows or not self.cols:
+            raise StudyError(
+                f"{out_dir} must have `standard` among its inits ({', '.join(lay.row_labels)}) and a learning rate "
+                f"of the published grid ({', '.join(f'{lr:g}' for lr in LRS)}) among its own "
+                f"({', '.join(lay.col_labels)})"
+            )
+        self.inits = [i for i in INITS if i in self.rows]
+        self.lrs = sorted(self.cols)
+        self.sel, self.rep = self.t.splits
+
+    def cell(self, init: str, lr: float):
+        return self.t.cells[0, self.rows[init], self.cols[lr]]
+
+    def paired(self, init: str, lr: float, std_lr: float | None = None) -> Estimate | None:
+        assert self.t.base is not None
+        std_c = self.cols[lr if std_lr is None else std_lr]
+        return self.t.paired(0, self.rows[init], self.cols[lr], self.t.base, std_c, self.convention)
+
+    def header(self, out_dir: str) -> list[str]:
+        status = Counter(r.status for r in self.records)
+        waiting = status["pending"] + status["unfinished"]
+        seeds = sorted({len(c.finished(self.convention)) for c in self.t.cells.values()})
+        missing = [f"{lr:g}" for lr in LRS if lr not in self.cols]
+        return [
+            f"Store `{out_dir}`: {len(self.records)} runs, "
+            + ", ".join(f"{n} {s}" for s, n in sorted(status.items()))
+            + (f" ({waiting} not finished: every number below is over the runs that are)" if waiting else "")
+            + f". Finished seeds per cell: {', '.join(map(str, seeds))}.",
+            "",
+            "Learning rates compared: "
+            + ", ".join(f"{lr:g}" for lr in self.lrs)
+            + (f" (the published grid's {', '.join(missing)} is not in this store)" if missing else "")
+            + ".",
+            "",
         ]
-        ok_mine = {i: c["mean"] for i, c in mine.items() if c.get("mean") is not None and not c.get("diverged")}
-        ok_pub = {i: v for i, v in pub.items() if v < PUBLISHED_DIVERGED}
-        best_mine = short(min(ok_mine, key=ok_mine.get)) if ok_mine else "none (all diverged)"
-        best_pub = short(min(ok_pub, key=ok_pub.get)) if ok_pub else "none (all diverged)"
-        lines.append(f"| {lr:g} | " + " | ".join(row) + f" | {best_mine} | {best_pub} |")
-    return lines
+
+    def relative(self) -> list[str]:
+        """Mean final loss relative to ``standard``, ours / published (diverged seeds left out of our means)."""
+        lines = [
+            "Mean final eval loss relative to `standard` at the same lr, ours / published (†: a seed of ours "
+            "diverged; that cell's mean is over the seeds that did not).",
+            "",
+            "| lr | " + " | ".join(f"{short(i)} ours / pub." for i in self.inits[1:]) + " | best ours | best pub. |",
+            "|---|" + "---|" * (len(self.inits) + 1),
+        ]
+        for lr in self.lrs:
+            ref = self.cell("standard", lr).mean()
+            row = []
+            for init in self.inits[1:]:
+                c = self.cell(init, lr)
+                mine = (
+                    "pending"
+                    if not c.runs or c.waiting == len(c.runs)
+                    else ("—" if c.mean() is None or ref is None else f"{100 * (c.mean() / ref - 1):+.1f}%")
+                )
+                theirs = f"{100 * (pub(init, lr) / pub('standard', lr) - 1):+.1f}%"
+                row.append(f"{mine}{'†' * c.diverged} / {theirs}")
+            ok = {i: m for i in self.inits if self.cell(i, lr).clean and (m := self.cell(i, lr).mean()) is not None}
+            ok_pub = {i: pub(i, lr) for i in self.inits if not pub_diverged(i, lr)}
+            best = short(min(ok, key=ok.__getitem__)) if ok else "none (all diverged or pending)"
+            best_pub = short(min(ok_pub, key=ok_pub.__getitem__)) if ok_pub else "none (all diverged)"
+            lines.append(f"| {lr:g} | " + " | ".join(row) + f" | {best} | {best_pub} |")
+        return lines
+
+    def point_by_point(self) -> tuple[list[str], Counter]:
+        tally: Counter = Counter()
+        lines = [
+            f"Each init − `standard` at the same lr (nats; ours: paired over seeds and {self.rep} chunks, "
+            f"mean [95% interval], ✱ excludes zero, n = seeds; diverged runs {self.convention}; published: the "
+            "difference of 4-seed means).",
+            "",
+            "| lr | init | published | ours | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        for lr in self.lrs:
+            for init in self.inits[1:]:
+                d = pub(init, lr) - pub("standard", lr)
+                both = pub_diverged(init, lr) and pub_diverged("standard", lr)
+                gone = [who for who in (init, "standard") if pub_diverged(who, lr)]
+                label = nats(d) + (f" ({' and '.join(short(g) for g in gone)} diverged)" if gone else "")
+                est = self.paired(init, lr)
+                v = "— (both diverged in the published table)" if both else verdict(d, est, self.min_seeds)
+                if gone and not both and not self.cell(gone[0], lr).diverged and est is not None:
+                    v += f"; `{short(gone[0])}` did not diverge here"
+                tally[kind(v) if not both else "both diverged in the published table"] += 1
+                lines.append(f"| {lr:g} | `{init}` | {label} | {ci(est)} | {v} |")
+        return lines, tally
+
+    def best(self) -> dict[str, float]:
+        """Each init's learning rate with the lowest validation loss among its eligible cells (the report's)."""
+        _, chosen = self.t.tuned(0, self.convention)
+        by_col = {c: lr for lr, c in self.cols.items()}
+        return {i: by_col[chosen[r]] for i, r in self.rows.items() if chosen.get(r) in by_col}
+
+    def per_init(self) -> list[str]:
+        lines = [
+            "Each init's best learning rate (ours: the lowest validation loss, as the report's tuned comparison; "
+            "published: the lowest mean) and the first learning rate at which it diverges (ours: any seed).",
+            "",
+            "| init | best lr, ours | best lr, published | first diverging lr, ours | first diverging lr, "
+            "published | divergence |",
+            "|---|---|---|---|---|---|",
+        ]
+        best = self.best()
+        top = f"{self.lrs[-1]:g}"
+        for init in self.inits:
+            ok_pub = {lr: pub(init, lr) for lr in self.lrs if not pub_diverged(init, lr)}
+            edge = " (grid edge)" if best.get(init) in (self.lrs[0], self.lrs[-1]) else ""
+            mine_best = (
+                f"{best[init]:g}{edge} n={len(self.cell(init, best[init]).finished(self.convention))}"
+                if init in best
+                else "none eligible"
+            )
+            first = next((lr for lr in self.lrs if self.cell(init, lr).diverged), None)
+            first_pub = next((lr for lr in self.lrs if pub_diverged(init, lr)), None)
+            if first is None:
+                c_wait = sum(self.cell(init, lr).waiting for lr in self.lrs)
+                mine_first = f"none ≤ {top}" + (f" ({c_wait} runs not finished)" if c_wait else "")
+            else:
+                c = self.cell(init, first)
+                mine_first = f"{first:g} ({c.diverged} of {len(c.finished('included'))} seeds)"
+            theirs = f"none ≤ {top}" if first_pub is None else f"{first_pub:g}"
+            if first == first_pub:
+                same = "same"
+            elif first is None and any(self.cell(init, lr).waiting for lr in self.lrs):
+                same = "not yet known"
+            elif first is None:
+                same = "later here (or never)"
+            elif first_pub is None or first < first_pub:
+                same = "earlier here"
+            else:
+                same = "later here"
+            lines.append(
+                f"| `{init}` | {mine_best} | {min(ok_pub, key=ok_pub.__getitem__):g} | {mine_first} | {theirs} | "
+                f"{same} |"
+            )
+        return lines
+
+    def tuned(self) -> tuple[list[str], Counter]:
+        tally: Counter = Counter()
+        best = self.best()
+        lines = [
+            "Tuned comparison: each init at its own best learning rate against `standard` at its own (ours: chosen "
+            f"on {self.sel}, paired on {self.rep}; published: best means over the same learning rates).",
+            "",
+            "| init | lr ours / published | published | ours | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        pub_best = {}
+        for i in self.inits:
+            pub_best[i] = min((lr for lr in self.lrs if not pub_diverged(i, lr)), key=lambda lr: pub(i, lr))
+        for init in self.inits[1:]:
+            d = pub(init, pub_best[init]) - pub("standard", pub_best["standard"])
+            if init not in best or "standard" not in best:
+                lines.append(f"| `{init}` | — / {pub_best[init]:g} | {nats(d)} | no eligible cell | — |")
+                continue
+            est = self.paired(init, best[init], best["standard"])
+            v = verdict(d, est, self.min_seeds)
+            tally[kind(v)] += 1
+            lines.append(f"| `{init}` | {best[init]:g} / {pub_best[init]:g} | {nats(d)} | {ci(est)} | {v} |")
+        return lines, tally
 
 
-def per_init(cells: dict) -> list[str]:
-    """Each init's best learning rate (lowest mean final loss among cells where nothing diverged) and the first
-    learning rate at which it diverges, in both studies."""
-    lines = [
-        "| init | best lr, ours | best lr, published | first diverging lr, ours | first diverging lr, published |",
-        "|---|---|---|---|---|",
-    ]
-    for k, init in enumerate(INITS):
-        ok = {
-            lr: c["mean"]
-            for lr in LRS
-            if (c := cells.get((init, lr), {})).get("mean") is not None and not c.get("diverged")
-        }
-        pub_ok = {lr: PUBLISHED[lr][k] for lr in LRS if PUBLISHED[lr][k] <= PUBLISHED_DIVERGED}
-        mine = next((lr for lr in LRS if cells.get((init, lr), {}).get("diverged")), None)
-        pub = next((lr for lr in LRS if PUBLISHED[lr][k] > PUBLISHED_DIVERGED), None)
-        lines.append(
-            f"| {init} | {min(ok, key=ok.get):g} | {min(pub_ok, key=pub_ok.get):g} | "
-            f"{'none ≤ 1e-2' if mine is None else f'{mine:g}'} | {'none ≤ 1e-2' if pub is None else f'{pub:g}'} |"
-        )
-    return lines
-
-
-def best_overall(cells: dict) -> str:
-    ok = {k: c["mean"] for k, c in cells.items() if c["mean"] is not None and not c["diverged"]}
-    (init, lr), loss = min(ok.items(), key=lambda kv: kv[1])
-    pub = min(((i, lr_) for lr_ in LRS for i in INITS), key=lambda k: PUBLISHED[k[1]][INITS.index(k[0])])
-    return (
-        f"Best cell overall: ours `{init}` at lr {lr:g} ({loss:.4f}); published `{pub[0]}` at lr {pub[1]:g} "
-        f"({PUBLISHED[pub[1]][INITS.index(pub[0])]:.4f})."
-    )
+def summary(name: str, tally: Counter) -> str:
+    return f"{name}: " + ", ".join(f"{n} {k}" for k, n in sorted(tally.items(), key=lambda kv: -kv[1])) + "."
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__, file=sys.stderr)
-        return 2
-    cells = ours(argv[0])
-    missing = [(i, lr) for i in INITS for lr in LRS if (i, lr) not in cells]
-    if missing:
-        print(
-            f"error: {len(missing)} cells of the published grid have no finished run in {argv[0]}, e.g. "
-            f"{missing[0]}; finish the sweep first (rerun its `loralab sweep` command)",
-            file=sys.stderr,
-        )
-        return 2
-    print(
-        "Mean final eval loss relative to `standard` at the same lr, ours / published (†: a seed of ours "
-        "diverged; that cell's mean is over the seeds that did not).\n"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("store", help="a sweep's directory (holding sweep.json)")
+    parser.add_argument("--min-seeds", type=int, default=2, help="seeds a direction needs to count (default 2)")
+    parser.add_argument(
+        "--convention",
+        choices=("included", "excluded"),
+        default="included",
+        help="diverged runs in the paired differences (default: the published study's, included)",
     )
-    print("\n".join(per_lr(cells)) + "\n")
-    print("\n".join(per_init(cells)) + "\n")
-    print(best_overall(cells))
+    args = parser.parse_args(argv)
+    try:
+        study = Study(args.store, args.convention, args.min_seeds)
+    except (StudyError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    points, tally = study.point_by_point()
+    tuned, tuned_tally = study.tuned()
+    blocks = [study.header(args.store), study.relative(), points, study.per_init(), tuned]
+    print("\n\n".join("\n".join(b).rstrip("\n") for b in blocks))
+    print()
+    print(summary("Point by point", tally))
+    print(summary("Tuned", tuned_tally))
     return 0
 
 

@@ -210,3 +210,38 @@ def rewrite_result(run: RunStore, **changes) -> None:
     result = run.result()
     (run.root / "result.json").unlink()
     run.write_result(dataclasses.replace(result, **changes))
+
+
+# ---- the published inits with per-chunk losses and planted effects (scripts/compare_study.py) ----------------------
+
+
+def build_published_store(root: Path, *, lrs: tuple[float, ...], seeds: tuple[int, ...], shift,
+                          diverged: tuple = (), pending: tuple = (), n_chunks: int = 64) -> dict:
+    """The published inits × ``lrs`` × ``seeds``; each run's per-chunk val/test losses are the chunks' difficulty +
+    a per-lr effect + ``shift(init, lr)`` + per-seed noise (sd 0.01). ``diverged``/``pending``: ``(init, lr, seed)``
+    runs with that status (a diverged one ends 2 nats up). Returns ``(init, lr, seed) -> {split: losses}``."""
+    rng = np.random.default_rng(1)
+    store = SweepStore(root)
+    ids = {"val": np.arange(n_chunks), "test": np.arange(n_chunks, 2 * n_chunks)}
+    hard = {s: rng.normal(3.0, 0.5, n_chunks) for s in ids}
+    combos = [(i, lr, s) for s in seeds for i in INITS for lr in lrs]
+    grid = {"train.seed": list(seeds), "lora.init": list(INITS), "train.lr": list(lrs)}
+    store.write_manifest("published", grid, [run_id(*c) for c in combos], {"data": {"seq_len": 128}},
+                         run_axes=[dict(zip(AXES, c)) for c in combos])
+    out = {}
+    for init, lr, seed in combos:
+        if (init, lr, seed) in pending:
+            continue
+        status = "diverged" if (init, lr, seed) in diverged else "ok"
+        finals = {s: hard[s] - 0.1 * math.log10(lr / 1e-4) + shift(init, lr) + rng.normal(0, 0.01, n_chunks)
+                  + (2.0 if status == "diverged" else 0.0) for s in ids}
+        out[init, lr, seed] = finals
+        rid, axes = run_id(init, lr, seed), dict(zip(AXES, (init, lr, seed)))
+        run = store.run(rid)
+        run.write_config(rid, axes, {"lora": {"init": init}, "train": {"lr": lr, "seed": seed}})
+        run.write_eval_chunks(EvalChunks("pool0", {s: SplitLosses(ids=ids[s], pretrained=hard[s] + 0.4,
+                                                                     step0=hard[s] + 0.4, final=finals[s])
+                                                    for s in ids}))
+        run.write_result(RunResult(rid, status, axes, final_eval_loss=float(finals["test"].mean()),
+                                   initial_eval_loss=float((hard["test"] + 0.4).mean()), steps=10))
+    return out

@@ -1,42 +1,108 @@
-"""scripts/compare_study.py on a synthetic store whose cell means are the published table: every relative figure
-matches the published one, and the only difference it reports is the one seed the store makes diverge early."""
+"""scripts/compare_study.py on synthetic stores with planted effects: its verdicts follow the planted signs against
+the published ones, its intervals are the report's own, and a store still running is compared on what finished."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-sys.path.insert(0, str(Path(__file__).resolve().parent / "lab"))
 
 import compare_study  # noqa: E402
 
-from synthetic_store import FAILED, PARTLY_DIVERGED, build_study_store  # noqa: E402
+from loralab.lab.report.write import write_report  # noqa: E402
+from synthetic_store import build_published_store  # noqa: E402
+
+LRS = (1e-4, 2e-4, 2e-3, 5e-3)
+SHIFT = {"standard": 0.0, "reversed": 0.05, "orthogonal-eye": -0.05, "orthogonal-qr-const": 0.0,
+         "orthogonal-qr-match": 0.05}
+QR_MATCH_BLOWS_UP = ("orthogonal-qr-match", 2e-3, 1)
 
 
-def test_a_store_with_the_published_means_reproduces_the_published_comparison(tmp_path, capsys):
-    build_study_store(tmp_path, incomplete=False)
-    assert compare_study.main([str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
-    for lr in compare_study.LRS:   # ours / published are equal wherever no seed of ours diverged
-        cells = rows[f"{lr:g}"].strip("| ").split(" | ")[1:5]
-        for init, cell in zip(compare_study.INITS[1:], cells):
-            mine, pub = cell.split(" / ")
-            if "†" not in mine and "—" not in mine and (init, lr) != FAILED[:2]:   # one seed of that cell failed
-                assert mine == pub, (lr, init, cell)
-    assert rows["0.001"].endswith("| standard | standard |")
-    assert rows["0.01"].endswith("| none (all diverged) | none (all diverged) |")
-    init, lr, _ = PARTLY_DIVERGED   # one seed of qr-const diverges at 5e-3 in the store, not in the paper
-    assert rows[init].endswith(f"| {lr:g} | 0.01 |")
-    assert rows["orthogonal-qr-match"].endswith("| 0.0002 | 0.0002 | 0.002 | 0.002 |")
-    for init in compare_study.INITS:   # best lr per init: the same in both, since the means are the same
-        best_mine, best_pub = rows[init].strip("| ").split(" | ")[1:3]
-        assert best_mine == best_pub, init
-    assert "ours `standard` at lr 0.002" in out and "published `standard` at lr 0.002" in out
+def shift(init: str, lr: float) -> float:
+    return SHIFT[init]
 
 
-def test_an_unfinished_store_is_an_error_that_says_what_to_do(tmp_path, capsys):
-    build_study_store(tmp_path, lrs=(1e-4, 1e-3))
-    assert compare_study.main([str(tmp_path)]) == 2
-    assert "finish the sweep first" in capsys.readouterr().err
+def run(store: Path, capsys, *args: str) -> tuple[int, list[dict[str, list[str]]], str]:
+    """Exit code, the four tables (relative, point by point, per init, tuned) as rows keyed by their first cells
+    (joined by a space where one is not unique), and the whole output."""
+    code = compare_study.main([str(store), *args])
+    captured = capsys.readouterr()
+    tables: list[dict[str, list[str]]] = []
+    for block in captured.out.split("\n\n"):
+        lines = [ln for ln in block.splitlines() if ln.startswith("| ")][1:]  # past the header
+        if lines:
+            cells = [[c.strip() for c in ln.strip("| ").split(" | ")] for ln in lines]
+            two = len({c[0] for c in cells}) < len(cells)
+            tables.append({(f"{c[0]} {c[1]}" if two else c[0]): c for c in cells})
+    return code, tables, captured.out + captured.err
+
+
+def test_verdicts_follow_the_planted_signs_against_the_published_ones(tmp_path, capsys):
+    build_published_store(tmp_path, lrs=LRS, seeds=(0, 1), shift=shift, diverged=(QR_MATCH_BLOWS_UP,))
+    code, (_, rows, per_init, tuned), out = run(tmp_path, capsys)
+    assert code == 0
+    # reversed is planted 0.05 worse: the published table has it better at 1e-4 and worse from 2e-4 up
+    assert rows["0.0001 `reversed`"][2] == "-0.0063" and rows["0.0001 `reversed`"][4] == "opposite"
+    assert rows["0.0002 `reversed`"][4] == "holds"
+    assert rows["0.0002 `orthogonal-eye`"][4] == "opposite"  # planted better, published worse
+    for lr in LRS:  # planted zero
+        assert rows[f"{lr:g} `orthogonal-qr-const`"][4] == "cannot decide", lr
+    # the published reversed diverged at 5e-3; ours is only worse, and the verdict says both
+    assert rows["0.005 `reversed`"][4] == "holds; `reversed` did not diverge here"
+    assert rows["0.002 `orthogonal-qr-match`"][4] == "holds"  # ours diverged there too (included: worse)
+    assert "0.0005, 0.001, 0.01 is not in this store" in out
+    assert "Point by point: 7 holds, 5 opposite, 4 cannot decide." in out
+    # divergence: qr-match first diverges at 2e-3 in both; reversed at 5e-3 published, not here
+    assert per_init["`orthogonal-qr-match`"][3:6] == ["0.002 (1 of 2 seeds)", "0.002", "same"]
+    assert per_init["`reversed`"][3:6] == ["none ≤ 0.005", "0.005", "later here (or never)"]
+
+
+def test_intervals_and_the_tuned_choice_are_the_reports(tmp_path, capsys):
+    finals = build_published_store(tmp_path, lrs=LRS, seeds=(0, 1), shift=shift, diverged=(QR_MATCH_BLOWS_UP,))
+    _, (_, rows, per_init, tuned), out = run(tmp_path, capsys)
+    report = write_report(tmp_path, out=tmp_path / "report")["md"].read_text()
+    for lr in ("0.0002", "0.002"):
+        ours = rows[f"{lr} `reversed`"][3]
+        assert ours.endswith("n=2") and ours in report, (lr, ours)
+    # each init's best lr: the lowest validation mean among cells where no seed diverged, computed here
+    for init in compare_study.INITS:
+        val = {lr: np.mean([finals[init, lr, s]["val"] for s in (0, 1)]) for lr in LRS
+               if (init, lr, 1) != QR_MATCH_BLOWS_UP[:2] + (1,)}
+        best = min(val, key=val.__getitem__)
+        assert per_init[f"`{init}`"][1].startswith(f"{best:g} "), (init, per_init[f"`{init}`"])
+        if init != "standard":
+            assert tuned[f"`{init}`"][1].startswith(f"{best:g} / "), (init, tuned[f"`{init}`"])
+    assert tuned["`reversed`"][1] == "0.005 / 0.0002"
+    assert tuned["`reversed`"][3].startswith("+0.05") and tuned["`reversed`"][4] == "holds"
+    assert "Tuned: 2 holds, 1 opposite, 1 cannot decide." in out  # eye planted better, qr-const the same
+
+
+def test_one_seed_is_not_a_finding_unless_asked(tmp_path, capsys):
+    build_published_store(tmp_path, lrs=LRS, seeds=(0,), shift=shift)
+    _, (_, rows, *_), _ = run(tmp_path, capsys)
+    assert rows["0.0002 `reversed`"][4] == "holds? (1 seed: not a finding)"
+    assert rows["0.0002 `orthogonal-qr-const`"][4] == "cannot decide"
+    _, (_, rows, *_), _ = run(tmp_path, capsys, "--min-seeds", "1")
+    assert rows["0.0002 `reversed`"][4] == "holds"
+
+
+def test_a_store_still_running_is_compared_on_what_finished(tmp_path, capsys):
+    pending = (("reversed", 2e-4, 1), ("reversed", 1e-4, 0), ("reversed", 1e-4, 1))
+    build_published_store(tmp_path, lrs=LRS, seeds=(0, 1), shift=shift, pending=pending)
+    code, (_, rows, per_init, _), out = run(tmp_path, capsys)
+    assert code == 0
+    assert "3 pending (3 not finished" in out
+    assert rows["0.0002 `reversed`"][3].endswith("n=1")
+    assert rows["0.0001 `reversed`"][3:] == ["no seed in common", "no paired runs yet"]
+    assert per_init["`reversed`"][5] == "not yet known"
+
+
+def test_stores_it_cannot_compare_are_refused_with_the_reason(tmp_path, capsys):
+    build_published_store(tmp_path / "a", lrs=(3e-4, 7e-4), seeds=(0,), shift=shift)
+    code, _, out = run(tmp_path / "a", capsys)
+    assert code == 2 and "a learning rate of the published grid" in out
+    code, _, out = run(tmp_path / "nothing", capsys)
+    assert code == 2 and "not a sweep directory" in out
