@@ -418,6 +418,8 @@ def test_a_store_that_computed_on_two_devices_says_so_and_still_pairs_by_seed(tm
     assert "scripts/same_runs.py" in md   # how to measure what it costs
     at = CHUNKED_LRS.index(1e-3)
     assert DELTA.match(table(md, "Paired difference vs `standard`")["qr"][at])["n"] == "3"
+    listing = table(md, "All runs (27)")   # each run names where it computed
+    assert listing["qr__lr0.001__s1"][-1] == "cpu float32" and listing["qr__lr0.001__s0"][-1] == "cuda bfloat16"
 
 
 def test_a_store_computed_on_one_device_has_no_device_note(chunked):

@@ -36,6 +36,7 @@ from .cells import (
     Layout,
     best_in_column,
     best_in_row,
+    compute_of,
     diagnostic_stats,
     fmt_value,
     mean_curve,
@@ -447,11 +448,13 @@ def _axes_text(r: RunRecord) -> str:
 
 
 def _listing(records: Sequence[RunRecord], axes: Sequence[str]) -> list[Block]:
-    header = ["run id"] + list(axes) + ["status", "final eval loss", "best eval loss", "steps", "tokens/s"]
+    header = ["run id"] + list(axes)
+    header += ["status", "final eval loss", "best eval loss", "steps", "tokens/s", "wall (s)", "computed on"]
     rows = []
     for r in records:
         res = r.result
         tps = res.tokens_per_s if res else None
+        wall = res.wall_time_s if res and res.wall_time_s else None
         rows.append(
             [f"`{r.run_id}`"]
             + [fmt_value(r.axes[a]) if a in r.axes else "?" for a in axes]
@@ -461,6 +464,8 @@ def _listing(records: Sequence[RunRecord], axes: Sequence[str]) -> list[Block]:
                 _num(res.best_eval_loss if res else None),
                 _num(res.steps if res else None, ".0f"),
                 _num(tps, ".1f" if tps is not None and tps < 100 else ".0f"),
+                _num(wall, ".0f"),
+                compute_of(r) or "—",
             ]
         )
     return [("h", 2, f"All runs ({len(records)})"), ("table", header, rows)]
