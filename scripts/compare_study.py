@@ -210,8 +210,9 @@ class Study:
 
     def per_init(self) -> list[str]:
         lines = [
-            "Each init's best learning rate (ours: the lowest validation loss, as the report's tuned comparison; "
-            "published: the lowest mean) and the first learning rate at which it diverges (ours: any seed).",
+            "Each init's best learning rate (ours: the lowest validation loss among its eligible cells, as the "
+            f"report's tuned comparison with diverged runs {self.convention}; published: the lowest mean) and the "
+            "first learning rate at which it diverges (ours: any seed).",
             "",
             "| init | best lr, ours | best lr, published | first diverging lr, ours | first diverging lr, "
             "published | divergence |",
@@ -257,7 +258,8 @@ class Study:
         best = self.best()
         lines = [
             "Tuned comparison: each init at its own best learning rate against `standard` at its own (ours: chosen "
-            f"on {self.sel}, paired on {self.rep}; published: best means over the same learning rates).",
+            f"on {self.sel}, paired on {self.rep}, diverged runs {self.convention}; published: best means over the "
+            "same learning rates).",
             "",
             "| init | lr ours / published | published | ours | verdict |",
             "|---|---|---|---|---|",
