@@ -216,10 +216,12 @@ def rewrite_result(run: RunStore, **changes) -> None:
 
 
 def build_published_store(root: Path, *, lrs: tuple[float, ...], seeds: tuple[int, ...], shift,
-                          diverged: tuple = (), pending: tuple = (), n_chunks: int = 64) -> dict:
+                          diverged: tuple = (), pending: tuple = (), n_chunks: int = 64, lr_effect=None) -> dict:
     """The published inits × ``lrs`` × ``seeds``; each run's per-chunk val/test losses are the chunks' difficulty +
-    a per-lr effect + ``shift(init, lr)`` + per-seed noise (sd 0.01). ``diverged``/``pending``: ``(init, lr, seed)``
-    runs with that status (a diverged one ends 2 nats up). Returns ``(init, lr, seed) -> {split: losses}``."""
+    ``lr_effect(split, lr)`` (default: −0.1 per decade above 1e-4) + ``shift(init, lr)`` + per-seed noise (sd 0.01).
+    ``diverged``/``pending``: ``(init, lr, seed)`` runs with that status (a diverged one ends 2 nats up). Returns
+    ``(init, lr, seed) -> {split: losses}``."""
+    lr_effect = lr_effect or (lambda split, lr: -0.1 * math.log10(lr / 1e-4))
     rng = np.random.default_rng(1)
     store = SweepStore(root)
     ids = {"val": np.arange(n_chunks), "test": np.arange(n_chunks, 2 * n_chunks)}
@@ -233,7 +235,7 @@ def build_published_store(root: Path, *, lrs: tuple[float, ...], seeds: tuple[in
         if (init, lr, seed) in pending:
             continue
         status = "diverged" if (init, lr, seed) in diverged else "ok"
-        finals = {s: hard[s] - 0.1 * math.log10(lr / 1e-4) + shift(init, lr) + rng.normal(0, 0.01, n_chunks)
+        finals = {s: hard[s] + lr_effect(s, lr) + shift(init, lr) + rng.normal(0, 0.01, n_chunks)
                   + (2.0 if status == "diverged" else 0.0) for s in ids}
         out[init, lr, seed] = finals
         rid, axes = run_id(init, lr, seed), dict(zip(AXES, (init, lr, seed)))
