@@ -24,7 +24,6 @@ running is compared on what has finished, and the pending runs are counted.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from loralab.lab.report.cells import Cell  # noqa: E402
 from loralab.lab.report.stats import Estimate, choose  # noqa: E402
 from loralab.lab.report.table import Table, open_table  # noqa: E402
+from loralab.lab.report.write import delta_text  # noqa: E402
 
 INITS = ["standard", "reversed", "orthogonal-eye", "orthogonal-qr-const", "orthogonal-qr-match"]
 LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2]
@@ -66,30 +66,26 @@ def nats(x: float) -> str:
 
 
 def ci(est: Estimate | None) -> str:
-    if est is None:
-        return "no seed in common"
-    if not est.finite:
-        return f"not finite n={est.seeds}"
-    return f"{nats(est.mean)} [{nats(est.lo)}, {nats(est.hi)}]{' ✱' if est.excludes_zero else ''} n={est.seeds}"
+    """The report's own text for a paired difference (so the two can be matched), or why there is none."""
+    return "no seed in common" if est is None else delta_text(est)
 
 
-def verdict(published: float, est: Estimate | None, min_seeds: int) -> str:
-    """Whether our paired difference supports the published direction (the sign of ``published``)."""
+def verdict(published: float, est: Estimate | None, min_seeds: int, unrepeated: str = "") -> tuple[str, str]:
+    """Whether our paired difference supports the published direction (the sign of ``published``): ``(kind, text)``,
+    the kind without the text's qualifiers (for the tally). ``unrepeated``: an init the published table has diverged
+    here and ours did not, so a matching sign holds in direction only."""
     if est is None:
-        return "no paired runs yet"
+        return "no paired runs yet", "no paired runs yet"
     if not est.finite:
-        return "cannot decide (a loss is not finite)"
+        return "cannot decide", "cannot decide (a loss is not finite)"
     if not est.excludes_zero:
-        return "cannot decide"
-    word = "holds" if (est.mean > 0) == (published > 0) else "opposite"
-    if est.seeds < min_seeds:
-        return f"{word}? ({est.seeds} seed{'s' * (est.seeds != 1)}: not a finding)"
-    return word
-
-
-def kind(v: str) -> str:
-    """A verdict without its qualifiers: ``holds``, ``holds?``, ``opposite``, ``cannot decide``, ..."""
-    return re.split(r" \(|;", v)[0]
+        return "cannot decide", "cannot decide"
+    holds = (est.mean > 0) == (published > 0)
+    kind = ("holds" if holds else "opposite") + ("?" if est.seeds < min_seeds else "")
+    if holds and unrepeated:
+        kind += " in direction only"
+    text = kind + (f" ({est.seeds} seed{'s' * (est.seeds != 1)}: not a finding)" if est.seeds < min_seeds else "")
+    return kind, text + (f"; `{short(unrepeated)}` did not diverge here" if holds and unrepeated else "")
 
 
 class Study:
@@ -168,11 +164,11 @@ class Study:
             row = []
             for init in self.inits[1:]:
                 c = self.cell(init, lr)
-                mine = (
-                    "pending"
-                    if not c.runs or c.waiting == len(c.runs)
-                    else ("—" if c.mean() is None or ref is None else f"{100 * (c.mean() / ref - 1):+.1f}%")
-                )
+                m = c.mean()
+                if not c.runs or c.waiting == len(c.runs):
+                    mine = "pending"
+                else:
+                    mine = "—" if m is None or ref is None else f"{100 * (m / ref - 1):+.1f}%"
                 theirs = f"{100 * (pub(init, lr) / pub('standard', lr) - 1):+.1f}%"
                 row.append(f"{mine}{'†' * c.diverged} / {theirs}")
             ok = {i: m for i in self.inits if self.cell(i, lr).clean and (m := self.cell(i, lr).mean()) is not None}
@@ -199,11 +195,12 @@ class Study:
                 gone = [who for who in (init, "standard") if pub_diverged(who, lr)]
                 label = nats(d) + (f" ({' and '.join(short(g) for g in gone)} diverged)" if gone else "")
                 est = self.paired(init, lr)
-                v = "— (both diverged in the published table)" if both else verdict(d, est, self.min_seeds)
-                if gone and not both and not self.cell(gone[0], lr).diverged and est is not None and v[0] == "h":
-                    word, _, rest = v.partition(" ")
-                    v = f"{word} in direction only{' ' + rest if rest else ''}; `{short(gone[0])}` did not diverge here"
-                tally[kind(v) if not both else "both diverged in the published table"] += 1
+                if both:
+                    kind, v = "both diverged in the published table", "— (both diverged in the published table)"
+                else:
+                    unrepeated = gone[0] if gone and not self.cell(gone[0], lr).diverged else ""
+                    kind, v = verdict(d, est, self.min_seeds, unrepeated)
+                tally[kind] += 1
                 lines.append(f"| {lr:g} | `{init}` | {label} | {ci(est)} | {v} |")
         return lines, tally
 
@@ -217,6 +214,16 @@ class Study:
                 out[init] = lr
         return out
 
+    def pub_best(self) -> dict[str, float]:
+        """Each init's published learning rate with the lowest mean among its cells that did not diverge, over the
+        shared learning rates (an init that diverged at all of them has none)."""
+        out = {}
+        for init in self.inits:
+            ok = [lr for lr in self.lrs if not pub_diverged(init, lr)]
+            if ok:
+                out[init] = min(ok, key=lambda lr: pub(init, lr))
+        return out
+
     def per_init(self) -> list[str]:
         lines = [
             "Each init's best learning rate (ours: the lowest validation loss among its eligible cells, as the "
@@ -228,7 +235,7 @@ class Study:
             "published | divergence |",
             "|---|---|---|---|---|---|",
         ]
-        best = self.best()
+        best, pub_best = self.best(), self.pub_best()
         top = f"{self.lrs[-1]:g}"
         for init in self.inits:
             edge = " (grid edge)" if best.get(init) in self.edges else ""
@@ -249,8 +256,7 @@ class Study:
                 n = len(c.finished("included"))
                 mine_first = f"{first:g} ({c.diverged} of {n} seed{'s' * (n != 1)}){so_far}"
             theirs = f"none ≤ {top}" if first_pub is None else f"{first_pub:g}"
-            ok_pub = {lr: pub(init, lr) for lr in self.lrs if not pub_diverged(init, lr)}
-            best_pub = f"{min(ok_pub, key=ok_pub.__getitem__):g}" if ok_pub else "none (all diverged)"
+            best_pub = f"{pub_best[init]:g}" if init in pub_best else "none (all diverged)"
             if wait:
                 same = "not yet known"
             elif first == first_pub:
@@ -266,7 +272,7 @@ class Study:
 
     def tuned(self) -> tuple[list[str], Counter]:
         tally: Counter = Counter()
-        best = self.best()
+        best, pub_best = self.best(), self.pub_best()
         lines = [
             "Tuned comparison: each init at its own best learning rate against `standard` at its own (ours: chosen "
             f"on {self.sel}, paired on {self.rep}, diverged runs {self.convention}; published: best means over the "
@@ -275,11 +281,6 @@ class Study:
             "| init | lr ours / published | published | ours | verdict |",
             "|---|---|---|---|---|",
         ]
-        pub_best: dict[str, float] = {}
-        for i in self.inits:
-            ok = [lr for lr in self.lrs if not pub_diverged(i, lr)]
-            if ok:
-                pub_best[i] = min(ok, key=lambda lr: pub(i, lr))
         for init in self.inits[1:]:
             if init not in pub_best or "standard" not in pub_best:
                 lines.append(f"| `{init}` | — | every published cell of it or of `standard` diverged | — | — |")
@@ -289,8 +290,8 @@ class Study:
                 lines.append(f"| `{init}` | — / {pub_best[init]:g} | {nats(d)} | no eligible cell | — |")
                 continue
             est = self.paired(init, best[init], best["standard"])
-            v = verdict(d, est, self.min_seeds)
-            tally[kind(v)] += 1
+            kind, v = verdict(d, est, self.min_seeds)
+            tally[kind] += 1
             lines.append(f"| `{init}` | {best[init]:g} / {pub_best[init]:g} | {nats(d)} | {ci(est)} | {v} |")
         return lines, tally
 

@@ -79,7 +79,7 @@ def _ci(est: Estimate) -> str:
     return f"{est.mean:.4f} [{est.lo:.4f}, {est.hi:.4f}]"
 
 
-def _delta(est: Estimate | None) -> str:
+def delta_text(est: Estimate | None) -> str:
     """``−0.0123 [−0.0150, −0.0096] ✱ n=2``: ✱ when the interval excludes 0."""
     if est is None:
         return "n/a (no seed in common)"
@@ -201,7 +201,7 @@ def _paired_table(ctx: Table, g: int, convention: str) -> Block:
             return "baseline"
         if not cells[g, r, c].finished(convention) or not cells[g, base, c].finished(convention):
             return cells[g, r, c].text(convention) if not cells[g, r, c].finished(convention) else "n/a (no baseline)"
-        return _delta(ctx.paired(g, r, c, base, c, convention))
+        return delta_text(ctx.paired(g, r, c, base, c, convention))
 
     return _grid_table(ctx, g, cell, lambda r, c: False)
 
@@ -271,7 +271,7 @@ def _tuned(ctx: Table, g: int, convention: str) -> list[Block]:
         elif base_c is None or ctx.base is None:
             delta = "—"
         else:
-            delta = _delta(ctx.paired(g, r, c, ctx.base, base_c, convention))
+            delta = delta_text(ctx.paired(g, r, c, ctx.base, base_c, convention))
         rows.append([f"`{label}`", lay.col_labels[c], f"{val[r, c]:.4f}", test, delta])
     blocks: list[Block] = [("table", header, rows)]
     if val:
