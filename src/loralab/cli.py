@@ -150,6 +150,10 @@ def _run_choice(p: argparse.ArgumentParser) -> None:
     which.add_argument("--best", action="store_true", help="the ok run with the lowest final eval loss")
 
 
+def _add_overrides(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loralab", description="LoRA with the adapter's initialization as the variable.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -162,13 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=_check)
     s = sub.add_parser("sweep", help="run a grid of training runs (resumable)")
     s.add_argument("config", help="a TOML file, e.g. configs/quick.toml")
-    s.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field (train.lr=1e-3) or a grid axis (grid.train.lr=[1e-4,1e-3])",
-    )
+    _add_overrides(s, "override a field (train.lr=1e-3) or a grid axis (grid.train.lr=[1e-4,1e-3])")
     s.add_argument("--dry-run", action="store_true", help="print the grid and validate everything; train nothing")
     s.add_argument("--executor", choices=["local", "ray"], default=None, help="default: the config's executor")
     s.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
@@ -193,13 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=_report)
     w = sub.add_parser("width", help="max stable LR vs width per init (Hayou et al. 2024 scaling); resumable")
     w.add_argument("config", help="a TOML file, e.g. configs/width.toml")
-    w.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field (probe.steps=50, widths=[64,128], device=cuda)",
-    )
+    _add_overrides(w, "override a field (probe.steps=50, widths=[64,128], device=cuda)")
     w.add_argument("--out", default=None, help="results directory (default: the config's out_dir)")
     w.add_argument(
         "--dry-run", action="store_true", help="print the cells, check the config, device and store; train nothing"
@@ -209,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     act = a.add_subparsers(dest="action", required=True)
     ap = act.add_parser("probe", help="max stable lr of each series of a sweep, training only what the search needs")
     ap.add_argument("config", help="a sweep TOML with a geometric train.lr axis, e.g. configs/alpha-lr-probe.toml")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for loralab sweep")
+    _add_overrides(ap, "as for loralab sweep")
     ap.add_argument("--start-lr", type=float, default=1e-2, help="where the first series' search starts")
     ap.add_argument("--confirm", type=int, default=1, help="grid points above the answer checked unstable")
     ap.add_argument("--dry-run", action="store_true", help="print the series and finished probes; train nothing")

@@ -313,8 +313,8 @@ class Linear4bit(Linear):
     writable_base = False
 
 
-class GPT2Conv1D(Linear):
-    """LoRA on transformers' GPT-2 ``Conv1D`` (weight stored transposed, ``(in, out)``; PEFT ``fan_in_fan_out``)."""
+class _StoredTransposed:
+    """For a layer type whose weight is stored as ``(d_in, d_out)``: the matrix is its transpose."""
 
     @staticmethod
     def to_matrix(weight: Tensor) -> Tensor:
@@ -323,11 +323,15 @@ class GPT2Conv1D(Linear):
     def from_matrix(self, m: Tensor) -> Tensor:
         return m.T
 
+
+class GPT2Conv1D(_StoredTransposed, Linear):
+    """LoRA on transformers' GPT-2 ``Conv1D`` (weight stored transposed, ``(in, out)``; PEFT ``fan_in_fan_out``)."""
+
     def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         return x @ weight
 
 
-class Embedding(LoraLayer):
+class Embedding(_StoredTransposed, LoraLayer):
     """LoRA on ``nn.Embedding``: the weight ``(num, dim)`` is the matrix ``(dim, num)`` acting on one-hot inputs.
 
     Inputs are one-hot, so dropout does not apply, and inits take their scheme's ``one_hot`` variant (for PEFT's
@@ -345,13 +349,6 @@ class Embedding(LoraLayer):
             )
         kwargs["dropout"] = 0.0
         super().__init__(base, rank, alpha, **kwargs)
-
-    @staticmethod
-    def to_matrix(weight: Tensor) -> Tensor:
-        return weight.T
-
-    def from_matrix(self, m: Tensor) -> Tensor:
-        return m.T
 
     def apply_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         return self._embed_scaled(F.embedding(x, weight, self._padding_idx))
