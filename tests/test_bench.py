@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_sweep import tiny_sweep, write_toml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import bench_step  # noqa: E402
@@ -74,11 +76,10 @@ def test_variants_train_the_same_adapters(tiny_lm_dir, one_thread):
 
 
 def test_bench_sweep_runs_both_modes(tiny_lm_dir, chat_jsonl, tmp_path, capsys, one_thread):
-    cfg = tmp_path / "s.toml"
-    cfg.write_text(f'name = "b"\nout_dir = "{tmp_path / "unused"}"\n[model]\nname = "{tiny_lm_dir}"\n'
-                   f'[data]\nsource = "{chat_jsonl}"\nseq_len = 32\nmax_train_chunks = 16\nmax_eval_chunks = 4\n'
-                   '[lora]\nrank = 4\ntargets = ["q_proj", "v_proj"]\n[train]\nmax_steps = 3\nbatch_size = 2\n'
-                   'device = "cpu"\n[grid]\n"lora.init" = ["standard", "reversed"]\n"train.lr" = [1e-3, 2e-3]\n')
+    grid = {"lora.init": ["standard", "reversed"], "train.lr": [1e-3, 2e-3]}
+    cfg = write_toml(tmp_path / "s.toml", tiny_sweep(tiny_lm_dir, chat_jsonl, tmp_path / "unused", name="b", grid=grid,
+                                                     **{"data.max_train_chunks": 16, "data.max_eval_chunks": 4,
+                                                        "train.max_steps": 3}))
     out = tmp_path / "sweep.json"
     assert bench_sweep.main([str(cfg), "--out", str(out)]) == 0
     row = json.loads(out.read_text())["row"]

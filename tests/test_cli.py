@@ -17,6 +17,7 @@ import pytest
 
 from loralab import init_schemes
 from loralab.cli import main
+from tiny_sweep import tiny_sweep, write_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 NINE = {"standard", "gaussian", "reversed", "orthogonal-qr-match", "orthogonal-qr-const", "orthogonal-eye",
@@ -199,24 +200,9 @@ def test_os_errors_name_the_path(tmp_path, capsys, monkeypatch):
 # ---- Ctrl-C at any point of start-up (issue 22, item 8): exit 130 and one line, as during training -------------------
 
 def _sweep_config(path: Path, tiny_lm_dir: Path, chat_jsonl: Path) -> Path:
-    path.write_text(f"""name = "ctrl-c"
-out_dir = "{path.parent / 'out'}"
-[model]
-name = "{tiny_lm_dir}"
-[data]
-source = "{chat_jsonl}"
-seq_len = 32
-max_train_chunks = 8
-max_eval_chunks = 2
-[lora]
-rank = 4
-targets = ["q_proj", "v_proj"]
-[train]
-max_steps = 100000
-batch_size = 2
-device = "cpu"
-""", encoding="utf-8")
-    return path
+    cfg = tiny_sweep(tiny_lm_dir, chat_jsonl, path.parent / "out", name="ctrl-c", grid={},
+                     **{"train.max_steps": 100000})
+    return write_toml(path, cfg)
 
 
 def _loading_torch(pid: int) -> bool:

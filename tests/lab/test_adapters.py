@@ -27,6 +27,7 @@ from loralab.lab.config.schema import DataConfig
 from loralab.lab.config.toml import load_sweep
 from loralab.lab.run.data import load_data
 from loralab.lab.store import RunResult, SweepStore
+from tiny_sweep import tiny_sweep, write_toml
 
 REL_TOL = 1e-5   # float32 on the CPU: the same maths in another order (PEFT's LoRA forward, a merged weight)
 SANE_LR, HUGE_LR = 1e-2, 1e3
@@ -34,15 +35,8 @@ SANE_LR, HUGE_LR = 1e-2, 1e3
 
 def sweep_config(path: Path, out: Path, model: Path, data: Path, grid: dict, pack: int = 0) -> Path:
     """A sweep of the tiny model, 4 steps per run, no warmup (so a huge lr blows up at once)."""
-    lines = ['name = "adapters"', f"out_dir = {json.dumps(str(out))}", f"pack = {pack}",
-             "[model]", f"name = {json.dumps(str(model))}",
-             "[data]", f"source = {json.dumps(str(data))}", "seq_len = 32", "max_train_chunks = 8",
-             "max_eval_chunks = 3",
-             "[lora]", "rank = 4", "alpha = 8", 'targets = ["q_proj", "v_proj"]',
-             "[train]", "max_steps = 4", "batch_size = 2", "eval_every = 2", "warmup_ratio = 0.0", 'device = "cpu"',
-             "[grid]", *(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in grid.items())]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_toml(path, tiny_sweep(model, data, out, name="adapters", grid=grid, **{
+        "pack": pack, "data.max_eval_chunks": 3, "lora.alpha": 8, "train.max_steps": 4, "train.warmup_ratio": 0.0}))
 
 
 ONE_RUN = {"lora.init": ["standard"], "train.lr": [SANE_LR]}

@@ -11,30 +11,18 @@ import stat
 from pathlib import Path
 
 import pytest
-from sweep.test_dry_run import toml_text
 
 from loralab.cli import main
 from loralab.lab.sweep.lock import SweepLock
+from tiny_sweep import sweep, tiny_sweep
 
 
 @pytest.fixture
 def cfg(tiny_lm_dir, chat_jsonl, tmp_path) -> dict:
     """Two runs (standard, reversed) of two steps each on the tiny model, caches inside ``tmp_path``."""
-    return {"name": "h", "out_dir": str(tmp_path / "out"),
-            "model": {"name": str(tiny_lm_dir), "cache_dir": str(tmp_path / "cache")},
-            "data": {"source": str(chat_jsonl), "seq_len": 32, "max_train_chunks": 8, "max_eval_chunks": 2,
-                     "cache_dir": str(tmp_path / "cache")},
-            "lora": {"rank": 4, "targets": ["q_proj", "v_proj"]},
-            "train": {"max_steps": 2, "batch_size": 2, "eval_every": 2, "device": "cpu"},
-            "grid": {"lora.init": ["standard", "reversed"]}}
-
-
-def sweep(capsys, tmp_path: Path, cfg: dict, *extra: str) -> tuple[int, str, str]:
-    path = tmp_path / "sweep.toml"
-    path.write_text(toml_text(cfg), encoding="utf-8")
-    rc = main(["sweep", str(path), "--no-progress", *extra])
-    out, err = capsys.readouterr()
-    return rc, out, err
+    cache = str(tmp_path / "cache")
+    return tiny_sweep(tiny_lm_dir, chat_jsonl, tmp_path / "out", name="h",
+                      **{"model.cache_dir": cache, "data.cache_dir": cache})
 
 
 @pytest.fixture

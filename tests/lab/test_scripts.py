@@ -19,6 +19,7 @@ from loralab.lab.config.grid import plan_runs
 from loralab.lab.config.toml import load_sweep, parse_override
 from loralab.lab.report.stats import Estimate
 from loralab.lab.store import RunResult, SweepStore
+from tiny_sweep import tiny_sweep, write_toml
 
 try:
     import tomllib
@@ -135,38 +136,10 @@ def test_toml_value_refuses_what_toml_cannot_hold():
 @pytest.fixture
 def sweep_cfg(tiny_lm_dir, chat_jsonl, tmp_path) -> Path:
     """A 2 x 2 sweep (lora.init x train.lr) of the tiny model, two steps a run, as a TOML file."""
-    text = f"""\
-name = "shards"
-out_dir = {json.dumps(str(tmp_path / "out"))}
-
-[model]
-name = {json.dumps(str(tiny_lm_dir))}
-dtype = "float32"
-
-[data]
-source = {json.dumps(str(chat_jsonl))}
-seq_len = 32
-max_train_chunks = 8
-max_eval_chunks = 2
-
-[lora]
-rank = 4
-targets = ["q_proj", "v_proj"]
-
-[train]
-max_steps = 2
-batch_size = 2
-eval_every = 2
-device = "cpu"
-save_adapter = false
-
-[grid]
-"lora.init" = ["standard", "reversed"]
-"train.lr" = [1e-3, 2e-3]
-"""
-    path = tmp_path / "sweep.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
+    grid = {"lora.init": ["standard", "reversed"], "train.lr": [1e-3, 2e-3]}
+    return write_toml(tmp_path / "sweep.toml", tiny_sweep(
+        tiny_lm_dir, chat_jsonl, tmp_path / "out", name="shards", grid=grid,
+        **{"model.dtype": "float32", "train.save_adapter": False}))
 
 
 def planned(cfg: Path, sets: list[str] | None = None) -> list[str]:

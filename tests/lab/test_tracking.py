@@ -19,6 +19,7 @@ from loralab.lab.store import SweepStore
 from loralab.lab.sweep.local import LocalExecutor
 from loralab.lab.sweep.plan import SweepPlan
 from loralab.lab.sweep.run import run_sweep
+from tiny_sweep import tiny_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,11 +40,7 @@ BACKENDS = [
 @pytest.fixture
 def cfg(tiny_lm_dir, chat_jsonl, tmp_path) -> dict:
     """Two runs (standard, reversed) of three steps, evaluated at step 2 and at the end."""
-    return {"name": "tiny", "out_dir": str(tmp_path / "out"), "model": {"name": str(tiny_lm_dir)},
-            "data": {"source": str(chat_jsonl), "seq_len": 32, "max_train_chunks": 8, "max_eval_chunks": 2},
-            "lora": {"rank": 4, "targets": ["q_proj", "v_proj"]},
-            "train": {"max_steps": 3, "batch_size": 2, "eval_every": 2, "device": "cpu"},
-            "grid": {"lora.init": ["standard", "reversed"]}}
+    return tiny_sweep(tiny_lm_dir, chat_jsonl, tmp_path / "out", **{"train.max_steps": 3})
 
 
 def sweep(cfg: dict, *overrides: str) -> tuple[SweepStore, list[str]]:

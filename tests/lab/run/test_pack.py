@@ -19,6 +19,7 @@ from loralab.lab.run.pack import Pack, PackedLayer, pack_key
 from loralab.lab.run.train import train_pack, train_run
 from loralab.lab.store import RunStore
 from loralab.lab.sweep.plan import SweepPlan
+from tiny_sweep import tiny_sweep, write_toml
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -153,11 +154,10 @@ def test_a_sweep_with_packs_resumes_like_one_without(tmp_path, tiny_lm_dir, chat
     from loralab.cli import main
     from loralab.lab.store import SweepStore
 
-    cfg = tmp_path / "s.toml"
-    cfg.write_text(f'name = "p"\nout_dir = "{tmp_path / "out"}"\npack = 3\n[model]\nname = "{tiny_lm_dir}"\n'
-                   f'[data]\nsource = "{chat_jsonl}"\nseq_len = 32\nmax_train_chunks = 16\nmax_eval_chunks = 4\n'
-                   '[lora]\nrank = 4\ntargets = ["q_proj", "v_proj"]\n[train]\nmax_steps = 2\nbatch_size = 2\n'
-                   'device = "cpu"\n[grid]\n"lora.init" = ["standard", "reversed"]\n"train.lr" = [1e-3, 2e-3]\n')
+    grid = {"lora.init": ["standard", "reversed"], "train.lr": [1e-3, 2e-3]}
+    cfg = write_toml(tmp_path / "s.toml", tiny_sweep(tiny_lm_dir, chat_jsonl, tmp_path / "out", name="p", grid=grid,
+                                                     **{"pack": 3, "data.max_train_chunks": 16,
+                                                        "data.max_eval_chunks": 4}))
     assert main(["sweep", str(cfg), "--no-progress"]) == 0
     results = [r.result for r in SweepStore(tmp_path / "out").records()]
     assert len(results) == 4 and all(r.status == "ok" for r in results)

@@ -19,6 +19,7 @@ from loralab.lab.store import EvalChunks, RunResult, SplitLosses, SweepStore
 from loralab.lab.studies.alpha_lr import analysis as A
 from loralab.lab.studies.alpha_lr.page import write_page
 from loralab.lab.studies.alpha_lr.search import lr_grid, run_search
+from tiny_sweep import tiny_sweep, write_toml
 
 ALPHAS, LRS, SEEDS = (4.0, 16.0, 64.0), (5e-4, 2e-3, 8e-3, 3.2e-2, 0.128), (0, 1)
 RANKS, RANK_LRS = (2, 8, 32), (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
@@ -244,38 +245,11 @@ class PlantedExecutor:
 
 @pytest.fixture
 def probe_cfg(tiny_lm_dir, chat_jsonl, tmp_path) -> Path:
-    lrs = ", ".join(repr(v) for v in PROBE_LRS[::2])  # 2^(1/2) grid
-    path = tmp_path / "probe.toml"
-    path.write_text(
-        f"""name = "probe"
-out_dir = "{tmp_path / "out"}"
-[model]
-name = "{tiny_lm_dir}"
-[data]
-source = "{chat_jsonl}"
-seq_len = 32
-max_train_chunks = 8
-max_eval_chunks = 2
-[lora]
-rank = 4
-targets = ["q_proj", "v_proj"]
-[train]
-max_steps = 2
-batch_size = 2
-eval_every = 2
-warmup_ratio = 0.0
-grad_clip = 0.0
-device = "cpu"
-save_adapter = false
-[grid]
-"lora.init" = ["standard", "reversed"]
-"lora.alpha" = [4.0, 16.0, 64.0]
-"train.seed" = [0, 1]
-"train.lr" = [{lrs}]
-""",
-        encoding="utf-8",
-    )
-    return path
+    grid = {"lora.init": ["standard", "reversed"], "lora.alpha": [4.0, 16.0, 64.0], "train.seed": [0, 1],
+            "train.lr": list(PROBE_LRS[::2])}  # 2^(1/2) grid
+    return write_toml(tmp_path / "probe.toml", tiny_sweep(
+        tiny_lm_dir, chat_jsonl, tmp_path / "out", name="probe", grid=grid,
+        **{"train.warmup_ratio": 0.0, "train.grad_clip": 0.0, "train.save_adapter": False}))
 
 
 def test_the_search_finds_planted_cliffs_training_few_probes_and_resumes(probe_cfg, tmp_path):

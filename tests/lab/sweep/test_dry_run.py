@@ -3,8 +3,6 @@ message that names the problem (no traceback); a valid dry run lists every run i
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import socket
 import subprocess
@@ -23,33 +21,20 @@ from loralab.lab.run import data as data_mod
 from loralab.lab.run import models as models_mod
 from loralab.lab.run import train as train_mod
 from loralab.lab.store import RunResult, SweepStore
+from tiny_sweep import tiny_sweep, with_, write_toml
 
 FAST_S = 10.0   # a dry run reads configs, not weights; a hub lookup with retries would take ~25 s
-
-
-def toml_text(table: dict) -> str:
-    """A TOML document for a dict of scalars, lists and (one level of) tables; JSON literals are valid TOML here."""
-    top = [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in table.items() if not isinstance(v, dict)]
-    tables = [f"\n[{k}]\n" + "\n".join(f"{json.dumps(kk)} = {json.dumps(vv)}" for kk, vv in v.items())
-              for k, v in table.items() if isinstance(v, dict)]
-    return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
 
 
 @pytest.fixture
 def valid(tiny_lm_dir, chat_jsonl, tmp_path) -> dict:
     """A valid 2 × 2 sweep of the tiny model, as the dict its TOML file holds."""
-    return {"name": "dry", "out_dir": str(tmp_path / "out"),
-            "model": {"name": str(tiny_lm_dir)},
-            "data": {"source": str(chat_jsonl), "seq_len": 32, "max_train_chunks": 8},
-            "lora": {"rank": 4, "targets": ["q_proj", "v_proj"]},
-            "train": {"max_steps": 2, "device": "cpu"},
-            "grid": {"lora.init": ["standard", "reversed"], "train.lr": [1e-4, 1e-3]}}
+    return tiny_sweep(tiny_lm_dir, chat_jsonl, tmp_path / "out", name="dry",
+                      grid={"lora.init": ["standard", "reversed"], "train.lr": [1e-4, 1e-3]})
 
 
 def write(tmp_path: Path, cfg: dict) -> Path:
-    path = tmp_path / "sweep.toml"
-    path.write_text(toml_text(cfg), encoding="utf-8")
-    return path
+    return write_toml(tmp_path / "sweep.toml", cfg)
 
 
 @pytest.fixture
@@ -75,18 +60,6 @@ def dry(capsys, path: Path) -> tuple[int, str, str, float]:
 
 def results_under(root: Path) -> list[Path]:
     return list(root.rglob("result.json")) + list(root.rglob("metrics.jsonl"))
-
-
-def with_(cfg: dict, **changes) -> dict:
-    """``cfg`` with dotted keys set, e.g. ``with_(cfg, **{"train.lr": 0})``."""
-    cfg = copy.deepcopy(cfg)
-    for key, value in changes.items():
-        *tables, last = key.split(".")
-        node = cfg
-        for t in tables:
-            node = node.setdefault(t, {})
-        node[last] = value
-    return cfg
 
 
 # ---- a valid dry run -----------------------------------------------------------------------------------------------

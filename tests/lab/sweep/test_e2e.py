@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny_sweep import tiny_sweep, write_toml
+
 SMALL_LR, HUGE_LR = 1e-3, 1e3
 INITS = ("standard", "reversed")
 MAX_STEPS, EVAL_EVERY = 12, 3
@@ -23,36 +25,11 @@ MAX_STEPS, EVAL_EVERY = 12, 3
 def write_config(path: Path, out_dir: Path, model_dir: Path, data_file: Path) -> Path:
     """A 2 × 2 sweep of the tiny model. ``train.lr`` is the outer axis, so the first two runs are the long (ok)
     ones: the kill lands in a run with steps left, and the resumed sweep still has a diverging run to do."""
-    path.write_text(f"""\
-name = "e2e"
-out_dir = {json.dumps(str(out_dir))}
-
-[model]
-name = {json.dumps(str(model_dir))}
-
-[data]
-source = {json.dumps(str(data_file))}
-seq_len = 32
-max_train_chunks = 16
-max_eval_chunks = 4
-
-[lora]
-rank = 4
-alpha = 8
-targets = ["q_proj", "v_proj"]
-
-[train]
-max_steps = {MAX_STEPS}
-batch_size = 2
-eval_every = {EVAL_EVERY}
-warmup_ratio = 0.0
-device = "cpu"
-
-[grid]
-"train.lr" = [{SMALL_LR}, {HUGE_LR}]
-"lora.init" = {json.dumps(list(INITS))}
-""", encoding="utf-8")
-    return path
+    cfg = tiny_sweep(model_dir, data_file, out_dir, name="e2e",
+                     grid={"train.lr": [SMALL_LR, HUGE_LR], "lora.init": list(INITS)},
+                     **{"data.max_train_chunks": 16, "data.max_eval_chunks": 4, "lora.alpha": 8,
+                        "train.max_steps": MAX_STEPS, "train.eval_every": EVAL_EVERY, "train.warmup_ratio": 0.0})
+    return write_toml(path, cfg)
 
 
 def loralab(*args: str) -> list[str]:

@@ -11,27 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_dry_run import toml_text, with_
 
 from loralab.cli import main
+from tiny_sweep import sweep, tiny_sweep, with_, write_toml
 
 
 @pytest.fixture
 def cfg(tiny_lm_dir, chat_jsonl, tmp_path) -> dict:
     """Two runs (standard, reversed) of two steps each."""
-    return {"name": "s", "out_dir": str(tmp_path / "out"), "model": {"name": str(tiny_lm_dir)},
-            "data": {"source": str(chat_jsonl), "seq_len": 32, "max_train_chunks": 8, "max_eval_chunks": 2},
-            "lora": {"rank": 4, "targets": ["q_proj", "v_proj"]},
-            "train": {"max_steps": 2, "batch_size": 2, "eval_every": 2, "device": "cpu"},
-            "grid": {"lora.init": ["standard", "reversed"]}}
-
-
-def sweep(capsys, tmp_path: Path, cfg: dict, *extra: str) -> tuple[int, str, str]:
-    path = tmp_path / "sweep.toml"
-    path.write_text(toml_text(cfg), encoding="utf-8")
-    rc = main(["sweep", str(path), "--no-progress", *extra])
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return tiny_sweep(tiny_lm_dir, chat_jsonl, tmp_path / "out", name="s")
 
 
 def results(out: Path) -> dict[str, dict]:
@@ -251,8 +239,7 @@ def test_a_failed_load_does_not_poison_the_next_model_of_the_grid(cfg, tmp_path,
     from loralab.lab.sweep.plan import SweepAbort
 
     bad = without_tokenizer(tiny_lm_dir, tmp_path / "no-tokenizer")
-    path = tmp_path / "sweep.toml"
-    path.write_text(toml_text(with_(cfg, grid={"model.name": [str(bad), str(tiny_lm_dir)]})), encoding="utf-8")
+    path = write_toml(tmp_path / "sweep.toml", with_(cfg, grid={"model.name": [str(bad), str(tiny_lm_dir)]}))
     (first, second), store, assets = plan_runs(load_sweep(path)), SweepStore(tmp_path / "out"), Assets()
     with pytest.raises(SweepAbort, match="tokenizer"):
         run_pack([first], [store.run(first.run_id)], assets, progress=False)
