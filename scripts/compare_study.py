@@ -91,8 +91,9 @@ def verdict(published: float, est: Estimate | None, min_seeds: int, unrepeated: 
 class Study:
     """The store's table restricted to the published inits and the learning rates both grids share."""
 
-    def __init__(self, out_dir: str, convention: str, min_seeds: int) -> None:
-        opened = open_table(out_dir)
+    def __init__(self, out_dir: str, convention: str, min_seeds: int, seeds: list[int] | None = None) -> None:
+        opened = open_table(out_dir, only={"train.seed": seeds} if seeds else None)
+        self.seeds = seeds
         self.t: Table = opened.table
         self.records, self.convention, self.min_seeds = opened.records, convention, min_seeds
         lay = self.t.lay
@@ -141,7 +142,8 @@ class Study:
             f"Store `{out_dir}`: {len(self.records)} runs, "
             + ", ".join(f"{n} {s}" for s, n in sorted(status.items()))
             + (f" ({waiting} not finished: every number below is over the runs that are)" if waiting else "")
-            + f". Finished seeds per cell: {', '.join(map(str, seeds))}.",
+            + f". Finished seeds per cell: {', '.join(map(str, seeds))}."
+            + (f" Compared on seeds {', '.join(map(str, self.seeds))} only (--seeds)." if self.seeds else ""),
             "",
             "Learning rates compared: "
             + ", ".join(f"{lr:g}" for lr in self.lrs)
@@ -300,6 +302,13 @@ def summary(name: str, tally: Counter) -> str:
     return f"{name}: " + ", ".join(f"{n} {k}" for k, n in sorted(tally.items(), key=lambda kv: -kv[1])) + "."
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the seeds as comma-separated integers, e.g. 0,1") from None
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("store", help="a sweep's directory (holding sweep.json)")
@@ -310,9 +319,15 @@ def main(argv: list[str]) -> int:
         default="included",
         help="diverged runs in the paired differences (default: the published study's, included)",
     )
+    parser.add_argument(
+        "--seeds",
+        type=seed_list,
+        default=None,
+        help="compare on these seeds only, e.g. 0,1 (the runs of other seeds, finished or not, are left out)",
+    )
     args = parser.parse_args(argv)
     try:
-        study = Study(args.store, args.convention, args.min_seeds)
+        study = Study(args.store, args.convention, args.min_seeds, args.seeds)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -129,6 +130,30 @@ def test_a_store_still_running_is_compared_on_what_finished(tmp_path, capsys):
     # a run below the first divergence could still diverge: same lr as published, but not known yet
     assert per_init["`orthogonal-qr-match`"][3:] == ["0.002 (1 of 2 seeds) so far (1 run below not finished)",
                                                      "0.002", "not yet known"]
+
+
+def test_seeds_compares_a_finished_slice_of_a_store_still_running(tmp_path, capsys):
+    """Seeds 0 and 1 finished, seed 2 running: --seeds 0,1 gives what a store of seeds 0 and 1 alone gives."""
+    pending = tuple((init, lr, 2) for init in compare_study.INITS for lr in LRS[:2])  # seed 2's low lrs
+    build_published_store(tmp_path / "running", lrs=LRS, seeds=(0, 1, 2), shift=shift, pending=pending,
+                          diverged=(QR_MATCH_BLOWS_UP,))
+    build_published_store(tmp_path / "two", lrs=LRS, seeds=(0, 1), shift=shift, diverged=(QR_MATCH_BLOWS_UP,))
+    _, (_, _, per_init, _), out = run(tmp_path / "running", capsys)
+    assert per_init["`orthogonal-qr-match`"][5] == "not yet known"   # seed 2 below 2e-3 could still diverge
+    code, sliced, out = run(tmp_path / "running", capsys, "--seeds", "0,1")
+    assert code == 0 and "Compared on seeds 0, 1 only (--seeds)." in out and "pending" not in out.split("\n")[0]
+    _, two, _ = run(tmp_path / "two", capsys)
+    assert sliced == two   # same runs, same numbers: every table (intervals are seeded by the cells' labels)
+    assert sliced[2]["`orthogonal-qr-match`"][5] == "same"
+
+
+def test_seeds_the_grid_does_not_have_are_refused(tmp_path, capsys):
+    build_published_store(tmp_path, lrs=LRS, seeds=(0, 1), shift=shift)
+    code, _, out = run(tmp_path, capsys, "--seeds", "0,7")
+    assert code == 2 and "train.seed = 7 is not in this sweep's grid (0, 1)" in out
+    with pytest.raises(SystemExit) as e:
+        compare_study.main([str(tmp_path), "--seeds", "zero"])
+    assert e.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
 
 
 def test_stores_it_cannot_compare_are_refused_with_the_reason(tmp_path, capsys):

@@ -499,3 +499,18 @@ def test_runs_of_another_config_are_left_out_and_named(tmp_path):
     section = md.split("## Runs of another config, left out (4)")[1].split("\n## ")[0]
     assert section.count("train.max_steps: 400 in the run, 60 in the sweep") == 4
     assert "compile" not in section   # how fast a run trains is not what it is (left out of run ids too)
+
+
+def test_a_slice_of_the_grid_keeps_only_its_runs_and_names_what_it_lacks(tmp_path):
+    from loralab.lab.report.table import open_table
+
+    written = build_study_store(tmp_path, seeds=(0, 1, 2), incomplete=False)
+    opened = open_table(tmp_path, only={"train.seed": [2, 0]})
+    assert opened.manifest["grid"]["train.seed"] == [0, 2]   # grid order
+    kept = {r.run_id for r in opened.records}
+    assert kept == {rid for rid, (axes, *_) in written.runs.items() if axes["train.seed"] != 1}
+    assert all(r.axes["train.seed"] != 1 for c in opened.table.cells.values() for r in c.runs)
+    with pytest.raises(ValueError, match=r"train\.seed = 3 is not in this sweep's grid \(0, 1, 2\)"):
+        open_table(tmp_path, only={"train.seed": [0, 3]})
+    with pytest.raises(ValueError, match=r"lora\.rank is not an axis of this sweep's grid \(lora\.init, train\.lr, "):
+        open_table(tmp_path, only={"lora.rank": [8]})

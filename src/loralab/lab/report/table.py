@@ -10,7 +10,7 @@ is the same wherever it is printed: the bootstrap is seeded by the cells' labels
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +92,26 @@ def other_configs(manifest: dict, records: Sequence[RunRecord]) -> tuple[list[Ru
     return [r for r in records if r.run_id not in diffs], diffs
 
 
+def grid_slice(
+    manifest: dict, records: Sequence[RunRecord], only: Mapping[str, Sequence]
+) -> tuple[dict, list[RunRecord]]:
+    """The manifest and the runs restricted to ``{axis: values kept}``, in grid order."""
+    grid = dict(manifest.get("grid", {}))
+    for axis, keep in only.items():
+        if axis not in grid:
+            raise ValueError(
+                f"{axis} is not an axis of this sweep's grid ({', '.join(grid) or 'none'}): keep values of one of those"
+            )
+        if missing := [v for v in keep if v not in grid[axis]]:
+            raise ValueError(
+                f"{axis} = {', '.join(map(str, missing))} is not in this sweep's grid "
+                f"({', '.join(map(str, grid[axis]))})"
+            )
+        grid[axis] = [v for v in grid[axis] if v in keep]
+    kept = [r for r in records if all(r.axes.get(a) in grid[a] for a in only)]
+    return {**manifest, "grid": grid}, kept
+
+
 @dataclass(frozen=True)
 class Opened:
     """A store read for comparison: its manifest, the runs of its config, the others (by id), and the table."""
@@ -109,13 +129,16 @@ def open_table(
     col_axis: str = "train.lr",
     rep_axis: str = "train.seed",
     baseline: str | None = None,
+    only: Mapping[str, Sequence] | None = None,
 ) -> Opened:
-    """Read a sweep's store into a :class:`Table` (arguments as :func:`.write.write_report`'s).
+    """Read a sweep's store into a :class:`Table` (arguments as :func:`.write.write_report`'s); ``only`` keeps a
+    slice of the grid, ``{axis: values}`` (e.g. the seeds a finished comparison rests on while more are running).
 
     Raises:
         FileNotFoundError: ``out_dir`` holds no ``sweep.json``.
         CorruptFileError: ``sweep.json`` cannot be read (naming it).
-        ValueError: ``baseline`` is not one of the rows (naming them).
+        ValueError: ``baseline`` is not one of the rows (naming them), or ``only`` names an axis or a value the grid
+            does not have.
     """
     out_dir = Path(out_dir).expanduser()
     store = SweepStore(out_dir)
@@ -123,6 +146,8 @@ def open_table(
     if manifest is None:
         raise FileNotFoundError(f"{out_dir / 'sweep.json'} not found: {out_dir} is not a sweep directory")
     every = store.records()
+    if only:
+        manifest, every = grid_slice(manifest, every, only)
     records, diffs = other_configs(manifest, every)
     lay = make_layout(manifest, row_axis, col_axis, rep_axis)
     if baseline is not None and baseline not in lay.row_labels:
