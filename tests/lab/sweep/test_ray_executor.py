@@ -59,11 +59,13 @@ def _worker_hook() -> None:
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    """A 2-CPU Ray in this process whose workers run :func:`_worker_hook`; the CLI reuses the connection."""
+    """A 2-CPU Ray in this process whose workers run :func:`_worker_hook` (importing this module and the tests'
+    helpers: both directories on their path); the CLI reuses the connection."""
     ray = pytest.importorskip("ray")
     control = tmp_path_factory.mktemp("ray-control")
+    path = os.pathsep.join(map(str, (HERE, HERE.parents[1])))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             runtime_env={"env_vars": {CONTROL: str(control), "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1",
+             runtime_env={"env_vars": {CONTROL: str(control), "PYTHONPATH": path, "OMP_NUM_THREADS": "1",
                                        "TOKENIZERS_PARALLELISM": "false"},
                           "worker_process_setup_hook": f"{Path(__file__).stem}._worker_hook"})
     yield control
