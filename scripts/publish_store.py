@@ -39,8 +39,9 @@ class PublishError(ValueError):
     pass
 
 
-def plan(src: Path, dst: Path) -> tuple[dict, list[str], list[str], int]:
-    """``(manifest, runs to copy, runs already there, runs not finished)``; raises PublishError on a conflict."""
+def plan(src: Path, dst: Path) -> tuple[dict | None, list[str], list[str], int]:
+    """``(the manifest to write, None when dst has it; runs to copy; runs already there; runs not finished)``;
+    raises PublishError on a conflict."""
     source, target = SweepStore(src), SweepStore(dst)
     manifest = source.manifest()
     if manifest is None:
@@ -52,6 +53,7 @@ def plan(src: Path, dst: Path) -> tuple[dict, list[str], list[str], int]:
             "publish into a new directory, or into the store this sweep was copied from"
         )
     todo, there, unfinished = [], [], 0
+    other_pool: dict[str, str | None] = {}  # per held-out pool: reading the store's pools once, not once a run
     for rid in source.run_ids():
         run, dest = source.run(rid), target.run(rid)
         if not run.is_finished():
@@ -65,26 +67,29 @@ def plan(src: Path, dst: Path) -> tuple[dict, list[str], list[str], int]:
             there.append(rid)
         else:
             result, digest = run.result(), run.pool_digest()
-            if result is not None and digest is not None and (why := target.other_pool(digest, result.versions)):
-                raise PublishError(f"{rid}: {why}")
+            if result is not None and digest is not None:
+                if digest not in other_pool:
+                    other_pool[digest] = target.other_pool(digest, result.versions)
+                if other_pool[digest]:
+                    raise PublishError(f"{rid}: {other_pool[digest]}")
             todo.append(rid)
-    return manifest, todo, there, unfinished
+    return (manifest if theirs is None else None), todo, there, unfinished
 
 
 def publish(src: Path, dst: Path) -> tuple[list[str], list[str], int]:
     """Copy the finished runs of the sweep in ``src`` that ``dst`` lacks: ``(copied, already there, not finished)``."""
     manifest, todo, there, unfinished = plan(src, dst)
     source, target = SweepStore(src), SweepStore(dst)
-    if target.manifest() is None:
+    if manifest is not None:
         atomic_write_json(dst / MANIFEST, manifest)
     for rid in todo:
-        dest = target.run(rid)
+        here, dest = source.run(rid).root, target.run(rid)
         dest.reset()  # an earlier copy cut short (a failed result there is kept aside)
         dest.root.mkdir(parents=True, exist_ok=True)
         for name in RECORDS:
-            if (source.run(rid).root / name).exists():
+            if (here / name).exists():
                 tmp = dest.root / f".{name}.tmp"
-                shutil.copyfile(source.run(rid).root / name, tmp)
+                shutil.copyfile(here / name, tmp)
                 tmp.replace(dest.root / name)
     return todo, there, unfinished
 
