@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.lab.config.toml import load_sweep
-from loralab.lab.store import SweepStore
+from loralab.lab.store import RunStore, SweepStore, move_aside
 from loralab.lab.sweep.plan import SweepPlan
 
 
@@ -100,6 +100,19 @@ def command(shard: Shard, sets: list[str]) -> list[str]:
     )
 
 
+def move_in(run: RunStore, dest: RunStore) -> None:
+    """Put a finished ``run`` at ``dest`` in one rename, so that a gather cut short at any point and called again
+    loses nothing: an earlier unfinished attempt at ``dest`` is cleared as a sweep clears it, what it keeps aside (a
+    failure) joins ``run`` first, and ``dest`` holds the run only once it holds all of it."""
+    dest.reset()
+    if dest.root.exists():
+        for f in dest.root.iterdir():
+            move_aside(f, "", into=run.root)
+        dest.root.rmdir()
+    dest.root.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(run.root, dest.root)
+
+
 def gather(shard: Shard) -> tuple[int, int]:
     """Move the shard's finished runs (ok or diverged) into its sweep's store; ``(moved, left)``. A failed run stays
     in the shard with its log, and the next call of this script trains it again. A run evaluated on another held-out
@@ -113,12 +126,7 @@ def gather(shard: Shard) -> tuple[int, int]:
             print(f"{shard.name}: {rid} left in its shard: {problem}", flush=True)
             continue
         if result:
-            dest = store.run(rid)
-            dest.reset()  # an earlier unfinished attempt: cleared as a sweep clears it (a failure kept aside)
-            dest.root.mkdir(parents=True, exist_ok=True)
-            for f in run.root.iterdir():
-                os.replace(f, dest.root / f.name)
-            run.root.rmdir()
+            move_in(run, store.run(rid))
             moved += 1
     if moved == len(shard.run_ids):
         shutil.rmtree(shard.out_dir / "shards" / shard.name, ignore_errors=True)

@@ -263,6 +263,41 @@ def test_gather_moves_the_finished_runs_and_keeps_the_rest_of_a_shard(tmp_path):
     assert (out / "shards" / "shard000-a.log").is_file()
 
 
+class Cut(BaseException):
+    """A gather killed mid-way (as by SIGINT or a power cut between two renames)."""
+
+
+@pytest.mark.parametrize("cut_at", range(5))
+def test_a_gather_cut_short_at_any_rename_and_called_again_loses_nothing(tmp_path, monkeypatch, cut_at):
+    out = tmp_path / "out"
+    shard = shard_with_runs(out, "shard000-a", {"a": "ok"})
+    write_results(out, {"a": "failed"})  # an earlier failed attempt at the destination
+    (out / "runs" / "a" / "metrics.jsonl").write_text("old")
+    (out / "runs" / "a" / "config.json").write_text("{}")
+    replace, calls = os.replace, []
+
+    def cut(src, dst):
+        calls.append(src)
+        if len(calls) > cut_at:
+            raise Cut
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", cut)
+    with pytest.raises(Cut):
+        shard_sweep.gather(shard)
+    monkeypatch.setattr(os, "replace", replace)
+    assert shard_sweep.gather(shard) == (1, 0)
+    run = out / "runs" / "a"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "metrics.jsonl",
+        "metrics.jsonl.failed",
+        "result.json",
+        "result.json.failed",
+    ]
+    assert (run / "metrics.jsonl").read_text() == "a" and (run / "metrics.jsonl.failed").read_text() == "old"
+    assert SweepStore(out).run("a").status() == "ok" and not (out / "shards" / "shard000-a").exists()
+
+
 def test_gather_removes_a_shard_whose_runs_all_finished(tmp_path):
     out = tmp_path / "out"
     kept = shard_with_runs(out, "shard001-c", {"c": None})

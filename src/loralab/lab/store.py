@@ -118,12 +118,20 @@ def read_object(path: Path, fix: str = "restore it from a copy, or move it aside
     return obj
 
 
-def move_aside(path: Path, suffix: str) -> Path:
-    """Rename ``path`` to the first free ``<path><suffix>[-k]`` and return the new path (nothing is deleted)."""
-    k, target = 1, path.with_name(path.name + suffix)
+def free_name(path: Path, suffix: str, into: Path | None = None) -> Path:
+    """The first ``<name><suffix>[-k]`` that does not exist in ``path``'s directory (or in ``into``)."""
+    where = path.parent if into is None else into
+    k, target = 1, where / (path.name + suffix)
     while target.exists():
         k += 1
-        target = path.with_name(f"{path.name}{suffix}-{k}")
+        target = where / f"{path.name}{suffix}-{k}"
+    return target
+
+
+def move_aside(path: Path, suffix: str, into: Path | None = None) -> Path:
+    """Rename ``path`` to :func:`free_name` (in its directory, or in ``into`` on the same file system) and return the
+    new path (nothing is deleted)."""
+    target = free_name(path, suffix, into)
     os.replace(path, target)
     return target
 
@@ -468,9 +476,12 @@ class RunStore:
             raise RuntimeError(f"refusing to reset {self.root}: the run is finished ({RESULT} says {status!r})")
         if not self.root.exists():
             return None
-        moved = move_aside(self.root / RESULT, f".{status}") if status is not None else None
-        if moved is not None:
-            _keep_beside(self.root / METRICS, moved)
+        moved = None
+        if status is not None:  # the metrics first: cut short between the two, a reset again still finds the result
+            moved = free_name(self.root / RESULT, f".{status}")
+            if (self.root / METRICS).exists():
+                move_aside(self.root / METRICS, moved.name[len(RESULT) :])
+            os.replace(self.root / RESULT, moved)
         for p in [self.root / n for n in (CONFIG, METRICS, DIAGNOSTICS, EVAL_CHUNKS)] + list(self.root.glob(".*.tmp")):
             p.unlink(missing_ok=True)
         for d in [self.root / ADAPTER, *self.root.glob(f".{ADAPTER}.*")]:  # an attempt's adapter, whole or half
@@ -521,12 +532,6 @@ class RunStore:
         if not self.has_adapter():
             return None
         return {f.name: f.read_bytes() for f in sorted(self.adapter_dir.iterdir()) if f.is_file()}
-
-
-def _keep_beside(path: Path, moved_result: Path) -> None:
-    """Move ``path`` aside with the suffix the result got (``result.json.failed-2`` -> ``metrics.jsonl.failed-2``)."""
-    if path.exists():
-        move_aside(path, moved_result.name[len(RESULT) :])
 
 
 class ManifestMismatchError(ValueError):
