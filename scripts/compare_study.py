@@ -231,11 +231,13 @@ class Study:
             "Each init's best learning rate (ours: the lowest validation loss among its eligible cells, as the "
             f"report's tuned comparison with diverged runs {self.convention}; published: the lowest mean) and the "
             "first learning rate at which it diverges (ours: any seed; published: the 4-seed mean above 4 nats, which "
-            "one blow-up in four need not reach, so *earlier here* may come from that difference alone).",
+            "one blow-up in four need not reach, so *earlier here* may come from that difference alone). Where the "
+            f"two best learning rates differ, ours at the published one − ours at our own (paired on {self.rep}) "
+            "says whether that difference is more than noise.",
             "",
-            "| init | best lr, ours | best lr, published | first diverging lr, ours | first diverging lr, "
-            "published | divergence |",
-            "|---|---|---|---|---|---|",
+            "| init | best lr, ours | best lr, published | ours at published best − at ours | first diverging lr, "
+            "ours | first diverging lr, published | divergence |",
+            "|---|---|---|---|---|---|---|",
         ]
         best, pub_best = self.best(), self.pub_best()
         top = f"{self.lrs[-1]:g}"
@@ -259,6 +261,13 @@ class Study:
                 mine_first = f"{first:g} ({c.diverged} of {n} seed{'s' * (n != 1)}){so_far}"
             theirs = f"none ≤ {top}" if first_pub is None else f"{first_pub:g}"
             best_pub = f"{pub_best[init]:g}" if init in pub_best else "none (all diverged)"
+            if init not in best or init not in pub_best:
+                cost = "—"
+            elif best[init] == pub_best[init]:
+                cost = "same lr"
+            else:
+                r = self.rows[init]
+                cost = ci(self.t.paired(0, r, self.cols[pub_best[init]], r, self.cols[best[init]], self.convention))
             if wait:
                 same = "not yet known"
             elif first == first_pub:
@@ -269,7 +278,7 @@ class Study:
                 same = "earlier here"
             else:
                 same = "later here"
-            lines.append(f"| `{init}` | {mine_best} | {best_pub} | {mine_first} | {theirs} | {same} |")
+            lines.append(f"| `{init}` | {mine_best} | {best_pub} | {cost} | {mine_first} | {theirs} | {same} |")
         return lines
 
     def tuned(self) -> tuple[list[str], Counter]:
