@@ -11,7 +11,8 @@ one ``loralab report`` prints. On the learning rates both grids share it gives:
    published difference of means, with a verdict: *holds* (our interval excludes zero on the published side),
    *opposite* (it excludes zero on the other side) or *cannot decide* (it contains zero); with fewer seeds than
    ``--min-seeds`` a direction is marked as not a finding, since its interval then covers chunk noise only;
-3. each init's best learning rate (ours chosen on validation, reported on test) and the first at which it diverges;
+3. each init's best learning rate (ours chosen on validation, reported on test), set against its runner-up and the
+   published best (paired on test, the same init), and the first learning rate at which it diverges;
 4. the tuned comparison: each init at its own best learning rate against ``standard`` at its own.
 
 The published table gives means over 4 seeds without intervals, so its direction is the sign of a difference of
@@ -230,10 +231,10 @@ class Study:
                 out[init] = min(ok, key=lambda lr: pub(init, lr))
         return out
 
-    def against_best(self, init: str, lr: float) -> str:
-        """Ours at ``lr`` − ours at our best learning rate, the same init, paired."""
+    def against(self, init: str, lr: float, best_lr: float) -> str:
+        """Ours at ``lr`` − ours at ``best_lr``, the same init, paired."""
         r = self.rows[init]
-        return ci(self.t.paired(0, r, self.cols[lr], r, self.cols[self.best()[init]], self.convention))
+        return ci(self.t.paired(0, r, self.cols[lr], r, self.cols[best_lr], self.convention))
 
     def per_init(self) -> list[str]:
         lines = [
@@ -270,13 +271,13 @@ class Study:
                 mine_first = f"{first:g} ({c.diverged} of {n} seed{'s' * (n != 1)}){so_far}"
             theirs = f"none ≤ {top}" if first_pub is None else f"{first_pub:g}"
             best_pub = f"{pub_best[init]:g}" if init in pub_best else "none (all diverged)"
-            runner_up = f"{second[init]:g}: {self.against_best(init, second[init])}" if init in second else "—"
+            runner_up = f"{second[init]:g}: {self.against(init, second[init], best[init])}" if init in second else "—"
             if init not in best or init not in pub_best:
                 cost = "—"
             elif best[init] == pub_best[init]:
                 cost = "same lr"
             else:
-                cost = self.against_best(init, pub_best[init])
+                cost = self.against(init, pub_best[init], best[init])
             if wait:
                 same = "not yet known"
             elif first == first_pub:
