@@ -207,19 +207,24 @@ class Study:
                 lines.append(f"| {lr:g} | `{init}` | {label} | {ci(est)} | {v} |")
         return lines, tally
 
-    def best(self, rank: int = 1) -> dict[str, float]:
-        """Each init's learning rate with the lowest validation loss among its eligible cells (the report's); with
-        ``rank=2`` the runner-up, the same choice with the best left out."""
+    def ranked(self) -> dict[str, list[float]]:
+        """Each init's eligible learning rates, lowest validation loss first: the report's choice, then the same
+        choice over what is left (an init with no eligible cell is left out)."""
         val, _ = self.t.tuned(0, self.convention)
         out = {}
         for init, r in self.rows.items():  # over the shared learning rates only, as the published best is
             left = {lr: val[r, c] for lr, c in self.cols.items() if (r, c) in val}
-            for _ in range(rank):
-                lr = choose(left)
-                left.pop(lr, None)
-            if lr is not None:
-                out[init] = lr
+            order = []
+            while (lr := choose(left)) is not None:
+                order.append(lr)
+                del left[lr]
+            if order:
+                out[init] = order
         return out
+
+    def best(self) -> dict[str, float]:
+        """Each init's learning rate with the lowest validation loss among its eligible cells (the report's)."""
+        return {init: order[0] for init, order in self.ranked().items()}
 
     def pub_best(self) -> dict[str, float]:
         """Each init's published learning rate with the lowest mean among its cells that did not diverge, over the
@@ -249,7 +254,9 @@ class Study:
             "first diverging lr, ours | first diverging lr, published | divergence |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        best, second, pub_best = self.best(), self.best(rank=2), self.pub_best()
+        ranked, pub_best = self.ranked(), self.pub_best()
+        best = {init: order[0] for init, order in ranked.items()}
+        second = {init: order[1] for init, order in ranked.items() if len(order) > 1}
         top = f"{self.lrs[-1]:g}"
         for init in self.inits:
             edge = " (grid edge)" if best.get(init) in self.edges else ""
